@@ -1,0 +1,8 @@
+"""Architectures as ordered layer groups. Knows nothing of Optuna or the pipeline."""
+
+from .errors import UserError
+from .grouped import GroupedModel, group_output_shapes, group_parameter_counts
+from .registry import create_model, list_models, register_model
+
+__all__ = ["GroupedModel", "UserError", "create_model", "group_output_shapes", "group_parameter_counts",
+           "list_models", "register_model"]

@@ -1,0 +1,23 @@
+"""The one exception type that means "the user asked for something impossible".
+
+It lives at the bottom of the import chain (cli -> study -> objectives -> models) so every layer can raise it;
+the CLI turns it into one line on stderr and exit code 2.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, names, files): reported as one line, exit code 2, no traceback."""
+
+
+def did_you_mean(name: str, choices) -> str:
+    """Return ' (did you mean 'x'?)' for the closest choice to `name`, or '' when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def unknown(kind: str, name: str, choices) -> UserError:
+    """A UserError for an unknown registry name, listing the valid names."""
+    choices = sorted(str(c) for c in choices)
+    return UserError(f"unknown {kind} '{name}'{did_you_mean(name, choices)}; choose from: {', '.join(choices)}")

@@ -1,0 +1,58 @@
+"""Model registry, timm-style: `@register_model` on a builder named after the architecture, `create_model` to build.
+
+A builder has the signature `builder(num_classes, in_channels, width, group_widths, pretrained) -> GroupedModel`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .errors import UserError, unknown
+from .grouped import GroupedModel
+
+_MODELS: dict[str, Callable[..., GroupedModel]] = {}
+
+
+def register_model(builder: Callable[..., GroupedModel]) -> Callable[..., GroupedModel]:
+    """Register `builder` under its function name."""
+    _MODELS[builder.__name__] = builder
+    return builder
+
+
+def list_models() -> list[str]:
+    """Names of all registered architectures."""
+    _load_builtins()
+    return sorted(_MODELS)
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 1, width: float = 1.0,
+                 group_widths: dict[str, float] | None = None, pretrained: bool = False) -> GroupedModel:
+    """Build architecture `name`.
+
+    Args:
+        num_classes: size of the output layer.
+        in_channels: image channels of the input.
+        width: hidden-width factor for every group (group interfaces never change).
+        group_widths: per-group width factors overriding `width` (how slim replacements are rebuilt).
+        pretrained: load torchvision's pretrained weights (only architectures that have them).
+
+    Example:
+        >>> model = create_model("digitnet", num_classes=10, in_channels=1)
+        >>> model.group_names[0], model.group_names[-1]
+        ('stem', 'head')
+    """
+    _load_builtins()
+    if name not in _MODELS:
+        raise unknown("architecture", name, _MODELS)
+    group_widths = dict(group_widths or {})
+    model = _MODELS[name](num_classes=num_classes, in_channels=in_channels, width=width,
+                          group_widths=group_widths, pretrained=pretrained)
+    bad = set(group_widths) - set(model.group_names)
+    if bad:
+        raise UserError(f"architecture '{name}' has no layer group(s) {sorted(bad)}; groups: {model.group_names}")
+    return model
+
+
+def _load_builtins() -> None:
+    # Imported lazily so `models.registry` has no import cycle with the modules that register into it.
+    from . import digitnet, lenet, tv  # noqa: F401

@@ -1,0 +1,43 @@
+"""Loss terms of the distill stage. Each returns per-example values so data sources can be weighted."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Knowledge distillation (Hinton, Vinyals & Dean, 2015), per example:
+
+        T^2 * KL(softmax(t / T) || softmax(s / T)) = T^2 * sum_k p_k (log p_k - log q_k)
+
+    with p = softmax(t/T), q = softmax(s/T). The T^2 factor keeps the gradient scale independent of T.
+    """
+    t = F.log_softmax(teacher_logits / temperature, dim=1)
+    s = F.log_softmax(student_logits / temperature, dim=1)
+    return temperature**2 * (t.exp() * (t - s)).sum(dim=1)
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a distribution: the label term where no label exists (teacher's soft label)."""
+    return -(target_probs * F.log_softmax(student_logits, dim=1)).sum(dim=1)
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+                 alpha: float, temperature: float) -> torch.Tensor:
+    """Per-example `alpha * T^2 * KL(...) + (1 - alpha) * CE(labels)`; unlabelled examples (labels None) use
+    the teacher's softmax at T=1 as their label."""
+    if labels is None:
+        label_term = soft_cross_entropy(student_logits, F.softmax(teacher_logits, dim=1))
+    else:
+        label_term = F.cross_entropy(student_logits, labels, reduction="none")
+    if alpha == 0:
+        return label_term
+    return alpha * kd_loss(student_logits, teacher_logits, temperature) + (1 - alpha) * label_term
+
+
+def params_l2(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L2-SP (Li, Grandvalet & Davoine, 2018): squared L2 distance of trainable weights to their starting values
+    (only parameters present in `start`, i.e. those inherited from the teacher)."""
+    terms = [((p - start[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad and n in start]
+    return torch.stack(terms).sum() if terms else torch.zeros((), device=next(model.parameters()).device)

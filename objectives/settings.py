@@ -1,0 +1,90 @@
+"""The pipeline's typed settings: fixed ones (`ModelSettings`, `PipelineSettings`) and a trial's choices
+(`TrialChoices`). The study layer fills these from the YAML config; the pipeline only reads them.
+
+Field metadata drives validation in `study.config`: `choices` (allowed values) and `range` (inclusive bounds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ACTIONS = ("freeze", "finetune", "replace")
+
+
+def _choices(*values):
+    return field(default=values[0], metadata={"choices": values})
+
+
+def _range(default, low, high):
+    return field(default=default, metadata={"range": (low, high)})
+
+
+@dataclass
+class ModelSettings:
+    """The config's `model` section."""
+
+    arch: str = "digitnet"
+    width: float = _range(1.0, 0.05, 16.0)  # hidden-width factor of the teacher (and so of the student)
+    teacher: str = _choices("train", "checkpoint", "pretrained")  # where the teacher comes from
+    checkpoint: str = ""  # teacher state_dict file when teacher: checkpoint
+    donor_arch: str = ""  # replace_with: donor takes groups from this model, trained on the source ('' = arch)
+    donor_width: float = _range(2.0, 0.05, 16.0)  # hidden-width factor of the donor (wider = more accurate)
+
+
+@dataclass
+class AugmentSettings:
+    """Batch-level tensor augmentation, applied to training batches when the trial's `augment` is true."""
+
+    translate: float = _range(0.125, 0.0, 0.5)  # max shift, as a fraction of the image side
+    flip: bool = True  # horizontal flips, only for tasks whose labels survive them
+    brightness: float = _range(0.2, 0.0, 1.0)  # max additive brightness change
+    contrast: float = _range(0.2, 0.0, 1.0)  # max relative contrast change
+    noise: float = _range(0.03, 0.0, 1.0)  # std of additive Gaussian noise
+
+
+@dataclass
+class PipelineSettings:
+    """The config's `pipeline` section: everything fixed for all trials of a study."""
+
+    seed: int = _range(0, 0, 2**31 - 1)  # drives data splits, init and batch order
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = _range(64, 1, 65536)
+    teacher_epochs: int = _range(15, 0, 10000)
+    teacher_lr: float = _range(3e-3, 1e-7, 10.0)
+    finetune_epochs: int = _range(4, 0, 10000)
+    distill_epochs: int = _range(8, 0, 10000)
+    retrain_epochs: int = _range(4, 0, 10000)  # per generation
+    replace_with: str = _choices("reinit", "slim", "donor")
+    layer_term: str = _choices("feature", "params")  # beta's term: feature MSE or L2-SP to the starting weights
+    retrain_on: str = _choices("both", "source", "target")
+    distill_teacher: str = _choices("best", "source")  # teacher in distill: best model so far, or the source one
+    weight_decay: float = _range(0.0, 0.0, 1.0)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    cache_dir: str = ".distillstudy/cache"  # teacher/donor cache (a shared directory for cluster workers)
+    cpu_threads: int = _range(1, 0, 1024)  # torch threads on CPU; small models run fastest on one (0 = torch's)
+    compile: bool = False  # torch.compile the student (CUDA only; ignored on CPU)
+    eval_batch_size: int = _range(1024, 1, 1 << 20)
+
+
+@dataclass
+class TrialChoices:
+    """One trial's choices: what the study searches over (the config's `search` section, resolved)."""
+
+    layers: dict[str, str]  # layer group -> freeze | finetune | replace
+    temperature: float = 4.0
+    alpha: float = 0.5  # weight of the KD term (1 - alpha on the label term)
+    beta: float = 0.0  # weight of the layer term
+    threshold: float = 0.95  # distillation stops once target validation accuracy reaches this
+    lr: float = 3e-3
+    source_weight: float = 0.5  # weight of the source data's loss terms (0 = target only)
+    generations: int = 1  # born-again re-distillation rounds
+    slim_width: float = 0.5  # width factor of slim replacements
+    augment: bool = False
+
+    def flat(self) -> dict:
+        """Flat `search.*` keys, as `--set` takes them (layer groups as `search.layers.<group>`)."""
+        out = {f"search.layers.{g}": a for g, a in self.layers.items()}
+        for k, v in self.__dict__.items():
+            if k != "layers":
+                out[f"search.{k}"] = v
+        return out

@@ -1,0 +1,131 @@
+"""What a task is: a source domain and a target domain of labelled images, split for transfer.
+
+A task builder returns the two domains' raw pools (`DomainPool`); `split_task` turns them into the fixed
+train/val/test splits plus the target's labelled subset and unlabelled pool, seeded, so every task is split
+the same way. Images are float32 tensors (N, C, H, W) in [0, 1]; labels int64 (N,).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from models.errors import UserError, unknown
+
+
+@dataclass
+class LabeledImages:
+    """Images (N, C, H, W) float32 in [0, 1] and labels (N,) int64."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, index: torch.Tensor) -> "LabeledImages":
+        return LabeledImages(self.x[index], self.y[index])
+
+    def to(self, device) -> "LabeledImages":
+        return LabeledImages(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class DomainPool:
+    """One domain as a builder returns it: everything in `train` (split further), plus an official `test` set
+    when the dataset has one (then only `train` is split into train/val)."""
+
+    train: LabeledImages
+    test: LabeledImages | None = None
+
+
+@dataclass
+class TaskOptions:
+    """Settings a task builder may read (the config's `task` section)."""
+
+    name: str = "digits-invert"
+    data_root: str = "~/.cache/distillstudy/data"  # where torchvision-backed tasks look for / download files
+    download: bool = True  # try to download missing files (falls back to a clear error offline)
+    target_labeled_per_class: int = 5  # labelled target examples per class; 0 = unsupervised target
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15  # used only when the dataset has no official test split
+    max_per_domain: int = 6000  # cap on each domain's pool, so big datasets stay quick; 0 = no cap
+    image_size: int = 0  # resize side for image-folder tasks (0 = task default)
+    source_dir: str = ""  # imagefolder: class-per-folder directory of the source domain
+    target_dir: str = ""  # imagefolder: class-per-folder directory of the target domain
+
+
+@dataclass
+class TaskInfo:
+    """Registry entry for a task."""
+
+    name: str
+    shift: str  # input | output | feature | dataset
+    description: str
+    builder: Callable[[TaskOptions], tuple[DomainPool, DomainPool, list[str]]]
+    allow_flip: bool = False  # horizontal flips are label-preserving (never for digits)
+    offline: bool = False  # needs no files from the user
+
+
+@dataclass
+class TaskData:
+    """A task, split and ready: every tensor on one device."""
+
+    name: str
+    shift: str
+    class_names: list[str]
+    source_train: LabeledImages
+    source_val: LabeledImages
+    source_test: LabeledImages
+    target_labeled: LabeledImages
+    target_unlabeled: LabeledImages  # labels kept only for diagnostics; training never reads them
+    target_val: LabeledImages
+    target_test: LabeledImages
+    allow_flip: bool = False
+    fingerprint: str = ""  # hash of the data, part of the teacher cache key
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.source_train.x.shape[1:])
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(getattr(self, k)) for k in ("source_train", "source_val", "source_test", "target_labeled",
+                                                   "target_unlabeled", "target_val", "target_test")}
+
+
+_TASKS: dict[str, TaskInfo] = {}
+
+
+def register_task(name: str, shift: str, description: str, allow_flip: bool = False, offline: bool = False):
+    """Decorator registering `builder(options) -> (source_pool, target_pool, class_names)` as task `name`."""
+
+    def wrap(builder):
+        _TASKS[name] = TaskInfo(name, shift, description, builder, allow_flip, offline)
+        return builder
+
+    return wrap
+
+
+def get_task_info(name: str) -> TaskInfo:
+    """The registry entry of task `name`, or a UserError naming the valid tasks."""
+    _load_builtins()
+    if name not in _TASKS:
+        raise unknown("task", name, _TASKS)
+    return _TASKS[name]
+
+
+def list_tasks() -> list[TaskInfo]:
+    """All registered tasks, sorted by name."""
+    _load_builtins()
+    return [_TASKS[k] for k in sorted(_TASKS)]
+
+
+def _load_builtins() -> None:
+    from . import digits, torchvision_tasks  # noqa: F401

@@ -1,0 +1,87 @@
+"""Turn a task's two raw domain pools into seeded train/val/test splits and the target's labelled subset."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from models.errors import UserError
+
+from .base import DomainPool, LabeledImages, TaskData, TaskInfo, TaskOptions
+
+
+def _stratified_split(data: LabeledImages, fractions: list[float], g: torch.Generator) -> list[LabeledImages]:
+    """Split into len(fractions)+1 parts: each class is cut in the given fractions, the rest goes last."""
+    parts: list[list[torch.Tensor]] = [[] for _ in range(len(fractions) + 1)]
+    for c in torch.unique(data.y).tolist():
+        idx = torch.nonzero(data.y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        start = 0
+        for i, f in enumerate(fractions):
+            n = int(round(f * len(idx)))
+            parts[i].append(idx[start:start + n])
+            start += n
+        parts[-1].append(idx[start:])
+    return [data.subset(torch.sort(torch.cat(p)).values) for p in parts]
+
+
+def _cap(data: LabeledImages, cap: int, g: torch.Generator) -> LabeledImages:
+    if cap <= 0 or len(data) <= cap:
+        return data
+    return data.subset(torch.sort(torch.randperm(len(data), generator=g)[:cap]).values)
+
+
+def _split_domain(pool: DomainPool, options: TaskOptions, g: torch.Generator):
+    train = _cap(pool.train, options.max_per_domain, g)
+    if pool.test is not None:
+        test = _cap(pool.test, max(1, int(options.max_per_domain * options.test_fraction)), g) \
+            if options.max_per_domain else pool.test
+        val, train = _stratified_split(train, [options.val_fraction], g)
+    else:
+        val, test, train = _stratified_split(train, [options.val_fraction, options.test_fraction], g)
+    return train, val, test
+
+
+def _labeled_subset(train: LabeledImages, per_class: int, g: torch.Generator):
+    labeled, unlabeled = [], []
+    for c in torch.unique(train.y).tolist():
+        idx = torch.nonzero(train.y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        labeled.append(idx[:per_class])
+        unlabeled.append(idx[per_class:])
+    return (train.subset(torch.sort(torch.cat(labeled)).values),
+            train.subset(torch.sort(torch.cat(unlabeled)).values))
+
+
+def fingerprint(*parts: LabeledImages, extra: str = "") -> str:
+    """A short hash of tensors' contents: part of the teacher cache key, so new data means a new teacher."""
+    h = hashlib.sha256(extra.encode())
+    for p in parts:
+        h.update(p.x.contiguous().numpy().tobytes())
+        h.update(p.y.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def split_task(info: TaskInfo, source: DomainPool, target: DomainPool, class_names: list[str],
+               options: TaskOptions, seed: int) -> TaskData:
+    """Seeded, class-stratified splits of both domains; target train -> labelled subset + unlabelled pool."""
+    if source.train.x.shape[1:] != target.train.x.shape[1:]:
+        raise UserError(f"task '{info.name}': source images {tuple(source.train.x.shape[1:])} and target images "
+                        f"{tuple(target.train.x.shape[1:])} differ in shape")
+    g = torch.Generator().manual_seed(seed)
+    s_train, s_val, s_test = _split_domain(source, options, g)
+    t_train, t_val, t_test = _split_domain(target, options, g)
+    labeled, unlabeled = _labeled_subset(t_train, options.target_labeled_per_class, g)
+    parts = (s_train, s_val, s_test, labeled, unlabeled, t_val, t_test)
+    return TaskData(info.name, info.shift, class_names, *parts, allow_flip=info.allow_flip,
+                    fingerprint=fingerprint(*parts, extra=info.name))
+
+
+def load_task(options: TaskOptions, seed: int) -> TaskData:
+    """Build task `options.name` from its registry entry and split it with `seed` (data stays on the CPU)."""
+    from .base import get_task_info
+
+    info = get_task_info(options.name)
+    source, target, class_names = info.builder(options)
+    return split_task(info, source, target, class_names, options, seed)

@@ -1,0 +1,252 @@
+"""The training loop shared by every stage: index-based batches from in-memory device tensors, one fused forward
+per step over all data sources, per-epoch evaluation, and a report callback after every epoch.
+
+There is no DataLoader: the data already lives on the device, so a batch is one gather. The only host-device
+syncs are once per epoch (loss sums and accuracy are accumulated on the device and read together).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import augment_batch
+from .losses import distill_loss, params_l2
+from .settings import AugmentSettings
+from .tasks import LabeledImages
+
+# report(step, value, stage): called after every epoch with the target validation accuracy. The study layer turns
+# it into trial.report/should_prune; raising from it (TrialPruned) stops the trial.
+ReportFn = Callable[[int, float, str], None]
+# on_epoch(stage, step, metrics): per-epoch metrics for tracking (losses, accuracy).
+EpochFn = Callable[[str, int, dict], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the trial stops with this reason."""
+
+
+@dataclass
+class DataSource:
+    """One stream of training data in a stage and the weight of its loss terms."""
+
+    name: str
+    data: LabeledImages
+    weight: float
+    labeled: bool = True  # False: the teacher's soft labels stand in for labels
+
+
+@dataclass
+class StageSpec:
+    """What one stage trains, on what, with which loss."""
+
+    name: str
+    epochs: int
+    sources: list[DataSource]
+    params: list[nn.Parameter]
+    lr: float
+    frozen: set[str] = field(default_factory=set)  # groups kept in eval mode (BatchNorm statistics untouched)
+    teacher: nn.Module | None = None  # None: plain cross-entropy (teacher and finetune stages)
+    alpha: float = 0.0
+    temperature: float = 1.0
+    beta: float = 0.0
+    layer_term: Callable[[], torch.Tensor] | None = None  # beta's term, computed after the forward pass
+    threshold: float | None = None  # stop once target validation accuracy reaches this
+    augment: bool = False
+    weight_decay: float = 0.0
+
+
+@dataclass
+class StageRun:
+    """What a stage did: epochs trained, whether/when it reached the threshold, per-epoch accuracy, seconds."""
+
+    epochs: int = 0
+    threshold_epoch: int | None = None  # global step at which the threshold was reached
+    val_curve: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class LoopContext:
+    """Settings shared by every stage of one trial."""
+
+    device: torch.device
+    batch_size: int
+    eval_batch_size: int
+    augment: AugmentSettings
+    allow_flip: bool
+    target_val: LabeledImages
+    generator: torch.Generator
+    report: ReportFn | None = None
+    on_epoch: EpochFn | None = None
+    step: int = 0  # the global epoch counter: one step per epoch of any stage
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (BatchNorm stays fp32 under autocast); nothing on CPU, where it would be slower."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def accuracy(model: nn.Module, data: LabeledImages, batch_size: int) -> float:
+    """Top-1 accuracy of `model` on `data` (eval mode; counts accumulate on the device, read once)."""
+    if len(data) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
+    with torch.inference_mode(), autocast(data.x.device):
+        for i in range(0, len(data), batch_size):
+            correct += (model(data.x[i:i + batch_size]).argmax(dim=1) == data.y[i:i + batch_size]).sum()
+    model.train(was_training)
+    return correct.item() / len(data)
+
+
+def set_train_mode(model: nn.Module, frozen: set[str]) -> None:
+    """Train mode everywhere except frozen groups, whose BatchNorm running statistics must not move."""
+    model.train()
+    for name in frozen:
+        model.groups[name].eval()
+
+
+class _IndexStream:
+    """Endless reshuffled batches of indices into one data source."""
+
+    def __init__(self, n: int, batch_size: int, g: torch.Generator, device: torch.device):
+        self.n, self.batch_size, self.g, self.device = n, min(batch_size, n), g, device
+        self.perm, self.pos = self._shuffle(), 0
+
+    def _shuffle(self) -> torch.Tensor:
+        return torch.randperm(self.n, generator=self.g, device=self.device)
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch_size > self.n:
+            self.perm, self.pos = self._shuffle(), 0
+        self.pos += self.batch_size
+        return self.perm[self.pos - self.batch_size:self.pos]
+
+
+def train_stage(model: nn.Module, spec: StageSpec, ctx: LoopContext) -> StageRun:
+    """Train `spec.params` of `model` for up to `spec.epochs` epochs; one epoch is one pass over the largest
+    source (smaller ones are cycled). Reports target validation accuracy after every epoch."""
+    run, started = StageRun(), time.perf_counter()
+    sources = [s for s in spec.sources if s.weight > 0 and len(s.data) > 0]
+    if not sources or not spec.params or spec.epochs == 0:
+        run.seconds = time.perf_counter() - started
+        return run
+    optimizer = torch.optim.Adam(spec.params, lr=spec.lr, weight_decay=spec.weight_decay)
+    streams = [_IndexStream(len(s.data), ctx.batch_size, ctx.generator, ctx.device) for s in sources]
+    steps = math.ceil(max(len(s.data) for s in sources) / ctx.batch_size)
+    for _ in range(spec.epochs):
+        set_train_mode(model, spec.frozen)
+        sums = torch.zeros(3, device=ctx.device)  # loss, distill/CE term, layer term: summed on the device
+        for _ in range(steps):
+            sums += _train_step(model, spec, ctx, sources, streams, optimizer)
+        ctx.step += 1
+        run.epochs += 1
+        val = accuracy(model, ctx.target_val, ctx.eval_batch_size)
+        loss, main, layer = (sums / steps).tolist()  # the epoch's one host-device sync for losses
+        if not all(math.isfinite(v) for v in (loss, main, layer)):
+            raise TrainingDiverged(f"loss became {loss} in stage '{spec.name}' at step {ctx.step}")
+        run.val_curve.append(val)
+        if ctx.on_epoch:
+            metrics = {"loss": loss, "target_val_acc": val}
+            metrics["kd_loss" if spec.teacher is not None else "ce_loss"] = main
+            if spec.layer_term is not None:
+                metrics["layer_term"] = layer
+            ctx.on_epoch(spec.name, ctx.step, metrics)
+        if ctx.report:
+            ctx.report(ctx.step, val, spec.name)
+        if spec.threshold is not None and val >= spec.threshold:
+            run.threshold_epoch = ctx.step
+            break
+    run.seconds = time.perf_counter() - started
+    return run
+
+
+def _train_step(model, spec: StageSpec, ctx: LoopContext, sources, streams, optimizer) -> torch.Tensor:
+    batches = [(s, s.data.subset(stream.next())) for s, stream in zip(sources, streams)]
+    x = torch.cat([b.x for _, b in batches])
+    if spec.augment:
+        x = augment_batch(x, ctx.augment, ctx.allow_flip, ctx.generator)
+    with autocast(ctx.device):
+        logits = model(x)
+        teacher_logits = None
+        if spec.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = spec.teacher(x)
+    logits = logits.float()
+    main = torch.zeros((), device=ctx.device)
+    start = 0
+    for source, batch in batches:
+        end = start + len(batch)
+        if spec.teacher is None:
+            per_example = F.cross_entropy(logits[start:end], batch.y, reduction="none")
+        else:
+            per_example = distill_loss(logits[start:end], teacher_logits[start:end].float(),
+                                       batch.y if source.labeled else None, spec.alpha, spec.temperature)
+        main = main + source.weight * per_example.mean()
+        start = end
+    layer = spec.layer_term() if spec.layer_term is not None and spec.beta > 0 else torch.zeros((), device=ctx.device)
+    loss = main + spec.beta * layer
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return torch.stack([loss.detach(), main.detach(), layer.detach()])
+
+
+def feature_term(student: nn.Module, teacher: nn.Module, groups: list[str],
+                 adapters: nn.ModuleDict) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
+    """Feature distillation (FitNets-style, Romero et al., 2015): MSE between the student's and the teacher's
+    outputs of `groups`, captured by forward hooks so no model code changes. Where shapes differ, a learned 1x1
+    adapter (in `adapters`) maps the student's channels to the teacher's. Returns (term, remove_hooks)."""
+    captured: dict[str, dict[str, torch.Tensor]] = {"s": {}, "t": {}}
+    handles = []
+    for g in groups:
+        handles.append(student.groups[g].register_forward_hook(_capture(captured["s"], g)))
+        handles.append(teacher.groups[g].register_forward_hook(_capture(captured["t"], g)))
+
+    def term() -> torch.Tensor:
+        total = 0.0
+        for g in groups:
+            s, t = captured["s"][g].float(), captured["t"][g].float().detach()
+            if g in adapters:
+                s = adapters[g](s)
+            if s.dim() == 4 and s.shape[-2:] != t.shape[-2:]:
+                s = F.adaptive_avg_pool2d(s, t.shape[-2:])
+            total = total + F.mse_loss(s, t)
+        return total / max(1, len(groups))
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+
+    return term, remove
+
+
+def make_adapters(student_shapes: dict, teacher_shapes: dict, groups: list[str]) -> nn.ModuleDict:
+    """1x1 conv (or linear) adapters for groups whose student and teacher channel counts differ."""
+    adapters = nn.ModuleDict()
+    for g in groups:
+        s, t = student_shapes[g], teacher_shapes[g]
+        if s[0] != t[0]:
+            adapters[g] = nn.Conv2d(s[0], t[0], 1) if len(s) == 3 else nn.Linear(s[0], t[0])
+    return adapters
+
+
+def _capture(store: dict, name: str):
+    def hook(_module, _inputs, output):
+        store[name] = output
+
+    return hook
+
+
+def l2sp_term(model: nn.Module, start: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """The `params` layer term: L2 distance of the trainable inherited weights to their values at stage start."""
+    return lambda: params_l2(model, start)

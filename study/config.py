@@ -1,0 +1,210 @@
+"""The study config: one YAML file with sections task, model, pipeline, search, study and tracking, loaded into
+typed, validated objects. Every error names the key's full path; a misspelled key gets the closest valid one.
+`--set a.b.c=value` overrides any key before validation (the value is parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from models.errors import UserError, did_you_mean
+from objectives.settings import ModelSettings, PipelineSettings
+from objectives.tasks import TaskOptions
+
+from .search import SearchSpace, parse_search
+
+SECTIONS = ("task", "model", "pipeline", "search", "study", "tracking")
+OBJECTIVES = ("target_val_acc", "source_val_acc", "student_params", "epochs_to_threshold")
+
+
+@dataclass
+class SamplerSettings:
+    """`study.sampler`: an Optuna sampler by name, with keyword arguments."""
+
+    name: str = "auto"  # auto = tpe for one objective, nsga2 for several
+    seed: int = 0
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class PrunerSettings:
+    """`study.pruner`: an Optuna pruner by name, with keyword arguments, optionally wrapped by PatientPruner."""
+
+    name: str = "median"
+    kwargs: dict = field(default_factory=dict)
+    patience: int = -1  # >= 0 wraps the pruner in PatientPruner(patience=...)
+
+
+@dataclass
+class StudySettings:
+    """The config's `study` section."""
+
+    name: str = "quickstart"
+    storage: str = "sqlite:///distillstudy.db"  # any Optuna URL, or journal:PATH; DISTILLSTUDY_STORAGE overrides
+    objective: list = field(default_factory=lambda: ["target_val_acc"])
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    pruner: PrunerSettings = field(default_factory=PrunerSettings)
+    n_trials: int = field(default=20, metadata={"range": (1, 10**7)})  # total finished trials of the study
+    baselines: bool = True  # enqueue the standard baselines when the study is created
+    heartbeat_interval: int = field(default=20, metadata={"range": (1, 86400)})  # seconds, RDB storages only
+    grace_period: int = field(default=60, metadata={"range": (2, 86400)})  # a silent RUNNING trial is stale after
+    max_retry: int = field(default=2, metadata={"range": (0, 100)})  # re-runs of a trial whose worker died
+    checkpoint_dir: str = ".distillstudy/checkpoints"  # per-stage checkpoints for retried trials (shared FS)
+
+
+@dataclass
+class TrackingSettings:
+    """The config's `tracking` section (MLflow)."""
+
+    enabled: bool = True
+    mlflow_uri: str = ""  # '' = MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = ""  # '' = the study's name
+    log_weights: str = field(default="all", metadata={"choices": ("all", "best", "none")})
+    register_best: bool = True  # register the best trial's model as '<study>-best'
+
+
+@dataclass
+class Config:
+    """A whole, validated config."""
+
+    task: TaskOptions
+    model: ModelSettings
+    pipeline: PipelineSettings
+    search: SearchSpace
+    study: StudySettings
+    tracking: TrackingSettings
+
+    def to_dict(self) -> dict:
+        """Plain data (YAML/JSON-able) that `config_from_dict` turns back into the same Config."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS if name != "search"}
+        out["search"] = self.search.to_dict()
+        return out
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config file (None = built-in defaults), apply `--set` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file '{path}' not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise UserError(f"config file '{path}' is not valid YAML{where}: "
+                            f"{getattr(exc, 'problem', None) or exc}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file '{path}' must be a mapping with sections {', '.join(SECTIONS)}")
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override to the raw config dict (value parsed as YAML)."""
+    if "=" not in item:
+        raise UserError(f"--set '{item}': expected KEY=VALUE, e.g. search.layers.head=finetune")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part, {}), dict):
+            raise UserError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is not a section")
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Validate plain data into a Config (unknown keys, types and ranges checked, with full key paths)."""
+    _check_keys(raw, SECTIONS, "")
+    cfg = Config(
+        task=build_dataclass(TaskOptions, raw.get("task") or {}, "task"),
+        model=build_dataclass(ModelSettings, raw.get("model") or {}, "model"),
+        pipeline=build_dataclass(PipelineSettings, raw.get("pipeline") or {}, "pipeline"),
+        search=SearchSpace(),
+        study=build_dataclass(StudySettings, raw.get("study") or {}, "study"),
+        tracking=build_dataclass(TrackingSettings, raw.get("tracking") or {}, "tracking"),
+    )
+    if isinstance(cfg.study.objective, str):
+        cfg.study.objective = [cfg.study.objective]
+    for i, name in enumerate(cfg.study.objective):
+        if name not in OBJECTIVES:
+            raise UserError(f"study.objective[{i}]: unknown objective '{name}'{did_you_mean(name, OBJECTIVES)}; "
+                            f"choose from: {', '.join(OBJECTIVES)}")
+    if not cfg.study.objective:
+        raise UserError("study.objective: give at least one objective")
+    cfg.search = parse_search(raw.get("search"), cfg)
+    return cfg
+
+
+def _check_keys(data, allowed, path: str) -> None:
+    if not isinstance(data, dict):
+        raise UserError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else str(key)
+            raise UserError(f"{where}: unknown key{did_you_mean(key, allowed)}; valid keys: {', '.join(allowed)}")
+
+
+def build_dataclass(cls, data, path: str):
+    """Build dataclass `cls` from `data`, checking keys, types, `choices` and `range` field metadata."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(data, fields, path)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        f, where = fields[name], f"{path}.{name}"
+        values[name] = _coerce(hints[name], value, where)
+        if "choices" in f.metadata and values[name] not in f.metadata["choices"]:
+            raise UserError(f"{where}: '{value}' is not one of {', '.join(map(str, f.metadata['choices']))}"
+                            f"{did_you_mean(value, f.metadata['choices'])}")
+        if "range" in f.metadata:
+            low, high = f.metadata["range"]
+            if not low <= values[name] <= high:
+                raise UserError(f"{where}: {value} is out of range [{low}, {high}]")
+    return cls(**values)
+
+
+def _coerce(hint, value, where: str):
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value if value is not None else {}, where)
+    origin = typing.get_origin(hint) or hint
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+    elif origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif origin is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+    elif origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):  # a single objective may be written without brackets
+            return [value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return value
+        if value is None:
+            return {}
+    else:
+        return value
+    raise UserError(f"{where}: expected {getattr(origin, '__name__', origin)}, got {type(value).__name__} "
+                    f"({value!r})")

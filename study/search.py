@@ -1,0 +1,237 @@
+"""The search space, built in one place from the config's `search` section.
+
+A value in `search` is a pin (scalar), a range (`{low, high, log?, step?, default?}`) or a categorical set (list).
+`search.layers.actions` is the set of actions sampled for every layer group that `search.layers.<group>` does not
+pin. `trial run` takes each range's default (else its low end) and each list's first element; a study samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from models import create_model
+from models.errors import UserError, did_you_mean
+from objectives.settings import ACTIONS, TrialChoices
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A searchable choice: its type, the bounds any value must respect, and its default search."""
+
+    kind: type
+    low: float
+    high: float
+    default: Any
+    help: str
+
+
+# One line per parameter: type, hard bounds, default search. (Order = sampling order.)
+PARAMS: dict[str, ParamSpec] = {
+    "alpha": ParamSpec(float, 0.0, 1.0, {"low": 0.0, "high": 1.0, "default": 0.5}, "weight of the KD term"),
+    "temperature": ParamSpec(float, 0.05, 100.0, {"low": 1.0, "high": 8.0, "default": 4.0},
+                             "KD temperature T (sampled only when alpha > 0)"),
+    "beta": ParamSpec(float, 0.0, 1000.0, {"low": 0.0, "high": 1.0, "default": 0.0}, "weight of the layer term"),
+    "threshold": ParamSpec(float, 0.0, 1.0, {"low": 0.8, "high": 1.0, "default": 0.95},
+                           "distillation stops at this target validation accuracy"),
+    "lr": ParamSpec(float, 1e-7, 10.0, {"low": 3e-4, "high": 1e-2, "log": True, "default": 3e-3}, "learning rate"),
+    "source_weight": ParamSpec(float, 0.0, 100.0, [0.5, 0.0, 1.0], "weight of the source data's loss terms"),
+    "generations": ParamSpec(int, 0, 20, {"low": 0, "high": 2, "default": 1}, "born-again re-distillation rounds"),
+    "slim_width": ParamSpec(float, 0.01, 1.0, [0.5, 0.25],
+                            "width of slim replacements (sampled only when a group is replaced with slim)"),
+    "augment": ParamSpec(bool, 0, 1, [False, True], "augment training batches"),
+}
+DEFAULT_ACTIONS = ["finetune", "freeze", "replace"]
+
+
+@dataclass
+class Param:
+    """One parameter's search: `fixed` (value), `range` (low/high/log/step/default) or `categorical` (choices)."""
+
+    name: str
+    mode: str
+    value: Any = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list = field(default_factory=list)
+
+    def default(self):
+        if self.mode == "fixed":
+            return self.value
+        if self.mode == "categorical":
+            return self.choices[0]
+        return self.value if self.value is not None else self.low
+
+    def suggest(self, trial, name: str | None = None):
+        """Sample with `trial.suggest_*` (pins are returned as they are and are not Optuna parameters)."""
+        name = name or self.name
+        if self.mode == "fixed":
+            return self.value
+        if self.mode == "categorical":
+            return trial.suggest_categorical(name, self.choices)
+        if PARAMS[self.name].kind is int:
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def grid(self) -> list:
+        """The values a grid search visits."""
+        if self.mode == "fixed":
+            return [self.value]
+        if self.mode == "categorical":
+            return list(self.choices)
+        if PARAMS[self.name].kind is int:
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if not self.step:
+            raise UserError(f"search.{self.name}: the grid sampler needs a list or a range with step")
+        n = int(round((self.high - self.low) / self.step))
+        return [round(self.low + i * self.step, 12) for i in range(n + 1)]
+
+
+@dataclass
+class SearchSpace:
+    """The validated `search` section."""
+
+    params: dict[str, Param] = field(default_factory=dict)
+    actions: list[str] = field(default_factory=lambda: list(DEFAULT_ACTIONS))
+    pinned_layers: dict[str, list[str]] = field(default_factory=dict)  # group -> allowed actions (1 = pinned)
+    groups: list[str] = field(default_factory=list)
+    raw: dict = field(default_factory=dict)
+
+    def group_actions(self) -> dict[str, list[str]]:
+        """Allowed actions of every layer group, input to output."""
+        return {g: self.pinned_layers.get(g, self.actions) for g in self.groups}
+
+    def is_empty(self) -> bool:
+        """True when nothing is left to search (every choice pinned)."""
+        return all(p.mode == "fixed" for p in self.params.values()) and \
+            all(len(a) == 1 for a in self.group_actions().values())
+
+    def defaults(self) -> TrialChoices:
+        """The fixed choices `trial run` uses: pins, range defaults, first list elements."""
+        layers = {g: acts[0] for g, acts in self.group_actions().items()}
+        return TrialChoices(layers=layers, **{n: p.default() for n, p in self.params.items()})
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.raw)
+
+
+def parse_search(raw, cfg) -> SearchSpace:
+    """Validate the `search` section against the parameter table and the architecture's layer groups."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise UserError(f"search: expected a mapping, got {type(raw).__name__}")
+    for key in raw:
+        if key not in PARAMS and key != "layers":
+            raise UserError(f"search.{key}: unknown choice{did_you_mean(key, [*PARAMS, 'layers'])}; "
+                            f"searchable: layers, {', '.join(PARAMS)}")
+    space = SearchSpace(raw=copy.deepcopy(raw))
+    for name, spec in PARAMS.items():
+        space.params[name] = _parse_param(name, spec, raw.get(name, spec.default))
+    # Group names depend only on the architecture, so a throwaway 2-class model answers.
+    space.groups = create_model(cfg.model.arch, num_classes=2, in_channels=1, width=cfg.model.width).group_names
+    layers = raw.get("layers") or {}
+    if not isinstance(layers, dict):
+        raise UserError("search.layers: expected a mapping of layer group -> action (and 'actions: [...]')")
+    for key, value in layers.items():
+        where = f"search.layers.{key}"
+        if key != "actions" and key not in space.groups:
+            raise UserError(f"{where}: unknown layer group{did_you_mean(key, [*space.groups, 'actions'])} of "
+                            f"{cfg.model.arch}; groups: {', '.join(space.groups)}")
+        acts = value if isinstance(value, list) else [value]
+        if not acts:
+            raise UserError(f"{where}: empty list of actions")
+        for a in acts:
+            if a not in ACTIONS:
+                raise UserError(f"{where}: unknown action '{a}'{did_you_mean(a, ACTIONS)}; "
+                                f"choose from: {', '.join(ACTIONS)}")
+        if key == "actions":
+            space.actions = list(acts)
+        else:
+            space.pinned_layers[key] = list(acts)
+    if all(acts == ["freeze"] for acts in space.group_actions().values()):
+        raise UserError("search.layers: every layer group can only be 'freeze': nothing would train")
+    return space
+
+
+def _parse_param(name: str, spec: ParamSpec, value) -> Param:
+    where = f"search.{name}"
+    if isinstance(value, list):
+        if not value:
+            raise UserError(f"{where}: empty list")
+        return Param(name, "categorical", choices=[_check_value(where, spec, v) for v in value])
+    if isinstance(value, dict):
+        allowed = ("low", "high", "log", "step", "default")
+        for key in value:
+            if key not in allowed:
+                raise UserError(f"{where}.{key}: unknown key{did_you_mean(key, allowed)}; "
+                                f"a range takes {', '.join(allowed)}")
+        if spec.kind is bool:
+            raise UserError(f"{where}: a yes/no choice takes true, false or [false, true], not a range")
+        if "low" not in value or "high" not in value:
+            raise UserError(f"{where}: a range needs both low and high")
+        low, high = _check_value(f"{where}.low", spec, value["low"]), _check_value(f"{where}.high", spec, value["high"])
+        if low > high:
+            raise UserError(f"{where}: low ({low}) is greater than high ({high})")
+        log = value.get("log", False)
+        if not isinstance(log, bool):
+            raise UserError(f"{where}.log: expected true or false")
+        if log and low <= 0:
+            raise UserError(f"{where}: a log range needs low > 0")
+        step = value.get("step")
+        if step is not None and (not isinstance(step, (int, float)) or isinstance(step, bool) or step <= 0):
+            raise UserError(f"{where}.step: expected a positive number")
+        if step is not None and log:
+            raise UserError(f"{where}: step and log cannot be combined")
+        default = value.get("default")
+        if default is not None:
+            default = _check_value(f"{where}.default", spec, default)
+            if not low <= default <= high:
+                raise UserError(f"{where}.default: {default} is outside [{low}, {high}]")
+        return Param(name, "range", value=default, low=low, high=high, log=log, step=step)
+    return Param(name, "fixed", value=_check_value(where, spec, value))
+
+
+def _check_value(where: str, spec: ParamSpec, value):
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not math.isfinite(value)):
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    if spec.kind is int and not float(value).is_integer():
+        raise UserError(f"{where}: expected a whole number, got {value!r}")
+    if not spec.low <= value <= spec.high:
+        raise UserError(f"{where}: {value} is out of range [{spec.low:g}, {spec.high:g}]")
+    return spec.kind(value)
+
+
+def suggest_choices(trial, space: SearchSpace, replace_with: str) -> TrialChoices:
+    """Sample one trial's choices. Conditional parameters are sampled only when they matter: the temperature only
+    when alpha > 0, the slim width only when some group is replaced with slim replacements."""
+    p = space.params
+    layers = {g: (trial.suggest_categorical(f"layers.{g}", acts) if len(acts) > 1 else acts[0])
+              for g, acts in space.group_actions().items()}
+    alpha = p["alpha"].suggest(trial)
+    temperature = p["temperature"].suggest(trial) if alpha > 0 else p["temperature"].default()
+    beta = p["beta"].suggest(trial)
+    threshold = p["threshold"].suggest(trial)
+    lr = p["lr"].suggest(trial)
+    source_weight = p["source_weight"].suggest(trial)
+    generations = p["generations"].suggest(trial)
+    uses_slim = replace_with == "slim" and "replace" in layers.values()
+    slim_width = p["slim_width"].suggest(trial) if uses_slim else p["slim_width"].default()
+    augment = p["augment"].suggest(trial)
+    return TrialChoices(layers=layers, temperature=temperature, alpha=alpha, beta=beta, threshold=threshold, lr=lr,
+                        source_weight=source_weight, generations=generations, slim_width=slim_width, augment=augment)
+
+
+def grid_space(space: SearchSpace) -> dict[str, list]:
+    """GridSampler's search_space: every Optuna parameter name with the values to visit."""
+    grid = {f"layers.{g}": acts for g, acts in space.group_actions().items() if len(acts) > 1}
+    grid.update({n: prm.grid() for n, prm in space.params.items() if prm.mode != "fixed"})
+    return grid
