@@ -114,5 +114,153 @@ def models_show(arch, num_classes, in_channels, as_json):
     click.echo(f"{'total':<12} {info['params']:>11,}")
 
 
+# ---- study -------------------------------------------------------------------------------------------------------
+storage_option = click.option("--storage", default=None, metavar="URL",
+                              help="Optuna storage URL or journal:PATH (default: $DISTILLSTUDY_STORAGE, "
+                                   "else the config's study.storage, else sqlite:///distillstudy.db).")
+
+
+@main.group(cls=_Group)
+def study():
+    """Create, run, inspect, export and delete studies."""
+
+
+@study.command("create")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--name", default=None, help="Study name (default: the config's study.name).")
+@storage_option
+@set_option
+@click.option("--load-if-exists", is_flag=True, help="Reuse an existing study with the same config.")
+def study_create(config_path, name, storage, overrides, load_if_exists):
+    """Validate CONFIG, create the study, store the config in it and enqueue the baselines."""
+    from study.commands import create
+
+    click.echo(create(config_path, name, storage, overrides, load_if_exists))
+
+
+@study.command("run")
+@click.argument("name", required=False)
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Create the study from this config if it does not exist yet.")
+@storage_option
+@set_option
+@click.option("--n-trials", type=click.IntRange(min=1), default=None,
+              help="The study's TOTAL of finished trials (default: the config's study.n_trials).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop starting trials after S seconds.")
+@click.option("--n-jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Trials on threads.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's pipeline.device).")
+@click.option("--quiet", is_flag=True, help="No per-trial lines.")
+@click.option("--verbose", is_flag=True, help="Also print each trial's per-stage accuracy.")
+def study_run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device, quiet, verbose):
+    """Run a worker on study NAME. With neither NAME nor --config: the quickstart study (created if needed)."""
+    from study.commands import run
+
+    code = run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device, quiet, verbose, click.echo)
+    sys.exit(code)
+
+
+@study.command("list")
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def study_list(storage, as_json):
+    """Studies in the storage with trial counts and best value."""
+    from study.commands import format_list
+    from study.storage import resolve_storage_url
+    from study.studies import list_studies
+
+    rows = list_studies(resolve_storage_url(storage))
+    click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_list(rows))
+
+
+@study.command("status")
+@click.argument("name")
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def study_status(name, storage, as_json):
+    """Counts by state, best so far, running trials and their age."""
+    from study.commands import format_status
+    from study.storage import resolve_storage_url
+    from study.studies import study_status as status
+
+    data = status(name, resolve_storage_url(storage))
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else format_status(data))
+
+
+@study.command("best")
+@click.argument("name")
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def study_best(name, storage, as_json):
+    """The winning layer actions and hyperparameters, with source/target accuracy, beside the baselines."""
+    from study.commands import format_best
+    from study.storage import resolve_storage_url
+    from study.studies import best_summary
+
+    data = best_summary(name, resolve_storage_url(storage))
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else format_best(data))
+
+
+@study.command("export")
+@click.argument("name")
+@storage_option
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write to a file instead of stdout.")
+def study_export(name, storage, fmt, out):
+    """One row per trial: params, values, state, epochs, seconds, per-stage accuracies."""
+    from study.storage import resolve_storage_url
+    from study.studies import export_trials
+
+    text = export_trials(name, resolve_storage_url(storage), fmt)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    else:
+        click.echo(text, nl=False)
+
+
+@study.command("delete")
+@click.argument("name")
+@storage_option
+@click.option("--yes", is_flag=True, required=True, help="Confirm.")
+def study_delete(name, storage, yes):
+    """Delete study NAME (its MLflow runs stay)."""
+    from study.storage import resolve_storage_url
+    from study.studies import delete_study
+
+    delete_study(name, resolve_storage_url(storage))
+    click.echo(f"deleted study '{name}'")
+
+
+@trial.command("replay")
+@click.argument("name")
+@click.argument("number", type=int)
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def trial_replay(name, number, storage, as_json):
+    """Rerun trial NUMBER of study NAME with its stored choices and seed; compares with the stored accuracy."""
+    from study.commands import replay
+    from study.trial import format_trial
+
+    result, stored = replay(name, number, storage)
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "stored_value": stored}, indent=2))
+    else:
+        click.echo(format_trial(result))
+        click.echo(f"stored value: {stored}  replayed: {result.value}  "
+                   f"{'identical' if stored == result.value else 'DIFFERENT'}")
+
+
+@main.command("ui")
+@click.option("--config", "config_path", default="examples/quickstart.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="Config whose tracking URI and storage to use.")
+@click.option("--port", default=5000, show_default=True, type=int)
+@storage_option
+def ui(config_path, port, storage):
+    """Start the MLflow UI on 127.0.0.1 for the study's tracking URI (and print the optuna-dashboard command)."""
+    from study.commands import start_ui
+
+    sys.exit(start_ui(config_path, port, storage, click.echo))
+
+
 if __name__ == "__main__":
     sys.exit(main())

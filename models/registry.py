@@ -47,6 +47,8 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, width: float
     group_widths = dict(group_widths or {})
     model = _MODELS[name](num_classes=num_classes, in_channels=in_channels, width=width,
                           group_widths=group_widths, pretrained=pretrained)
+    # Recorded so a saved state_dict can be rebuilt with create_model(arch, num_classes, in_channels, ...).
+    model.num_classes, model.in_channels = num_classes, in_channels
     bad = set(group_widths) - set(model.group_names)
     if bad:
         raise UserError(f"architecture '{name}' has no layer group(s) {sorted(bad)}; groups: {model.group_names}")

@@ -39,6 +39,9 @@ def replacement(teacher: GroupedModel, group: str, replace_with: str, slim_width
         return teacher.new_group(group, width), width, f"slim x{slim_width:g}"
     if donor is None:
         raise UserError("replace_with: donor needs a donor model (model.donor_arch)")
+    if group not in donor.groups:
+        raise UserError(f"replace_with: donor {donor.arch} has no layer group '{group}' to replace it with; "
+                        f"its groups: {', '.join(donor.group_names)}")
     return copy.deepcopy(donor.groups[group]), donor.group_widths[group], f"donor {donor.arch} x{donor.group_widths[group]:g}"
 
 

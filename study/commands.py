@@ -1,0 +1,191 @@
+"""What the study CLI commands do, as plain functions (the CLI only parses and prints)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+
+from models.errors import UserError
+
+from .config import load_config
+from .objective import choices_from_attrs
+from .storage import mask_url, resolve_storage_url
+from .studies import best_summary, create_study, load_study
+
+# The embedded default study: `study run` with no NAME and no --config runs it.
+QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+_SHORT = {"finetune": "ft", "freeze": "fr", "replace": "rp"}
+
+
+def create(config_path: str, name: str | None, storage: str | None, overrides, load_if_exists: bool) -> str:
+    """`study create`: validate, create, store the config, enqueue baselines. Returns the message to print."""
+    config = load_config(config_path, overrides)
+    name = name or config.study.name
+    url = resolve_storage_url(storage, config.study.storage)
+    study, created = create_study(config, name, url, load_if_exists)
+    queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    verb = "created" if created else "loaded existing"
+    return (f"{verb} study '{name}' in {mask_url(url)} ({queued} baseline trials queued)\n"
+            f"run a worker: distillstudy study run {name} --storage '{mask_url(url)}'")
+
+
+def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device, quiet, verbose, echo) -> int:
+    """`study run`: a worker; prints a line per finished trial and the winner at the end. Returns the exit code."""
+    from .worker import run_worker
+
+    if name is None and config_path is None:
+        config_path = str(QUICKSTART)
+    if config_path is not None:
+        config = load_config(config_path, overrides)
+        name = name or config.study.name
+        url = resolve_storage_url(storage, config.study.storage)
+        create_study(config, name, url, load_if_exists=True)
+    else:
+        if overrides:
+            raise UserError("--set changes a config: use it with --config (a stored study's config is fixed)")
+        url = resolve_storage_url(storage)
+    study, config = load_study(name, url)
+    total = n_trials or config.study.n_trials
+    if not quiet:
+        echo(f"study '{name}' in {mask_url(url)}: running to {total} finished trials "
+             f"({config.task.name}, {config.model.arch}, sampler {config.study.sampler.name}, "
+             f"pruner {config.study.pruner.name})")
+
+    def on_trial(study_, trial):
+        if quiet:
+            return
+        done = len(study_.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                              optuna.trial.TrialState.PRUNED)))
+        echo(f"[{min(done, total):>3}/{total}] {format_trial_line(trial)}")
+        if verbose and trial.user_attrs.get("stages"):
+            for stage, acc in trial.user_attrs["stages"].items():
+                echo(f"        {stage:<10} source val {acc['source_val_acc']:.3f}  target val "
+                     f"{acc['target_val_acc']:.3f}  epochs {acc['epochs']}")
+
+    try:
+        run_worker(name, url, n_trials=total, timeout=timeout, n_jobs=n_jobs, device=device, on_trial=on_trial)
+    except KeyboardInterrupt:
+        echo("interrupted: the running trial is marked FAIL and queued again; rerun the same command to continue")
+        return 130
+    if not quiet:
+        echo(_closing(name, url, config))
+    return 0
+
+
+def format_trial_line(trial: optuna.trial.FrozenTrial) -> str:
+    """`trial   7 COMPLETE 0.8613 stem=ft block1=fr ... alpha=0.42 T=3.1 lr=0.0021  3.2s`."""
+    attrs = trial.user_attrs
+    value = "/".join(f"{v:.4f}" for v in trial.values) if trial.values else "-"
+    if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
+        last = max(trial.intermediate_values)
+        value = f"{trial.intermediate_values[last]:.4f}@{last}"
+    choices = attrs.get("choices", {})
+    layers = " ".join(f"{k.rsplit('.', 1)[1]}={_SHORT.get(v, v)}" for k, v in choices.items()
+                      if k.startswith("search.layers."))
+    shown = [("search.alpha", "alpha"), ("search.lr", "lr")]
+    if choices.get("search.alpha"):  # the temperature only matters with a KD term
+        shown.insert(1, ("search.temperature", "T"))
+    extra = " ".join(f"{short}={choices[key]:.3g}" for key, short in shown if key in choices)
+    tag = f" [{attrs['baseline']}]" if attrs.get("baseline") else ""
+    why = f"  ({attrs['failure']})" if attrs.get("failure") else ""
+    seconds = f"{attrs['seconds']:.1f}s" if attrs.get("seconds") is not None else ""
+    return f"trial {trial.number:>3} {trial.state.name:<8} {value:<10} {layers} {extra} {seconds}{tag}{why}"
+
+
+def _closing(name: str, url: str, config) -> str:
+    lines = []
+    study, _ = load_study(name, url)
+    counts = {s: len(study.get_trials(deepcopy=False, states=(s,))) for s in optuna.trial.TrialState}
+    lines.append(", ".join(f"{n} {s.name.lower()}" for s, n in counts.items() if n))
+    try:
+        lines.append(format_best(best_summary(name, url)))
+    except UserError as exc:
+        lines.append(str(exc))
+    from .mlflow_tracking import tracking_uri
+
+    if config.tracking.enabled:
+        lines.append(f"browse the trials: mlflow ui --backend-store-uri {tracking_uri(config)}   "
+                     f"(or: distillstudy ui)")
+    lines.append(f"optuna dashboard:  optuna-dashboard {mask_url(url)}")
+    return "\n".join(lines)
+
+
+def format_list(rows: list[dict]) -> str:
+    if not rows:
+        return "no studies"
+    out = [f"{'study':<24}{'complete':>9}{'pruned':>8}{'fail':>6}{'running':>9}{'waiting':>9}  best"]
+    for r in rows:
+        out.append(f"{r['name']:<24}{r['COMPLETE']:>9}{r['PRUNED']:>8}{r['FAIL']:>6}{r['RUNNING']:>9}"
+                   f"{r['WAITING']:>9}  {r['best']}")
+    return "\n".join(out)
+
+
+def format_status(data: dict) -> str:
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in data["counts"].items() if n) or "no trials"
+    lines = [f"study '{data['name']}': {counts}", f"best so far: {data['best']}"]
+    for r in data["running"]:
+        lines.append(f"  running trial {r['number']} for {r['age_s']} s")
+    return "\n".join(lines)
+
+
+def format_best(data: dict) -> str:
+    """The winner's layer actions and hyperparameters with its accuracies, the baselines beside it."""
+    def describe(row: dict, label: str) -> list[str]:
+        layers = ", ".join(f"{k.split('.', 2)[2]}={v}" for k, v in row.items() if k.startswith("choice.layers."))
+        hyper = ", ".join(f"{k.split('.', 1)[1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
+                          for k, v in row.items() if k.startswith("choice.") and not k.startswith("choice.layers."))
+        stage = row.get("best_stage", "")
+        acc = {k: row.get(f"{stage}.{k}") for k in ("source_val_acc", "target_val_acc", "target_test_acc")}
+        accs = "  ".join(f"{k} {v:.4f}" for k, v in acc.items() if v is not None)
+        return [f"{label} trial {row['number']} (best stage {stage}): {accs}",
+                f"    layers: {layers}", f"    {hyper}", f"    student params {row.get('student_params')}, "
+                f"epochs to threshold {row.get('epochs_to_threshold')}"]
+
+    lines = []
+    if "best" in data:
+        lines += describe(data["best"], "winner:  ")
+    else:
+        lines.append(f"Pareto front ({', '.join(data['objective'])}):")
+        for row in data["pareto_front"]:
+            lines += describe(row, f"  values {row['values']}")
+    for row in data["baselines"]:
+        lines += describe(row, f"baseline {row['baseline']}:")[:1]
+    return "\n".join(lines)
+
+
+def replay(name: str, number: int, storage: str | None):
+    """Rerun a stored trial's pipeline with its stored choices and seed. Returns (result, stored value)."""
+    from objectives.pipeline import run_trial
+
+    study, config = load_study(name, resolve_storage_url(storage))
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not trials or "choices" not in trials[0].user_attrs:
+        raise UserError(f"study '{name}' has no trial {number} with stored choices")
+    t = trials[0]
+    config.pipeline.seed = t.user_attrs.get("seed", config.pipeline.seed)
+    result = run_trial(config.task, config.model, config.pipeline, choices_from_attrs(t.user_attrs))
+    stored = t.values[0] if t.values else None
+    if stored is not None and len(config.study.objective) == 1 and config.study.objective[0] != "target_val_acc":
+        stored = t.user_attrs.get("stages", {}).get(t.user_attrs.get("best_stage"), {}).get("target_val_acc")
+    return result, stored
+
+
+def start_ui(config_path: str, port: int, storage: str | None, echo) -> int:
+    """Start `mlflow ui` bound to 127.0.0.1 on the config's tracking URI; print the URL and the dashboard command."""
+    from .mlflow_tracking import tracking_uri
+
+    config = load_config(config_path)
+    uri = tracking_uri(config)
+    url = resolve_storage_url(storage, config.study.storage)
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    echo(f"MLflow UI: http://127.0.0.1:{port}  (tracking URI {mask_url(uri)}; Ctrl-C to stop)")
+    echo(f"Optuna dashboard: optuna-dashboard {mask_url(url)}")
+    try:
+        return subprocess.call([mlflow, "ui", "--host", "127.0.0.1", "--port", str(port),
+                                "--backend-store-uri", uri])
+    except KeyboardInterrupt:
+        return 0

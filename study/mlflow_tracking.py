@@ -1,0 +1,239 @@
+"""MLflow tracking: one experiment per study, a parent run per study, a nested child run per trial opened when the
+trial starts (so running trials show live), per-epoch curves in one batch per epoch, final metrics, weights, the
+layer map, and the best model registered as `<study>-best`.
+
+Every call names its run id explicitly through `MlflowClient`: threads and processes log concurrently without the
+fluent API's global active-run stack (and without a lock around logging).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+
+import torch
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from objectives.version import code_version
+
+from .config import Config
+from .storage import mask_url
+
+# Optuna state -> MLflow run status.
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
+DEFAULT_URI = "sqlite:///mlflow.db"
+_PARAM_MAX = 6000  # MLflow's limit on a param value's length
+
+
+def tracking_uri(config: Config) -> str:
+    """`tracking.mlflow_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (MLflow's own default)."""
+    return config.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def trial_params(choices, seed: int, number: int) -> dict:
+    """The run's params: one `layer.<group>` per layer group, every other choice by name, trial number, seed."""
+    params = {f"layer.{g}": a for g, a in choices.layers.items()}
+    params.update({k: v for k, v in vars(choices).items() if k != "layers"})
+    params.update(trial_number=number, seed=seed)
+    return params
+
+
+class MlflowTracker:
+    """Records a study's trials in MLflow (see the module docstring)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.uri = tracking_uri(config)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment = config.tracking.experiment or config.study.name
+        self.experiment_id = ""
+        self.parent_id = ""
+        self.study = None
+        self._teacher_runs: dict[str, str] = {}
+        self._lock = threading.Lock()  # guards only the teacher-run dict and registry check, never logging
+
+    # ---- study --------------------------------------------------------------------------------------------------
+    def start_study(self, study, config: Config) -> None:
+        """Find or create the experiment and the study's parent run (shared by every worker)."""
+        self.study = study
+        self.experiment_id = self._experiment_id()
+        runs = self.client.search_runs([self.experiment_id], "tags.`distillstudy.role` = 'study'",
+                                       order_by=["attributes.start_time ASC"], max_results=1)
+        if runs:
+            self.parent_id = runs[0].info.run_id
+            return
+        run = self.client.create_run(self.experiment_id, run_name=f"study {study.study_name}",
+                                     tags={"distillstudy.role": "study", "optuna.study": study.study_name,
+                                           "distillstudy.code_version": code_version()})
+        self.parent_id = run.info.run_id
+        params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                  for k, v in flatten(config.to_dict()).items()}
+        params["storage"] = mask_url(study._storage.url if hasattr(study._storage, "url") else str(config.study.storage))
+        self._log_params(self.parent_id, params)
+        self.client.log_text(self.parent_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
+        study.set_user_attr("mlflow_parent_run_id", self.parent_id)
+        study.set_user_attr("mlflow_experiment_id", self.experiment_id)
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment)
+        except MlflowException:  # another worker created it first
+            return self.client.get_experiment_by_name(self.experiment).experiment_id
+
+    def end_study(self, study) -> None:
+        """Nothing to close: the parent run stays open while any worker may still log (see README)."""
+
+    # ---- trials -------------------------------------------------------------------------------------------------
+    def start_trial(self, trial, choices) -> str:
+        """Open the trial's child run now, so running trials are visible in the UI."""
+        tags = {"mlflow.parentRunId": self.parent_id, "optuna.study": self.study.study_name,
+                "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING",
+                "distillstudy.code_version": code_version(), "distillstudy.role": "trial"}
+        if trial.user_attrs.get("baseline"):
+            tags["distillstudy.baseline"] = trial.user_attrs["baseline"]
+        run = self.client.create_run(self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
+        self._log_params(run.info.run_id, trial_params(choices, self.config.pipeline.seed, trial.number))
+        return run.info.run_id
+
+    def log_epoch(self, run_id, stage: str, step: int, metrics: dict) -> None:
+        """One batch per epoch: `<stage>/<metric>` at the global step."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(f"{stage}/{k}", float(v), now, step)
+                                               for k, v in metrics.items()], synchronous=True)
+
+    def log_teacher(self, info, model) -> None:
+        """Log each distinct teacher once per study (its own run); trials link to it by tag."""
+        with self._lock:
+            if info.key in self._teacher_runs:
+                return
+            found = self.client.search_runs([self.experiment_id], f"tags.`distillstudy.teacher_key` = '{info.key}'",
+                                            max_results=1)
+            if found:
+                self._teacher_runs[info.key] = found[0].info.run_id
+                return
+            run = self.client.create_run(self.experiment_id, run_name=f"{info.role} {info.key[:8]}",
+                                         tags={"distillstudy.role": info.role, "distillstudy.teacher_key": info.key,
+                                               "mlflow.parentRunId": self.parent_id})
+            self._teacher_runs[info.key] = run.info.run_id
+        rid = run.info.run_id
+        now = int(time.time() * 1000)
+        self.client.log_batch(rid, metrics=[Metric("source_val_acc", info.source_val_acc, now, 0),
+                                            Metric("target_val_acc", info.target_val_acc, now, 0),
+                                            Metric("seconds", info.seconds, now, 0)],
+                              params=[Param("epochs", str(info.epochs)), Param("cache_path", info.path)])
+        if model is not None and self.config.tracking.log_weights != "none":
+            self._log_state_dict(rid, model, "model")
+        self.client.set_terminated(rid, "FINISHED")
+
+    def end_trial(self, run_id, trial, state: str, result=None, reason: str | None = None) -> None:
+        """Final metrics, artifacts, tags, and the run status mapped from the Optuna state."""
+        if not run_id:
+            return
+        tags = [RunTag("optuna.state", state)]
+        if reason:
+            tags.append(RunTag("distillstudy.failure" if state in ("FAIL", "KILLED") else "distillstudy.pruned",
+                               reason[:5000]))
+        metrics = []
+        if result is not None:
+            metrics = self._final_metrics(result)
+            tags += [RunTag("distillstudy.teacher_key", result.teacher.key),
+                     RunTag("distillstudy.teacher_cache", result.teacher.cache),
+                     RunTag("distillstudy.best_stage", result.best_stage)]
+            if result.teacher.key in self._teacher_runs:
+                tags.append(RunTag("distillstudy.teacher_run_id", self._teacher_runs[result.teacher.key]))
+        self.client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
+        if result is not None:
+            self._log_trial_artifacts(run_id, trial, result)
+        self.client.set_terminated(run_id, RUN_STATUS[state])
+
+    def _final_metrics(self, result) -> list[Metric]:
+        now, out = int(time.time() * 1000), []
+        for stage, s in result.stages.items():
+            for k in ("source_val_acc", "source_test_acc", "target_val_acc", "target_test_acc"):
+                out.append(Metric(f"eval/{stage}/{k}", getattr(s, k), now, 0))
+            out.append(Metric(f"seconds/{stage}", s.seconds, now, 0))
+        best = result.stages[result.best_stage]
+        for k in ("source_val_acc", "source_test_acc", "target_val_acc", "target_test_acc"):
+            out.append(Metric(k, getattr(best, k), now, 0))
+        out.append(Metric("student_params", float(result.student_params), now, 0))
+        out.append(Metric("total_epochs", float(result.total_epochs), now, 0))
+        if result.epochs_to_threshold is not None:
+            out.append(Metric("epochs_to_threshold", float(result.epochs_to_threshold), now, 0))
+        out.append(Metric("seconds/total", result.seconds, now, 0))
+        return out
+
+    def _log_trial_artifacts(self, run_id: str, trial, result) -> None:
+        model = result.student
+        layer_map = {"arch": model.arch, "num_classes": model.num_classes, "in_channels": model.in_channels,
+                     "group_widths": model.group_widths, "best_stage": result.best_stage, "groups": result.layer_map}
+        self.client.log_text(run_id, json.dumps(layer_map, indent=2), "layer_map.json")
+        trial_config = self.config.to_dict()
+        trial_config["search"] = {**{k.split(".", 1)[1]: v for k, v in result.params.items()
+                                     if not k.startswith("search.layers.")},
+                                  "layers": {k.split(".", 2)[2]: v for k, v in result.params.items()
+                                             if k.startswith("search.layers.")}}
+        self.client.log_text(run_id, yaml.safe_dump(trial_config, sort_keys=False), "config.yaml")
+        policy = self.config.tracking.log_weights
+        improved = self._is_best(trial, result)
+        if policy == "all" or (policy == "best" and improved):
+            self._log_state_dict(run_id, model, "model")
+            if improved and self.config.tracking.register_best:
+                self._register(run_id)
+
+    def _is_best(self, trial, result) -> bool:
+        if len(self.config.study.objective) > 1:
+            return False
+        direction = self.study.directions[0].name.lower()
+        try:
+            best = self.study.best_value  # this trial is not told yet, so this is the best of the others
+        except ValueError:
+            return True
+        from .objective import objective_value, max_epochs
+
+        value = objective_value(result, self.config.study.objective[0],
+                                max_epochs(self.config, int(result.params["search.generations"])))
+        return value > best if direction == "maximize" else value < best
+
+    def _log_state_dict(self, run_id: str, model, artifact_dir: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "state_dict.pt")
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+            self.client.log_artifact(run_id, path, artifact_dir)
+
+    def _register(self, run_id: str) -> None:
+        name = f"{self.study.study_name}-best"
+        with self._lock:
+            try:
+                self.client.create_registered_model(name, description="best trial of the distillstudy study")
+            except MlflowException:
+                pass  # already registered: add a version
+            source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
+            self.client.create_model_version(name, source=source, run_id=run_id,
+                                             tags={"optuna.study": self.study.study_name})
+
+    def _log_params(self, run_id: str, params: dict) -> None:
+        items = [Param(str(k), str(v)[:_PARAM_MAX]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+

@@ -1,0 +1,174 @@
+"""The Optuna objective: sample choices, run the pipeline with pruning on the global step axis, record the
+outcome as user attributes (and through the tracker), return the objective value(s)."""
+
+from __future__ import annotations
+
+import gc
+import math
+import threading
+import time
+
+import optuna
+import torch
+
+from models.errors import UserError
+from objectives.pipeline import TrialResult, run_trial
+from objectives.settings import TrialChoices
+from objectives.train import TrainingDiverged
+
+from .baselines import baseline_choices
+from .config import Config
+from .search import suggest_choices
+from .tracking import NullTracker
+
+# Objectives and their directions.
+DIRECTIONS = {"target_val_acc": "maximize", "source_val_acc": "maximize", "student_params": "minimize",
+              "epochs_to_threshold": "minimize"}
+
+
+class StudyFull(Exception):
+    """The study already has its total of trials: this one is abandoned (FAIL, tagged `skipped`)."""
+
+
+def objective_value(result: TrialResult, name: str, max_epochs: int) -> float:
+    """One objective of a finished trial. A trial that never reached the threshold counts as max_epochs + 1."""
+    if name == "target_val_acc":
+        return result.value
+    if name == "source_val_acc":
+        return result.stages[result.best_stage].source_val_acc
+    if name == "student_params":
+        return float(result.student_params)
+    return float(result.epochs_to_threshold if result.epochs_to_threshold is not None else max_epochs + 1)
+
+
+def max_epochs(config: Config, generations: int) -> int:
+    """The largest global step a trial can reach (its epochs budget)."""
+    p = config.pipeline
+    return p.finetune_epochs + p.distill_epochs + generations * p.retrain_epochs
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A one-line reason for a FAIL trial."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out of memory: " + str(exc).splitlines()[0][:200]
+    if isinstance(exc, TrainingDiverged):
+        return f"diverged: {exc}"
+    if isinstance(exc, UserError):
+        return f"invalid choices: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (worker stopped); retried"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:300]
+
+
+def record_result(trial: optuna.Trial, result: TrialResult) -> None:
+    """Store what the study commands and reports read back: per-stage accuracies, best stage, sizes, seconds."""
+    trial.set_user_attr("stages", {k: vars(v) for k, v in result.stages.items()})
+    trial.set_user_attr("best_stage", result.best_stage)
+    trial.set_user_attr("epochs_to_threshold", result.epochs_to_threshold)
+    trial.set_user_attr("student_params", result.student_params)
+    trial.set_user_attr("total_epochs", result.total_epochs)
+    trial.set_user_attr("seconds", round(result.seconds, 3))
+    trial.set_user_attr("layer_map", result.layer_map)
+    trial.set_user_attr("teacher_key", result.teacher.key)
+    trial.set_user_attr("teacher_cache", result.teacher.cache)
+
+
+def _finished(study: optuna.Study, below: int | None = None) -> int:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    trials = study.get_trials(deepcopy=False, states=states)
+    return sum(1 for t in trials if below is None or t.number < below)
+
+
+def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=None,
+                   interrupted: threading.Event | None = None):
+    """The objective for `study`; it abandons trials beyond the study's total `n_trials` (so parallel workers
+    stop at exactly n_trials finished trials). Setting `interrupted` stops running trials at their next epoch."""
+    tracker = tracker or NullTracker()
+    space, pipeline = config.search, config.pipeline
+    multi = len(config.study.objective) > 1
+
+    def objective(trial: optuna.Trial):
+        # Trials numbered before this one that finished or are running: if they already make the total, stop.
+        if _finished(study, below=trial.number) >= n_trials:
+            trial.set_user_attr("skipped", "study already has its total of trials")
+            study.stop()
+            raise StudyFull(f"study has {n_trials} trials")
+        started = time.perf_counter()
+        choices = suggest_choices(trial, space, pipeline.replace_with)
+        baseline = trial.user_attrs.get("baseline")
+        if baseline:
+            choices = baseline_choices(baseline, space)
+        trial.set_user_attr("choices", choices.flat())
+        trial.set_user_attr("seed", pipeline.seed)
+        if all(a == "freeze" for a in choices.layers.values()):
+            trial.set_user_attr("failure", "every layer group frozen: nothing to train")
+            raise optuna.TrialPruned("every layer group frozen: nothing to train")
+        run_id = tracker.start_trial(trial, choices)
+        if run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
+
+        def report(step: int, value: float, stage: str) -> None:
+            if interrupted is not None and interrupted.is_set():
+                raise KeyboardInterrupt
+            if multi:  # Optuna has no pruning for multi-objective studies
+                return
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} ({stage}, target val acc {value:.4f})")
+
+        def on_epoch(stage: str, step: int, metrics: dict) -> None:
+            tracker.log_epoch(run_id, stage, step, metrics)
+
+        try:
+            result = run_trial(config.task, config.model, pipeline, choices, report=report, on_epoch=on_epoch)
+        except optuna.TrialPruned as exc:
+            trial.set_user_attr("pruned_at", str(exc))
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
+            tracker.end_trial(run_id, trial, "PRUNED", reason=str(exc))
+            raise
+        except KeyboardInterrupt as exc:
+            _fail(trial, tracker, run_id, exc, "KILLED")
+            _requeue(study, trial)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure ends this trial only; the study goes on
+            _fail(trial, tracker, run_id, exc, "FAIL")
+            raise
+        finally:
+            gc.collect()
+        record_result(trial, result)
+        tracker.log_teacher(result.teacher, result.models.get("teacher"))
+        budget = max_epochs(config, choices.generations)
+        values = [objective_value(result, name, budget) for name in config.study.objective]
+        tracker.end_trial(run_id, trial, "COMPLETE", result=result)
+        return values if multi else values[0]
+
+    return objective
+
+
+def _fail(trial, tracker, run_id, exc: BaseException, state: str) -> None:
+    reason = describe_failure(exc)
+    trial.set_user_attr("failure", reason)
+    if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give the memory back so the next trial can run
+    tracker.end_trial(run_id, trial, state, reason=reason)
+
+
+def _requeue(study: optuna.Study, trial: optuna.Trial) -> None:
+    # An interrupted trial is not the trial's fault: queue the same parameters so a later run retries it.
+    attrs = {"retry_of": trial.number}
+    if trial.user_attrs.get("baseline"):
+        attrs["baseline"] = trial.user_attrs["baseline"]
+    study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
+
+
+def choices_from_attrs(attrs: dict) -> TrialChoices:
+    """Rebuild a trial's choices from its `choices` user attribute (for replay)."""
+    flat = attrs["choices"]
+    layers = {k.split(".", 2)[2]: v for k, v in flat.items() if k.startswith("search.layers.")}
+    rest = {k.split(".", 1)[1]: v for k, v in flat.items() if not k.startswith("search.layers.")}
+    return TrialChoices(layers=layers, **rest)
+
+
+def is_finite(value) -> bool:
+    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)

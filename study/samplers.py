@@ -1,0 +1,60 @@
+"""Samplers and pruners by name, with keyword arguments from the config (`study.sampler`, `study.pruner`)."""
+
+from __future__ import annotations
+
+import optuna
+
+from models.errors import UserError, unknown
+
+from .config import PrunerSettings, SamplerSettings
+from .search import SearchSpace, grid_space
+
+SAMPLERS = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "gp": optuna.samplers.GPSampler,
+    "qmc": optuna.samplers.QMCSampler,
+    "grid": optuna.samplers.GridSampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+}
+PRUNERS = {
+    "none": optuna.pruners.NopPruner,
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "threshold": optuna.pruners.ThresholdPruner,
+    "wilcoxon": optuna.pruners.WilcoxonPruner,
+}
+
+
+def make_sampler(settings: SamplerSettings, space: SearchSpace, n_objectives: int) -> optuna.samplers.BaseSampler:
+    """Build the sampler; `auto` is TPE for one objective and NSGA-II for several."""
+    name = settings.name if settings.name != "auto" else ("tpe" if n_objectives == 1 else "nsga2")
+    if name not in SAMPLERS:
+        raise unknown("sampler", name, [*SAMPLERS, "auto"])
+    kwargs = dict(settings.kwargs)
+    if name == "grid":
+        kwargs.setdefault("search_space", grid_space(space))
+    kwargs.setdefault("seed", settings.seed)
+    return _construct("study.sampler", SAMPLERS[name], kwargs)
+
+
+def make_pruner(settings: PrunerSettings) -> optuna.pruners.BasePruner:
+    """Build the pruner, wrapped in PatientPruner when `patience` >= 0."""
+    if settings.name not in PRUNERS:
+        raise unknown("pruner", settings.name, PRUNERS)
+    pruner = _construct("study.pruner", PRUNERS[settings.name], dict(settings.kwargs))
+    if settings.patience >= 0:
+        pruner = optuna.pruners.PatientPruner(pruner, patience=settings.patience)
+    return pruner
+
+
+def _construct(where: str, cls, kwargs: dict):
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"{where}.kwargs: {cls.__name__} does not accept them: {exc}") from None
+    except ValueError as exc:
+        raise UserError(f"{where}.kwargs: {exc}") from None

@@ -1,0 +1,80 @@
+"""Optuna storages from a URL: any SQLAlchemy URL (sqlite, postgresql, mysql) as RDBStorage with heartbeats, or
+`journal:PATH` for a JournalStorage file on a shared filesystem. Passwords never reach output or logs."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import warnings
+
+import optuna
+
+from models.errors import UserError
+
+# Heartbeats and their retry callback are marked experimental in Optuna; we rely on them on purpose and the
+# warnings would otherwise print on every worker start.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+DEFAULT_STORAGE = "sqlite:///distillstudy.db"
+ENV_STORAGE = "DISTILLSTUDY_STORAGE"
+
+
+def resolve_storage_url(cli_value: str | None, config_value: str | None = None) -> str:
+    """`--storage` beats $DISTILLSTUDY_STORAGE beats the config's `study.storage` beats the default."""
+    return cli_value or os.environ.get(ENV_STORAGE) or config_value or DEFAULT_STORAGE
+
+
+def mask_url(url: str) -> str:
+    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        return None if path in ("", ":memory:") else Path(path)
+    return None
+
+
+def storage_exists(url: str) -> bool:
+    """False when the URL names a local file (SQLite, journal) that does not exist yet."""
+    path = _sqlite_path(url) or (Path(url[len("journal:"):]) if url.startswith("journal:") else None)
+    return path is None or path.exists()
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                 max_retry: int | None = None, create: bool = True) -> optuna.storages.BaseStorage:
+    """Open the storage; `create=False` refuses to create a new file (for commands that only read).
+
+    RDB storages get a heartbeat (when `heartbeat_interval` is given): a RUNNING trial whose worker stops beating
+    for `grace_period` seconds is marked FAIL by the next worker and re-queued with the same parameters.
+    """
+    if not create and not storage_exists(url):
+        raise UserError(f"storage '{mask_url(url)}' does not exist (create a study first: distillstudy study create)")
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url[len("journal:"):]).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise UserError(f"storage '{mask_url(url)}' is not a URL (sqlite:///file.db, postgresql://..., journal:PATH)")
+    engine_kwargs = {}
+    if url.startswith("sqlite"):
+        # Several workers on one SQLite file: wait for the write lock instead of failing with "database is locked".
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    kwargs = {}
+    if heartbeat_interval:
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        kwargs = dict(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                      heartbeat_stale_trial_callback=retry)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - driver errors differ per database; all mean "cannot use this URL"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot open storage '{mask_url(url)}': {mask_url(first)[:300]}") from None
+

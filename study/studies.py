@@ -1,0 +1,182 @@
+"""Creating, loading, inspecting, exporting and deleting studies. The resolved config lives in the study's user
+attributes, so a worker needs only the study's name and storage URL."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from datetime import datetime
+
+import optuna
+
+from models.errors import UserError, did_you_mean
+
+from .baselines import BASELINES, baseline_choices, enqueue_params
+from .config import Config, config_from_dict
+from .objective import DIRECTIONS
+from .storage import mask_url, open_storage
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def config_hash(config: Config) -> str:
+    """Identifies a config: `--load-if-exists` refuses a different one."""
+    data = config.to_dict()
+    data["study"] = {k: v for k, v in data["study"].items() if k not in ("name", "storage", "n_trials")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def storage_for(url: str, config: Config | None = None, create: bool = True):
+    s = config.study if config else None
+    return open_storage(url, heartbeat_interval=s.heartbeat_interval if s else None,
+                        grace_period=s.grace_period if s else None, max_retry=s.max_retry if s else None,
+                        create=create)
+
+
+def create_study(config: Config, name: str, url: str, load_if_exists: bool = False) -> tuple[optuna.Study, bool]:
+    """Create study `name` from a validated config: store the config, enqueue the baselines.
+    Returns (study, created)."""
+    if config.search.is_empty():
+        raise UserError("search: every choice is pinned, so there is nothing to search (use `trial run` instead)")
+    from .samplers import make_pruner, make_sampler
+
+    directions = [DIRECTIONS[o] for o in config.study.objective]
+    make_sampler(config.study.sampler, config.search, len(directions))  # fail on bad sampler before creating
+    make_pruner(config.study.pruner)
+    config.study.name = name
+    storage = storage_for(url, config)
+    existing = _names(storage)
+    if name in existing:
+        if not load_if_exists:
+            raise UserError(f"study '{name}' already exists in {mask_url(url)} (use --load-if-exists to reuse it)")
+        study = optuna.load_study(study_name=name, storage=storage)
+        if study.user_attrs.get("config_hash") != config_hash(config):
+            raise UserError(f"study '{name}' exists with a different config; choose another --name")
+        return study, False
+    study = optuna.create_study(study_name=name, storage=storage, directions=directions)
+    study.set_user_attr("config", config.to_dict())
+    study.set_user_attr("config_hash", config_hash(config))
+    study.set_user_attr("objective", list(config.study.objective))
+    study.set_user_attr("created", datetime.now().isoformat(timespec="seconds"))
+    if config.study.baselines:
+        for baseline in BASELINES:
+            choices = baseline_choices(baseline, config.search)
+            study.enqueue_trial(enqueue_params(choices, config.search), user_attrs={"baseline": baseline})
+    return study, True
+
+
+def _names(storage) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def load_study(name: str, url: str, with_heartbeat: bool = False) -> tuple[optuna.Study, Config]:
+    """Load study `name` and its stored config (a UserError naming the studies there when it is unknown)."""
+    storage = storage_for(url, create=False)
+    names = _names(storage)
+    if name not in names:
+        raise UserError(f"no study '{name}' in {mask_url(url)}{did_you_mean(name, names)}"
+                        + (f"; studies: {', '.join(names)}" if names else "; it has no studies"))
+    study = optuna.load_study(study_name=name, storage=storage)
+    if "config" not in study.user_attrs:
+        raise UserError(f"study '{name}' was not created by distillstudy (no stored config)")
+    config = config_from_dict(study.user_attrs["config"])
+    if with_heartbeat:
+        from .samplers import make_pruner, make_sampler
+
+        storage = storage_for(url, config)
+        study = optuna.load_study(study_name=name, storage=storage,
+                                  sampler=make_sampler(config.study.sampler, config.search,
+                                                       len(config.study.objective)),
+                                  pruner=make_pruner(config.study.pruner))
+    return study, config
+
+
+def list_studies(url: str) -> list[dict]:
+    """Every study in the storage with its trial counts and best value."""
+    storage = storage_for(url, create=False)
+    rows = []
+    for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        rows.append({"name": s.study_name, **_counts(study), "best": _best_values(study)})
+    return rows
+
+
+def _counts(study: optuna.Study) -> dict:
+    counts = {state.name: 0 for state in optuna.trial.TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] += 1
+    return counts
+
+
+def _best_values(study: optuna.Study):
+    try:
+        if len(study.directions) > 1:
+            return [t.values for t in study.best_trials]
+        return study.best_value
+    except ValueError:
+        return None
+
+
+def study_status(name: str, url: str) -> dict:
+    """Counts by state, best so far, and the running trials with their age."""
+    study, _ = load_study(name, url)
+    now = datetime.now()
+    running = [{"number": t.number, "age_s": round((now - t.datetime_start).total_seconds(), 1)
+                if t.datetime_start else None, "params": t.params}
+               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    return {"name": name, "counts": _counts(study), "best": _best_values(study), "running": running}
+
+
+def trial_row(t: optuna.trial.FrozenTrial) -> dict:
+    """One trial as flat data: params, values, state, epochs, seconds, per-stage accuracies."""
+    row = {"number": t.number, "state": t.state.name, "values": t.values,
+           "baseline": t.user_attrs.get("baseline", ""), "best_stage": t.user_attrs.get("best_stage", ""),
+           "epochs": t.user_attrs.get("total_epochs", (max(t.intermediate_values) if t.intermediate_values else 0)),
+           "epochs_to_threshold": t.user_attrs.get("epochs_to_threshold"),
+           "student_params": t.user_attrs.get("student_params"), "seconds": t.user_attrs.get("seconds"),
+           "failure": t.user_attrs.get("failure", t.user_attrs.get("skipped", "")),
+           "mlflow_run_id": t.user_attrs.get("mlflow_run_id", "")}
+    row.update({f"choice.{k.removeprefix('search.')}": v for k, v in t.user_attrs.get("choices", {}).items()})
+    for stage, acc in t.user_attrs.get("stages", {}).items():
+        for k in ("source_val_acc", "target_val_acc", "target_test_acc"):
+            row[f"{stage}.{k}"] = acc[k]
+    return row
+
+
+def best_summary(name: str, url: str) -> dict:
+    """The winner (or the Pareto front) with its layer actions, hyperparameters and accuracies, beside the
+    baselines."""
+    study, config = load_study(name, url)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise UserError(f"study '{name}' has no completed trial yet")
+    baselines = [trial_row(t) for t in complete if t.user_attrs.get("baseline")]
+    if len(study.directions) > 1:
+        return {"name": name, "objective": config.study.objective,
+                "pareto_front": [trial_row(t) for t in study.best_trials], "baselines": baselines}
+    return {"name": name, "objective": config.study.objective, "best": trial_row(study.best_trial),
+            "baselines": baselines}
+
+
+def export_trials(name: str, url: str, fmt: str) -> str:
+    """All trials as CSV or JSON text."""
+    study, _ = load_study(name, url)
+    rows = [trial_row(t) for t in study.get_trials(deepcopy=False)]
+    if fmt == "json":
+        return json.dumps(rows, indent=2, default=str)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
+    return out.getvalue()
+
+
+def delete_study(name: str, url: str) -> None:
+    """Delete study `name` from the storage."""
+    load_study(name, url)
+    optuna.delete_study(study_name=name, storage=storage_for(url, create=False))
+

@@ -1,0 +1,141 @@
+"""`study run`: a worker. It runs trials until the study has its TOTAL of finished trials (COMPLETE or PRUNED),
+so a resumed study or many parallel workers stop at exactly that number.
+
+Stopping: the first Ctrl-C/SIGTERM interrupts the running trial, which is marked FAIL (and queued again with
+the same parameters), its MLflow run closed as KILLED; the worker exits 130. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Callable
+
+import optuna
+
+from .config import Config
+from .objective import StudyFull, make_objective
+from .studies import load_study
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# How often a worker with nothing left to start checks whether a running trial died and was re-queued.
+_POLL_SECONDS = 2.0
+
+
+def _count(study: optuna.Study, states) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def make_tracker(config: Config):
+    """The MLflow tracker, or a NullTracker when tracking is off."""
+    from .tracking import NullTracker
+
+    if not config.tracking.enabled:
+        return NullTracker()
+    from .mlflow_tracking import MlflowTracker
+
+    return MlflowTracker(config)
+
+
+def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float | None = None, n_jobs: int = 1,
+               device: str | None = None, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
+               | None = None) -> optuna.Study:
+    """Run trials of study `name` on `n_jobs` threads until it has `n_trials` finished trials (default: the
+    config's `study.n_trials`) or `timeout` seconds have passed."""
+    study, config = load_study(name, url, with_heartbeat=True)
+    if device:
+        config.pipeline.device = device
+    total = n_trials or config.study.n_trials
+    tracker = make_tracker(config)
+    tracker.start_study(study, config)
+    stop, interrupted = threading.Event(), threading.Event()
+    objective = make_objective(config, study, total, tracker, interrupted)
+    deadline = time.monotonic() + timeout if timeout else None
+
+    def callback(study_, trial):
+        if on_trial and not trial.user_attrs.get("skipped"):
+            on_trial(study_, trial)
+        if _count(study_, FINISHED) >= total:
+            stop.set()
+
+    def loop():
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            finished = _count(study, FINISHED)
+            if finished >= total:
+                break
+            running = _count(study, (optuna.trial.TrialState.RUNNING,))
+            if finished + running >= total:
+                # Others are running the last trials; stay until they end, in case one dies and is re-queued.
+                optuna.storages.fail_stale_trials(study) if _heartbeat(study) else None
+                waiting = _count(study, (optuna.trial.TrialState.WAITING,))
+                if not waiting:
+                    time.sleep(_POLL_SECONDS)
+                    continue
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[callback])
+
+    try:
+        with _graceful_signals(interrupted, raise_now=n_jobs <= 1):
+            if n_jobs <= 1:
+                loop()
+            else:
+                threads = [threading.Thread(target=_guard(loop, stop), daemon=True) for _ in range(n_jobs)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    while t.is_alive():
+                        t.join(0.2)  # short joins keep the main thread responsive to signals
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
+    finally:
+        tracker.end_study(study)
+    return study
+
+
+def _heartbeat(study: optuna.Study) -> bool:
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return is_heartbeat_enabled(study._storage)
+
+
+def _guard(loop, stop: threading.Event):
+    def run():
+        try:
+            loop()
+        finally:
+            stop.set()
+
+    return run
+
+
+class _graceful_signals:
+    """SIGINT/SIGTERM set `interrupted` (trials on threads stop at their next epoch) and, with one thread, raise
+    KeyboardInterrupt in the running trial at once. A second signal exits at once."""
+
+    def __init__(self, interrupted: threading.Event, raise_now: bool):
+        self.interrupted, self.raise_now = interrupted, raise_now
+
+    def __enter__(self):
+        self.count = 0
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if self.count > 1:
+            os._exit(130)
+        self.interrupted.set()
+        if self.raise_now:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+__all__ = ["run_worker", "StudyFull"]

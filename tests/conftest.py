@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny, fast pipeline settings and one teacher cache per test session.
+
+The tiny settings train every stage for one epoch on digits tasks capped to 300 images per domain, so a whole
+trial takes about a second on one CPU core; the session-wide cache directory means each (task, arch, seed)
+teacher is trained once and loaded by every later test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from objectives.settings import PipelineSettings
+from objectives.tasks import TaskOptions
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small models on tiny batches run fastest on one thread (and do not fight over the cores of a loaded machine).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root (for examples/ and other checked-in files)."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def teacher_cache_dir(tmp_path_factory) -> str:
+    """One teacher/donor cache for the whole session: each teacher is trained once, then loaded."""
+    return str(tmp_path_factory.mktemp("teacher-cache"))
+
+
+@pytest.fixture
+def tiny_pipeline(teacher_cache_dir) -> PipelineSettings:
+    """Pipeline settings for a trial of seconds: 1 epoch per stage, CPU, one thread, the session's cache.
+    Tests derive variants with `dataclasses.replace(tiny_pipeline, ...)`."""
+    return PipelineSettings(seed=0, device="cpu", batch_size=64, teacher_epochs=1, finetune_epochs=1,
+                            distill_epochs=1, retrain_epochs=1, cache_dir=teacher_cache_dir, cpu_threads=1)
+
+
+@pytest.fixture
+def tiny_task():
+    """`tiny_task(name)` -> TaskOptions of an offline task capped to 300 images per domain."""
+
+    def make(name: str = "digits-invert", **kwargs) -> TaskOptions:
+        return dataclasses.replace(TaskOptions(name=name, max_per_domain=300), **kwargs)
+
+    return make
