@@ -17,6 +17,7 @@ import torch
 
 from models import GroupedModel, create_model
 
+from .checkpoints import StageCheckpoints
 from .device import resolve_device
 from .settings import ModelSettings, PipelineSettings, TrialChoices
 from .student import build_student, frozen_groups, redraw_replaced, trainable_parameters
@@ -107,9 +108,13 @@ def _fresh_donor(task: TaskData, model: ModelSettings) -> GroupedModel:
 
 
 def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: PipelineSettings, choices: TrialChoices,
-              report: ReportFn | None = None, on_epoch: EpochFn | None = None) -> TrialResult:
+              report: ReportFn | None = None, on_epoch: EpochFn | None = None,
+              checkpoints: StageCheckpoints | None = None) -> TrialResult:
     """Run the whole pipeline once with fixed choices. Raises UserError for impossible input,
-    TrainingDiverged for a NaN/inf loss, and whatever `report` raises (pruning)."""
+    TrainingDiverged for a NaN/inf loss, and whatever `report` raises (pruning).
+
+    With `checkpoints`, every finished stage is saved and a saved trial resumes after its last finished stage
+    (its earlier per-epoch values are reported again, so the pruner sees the whole curve)."""
     started = time.perf_counter()
     device = resolve_device(pipeline.device)
     if device.type == "cpu" and pipeline.cpu_threads > 0:
@@ -134,39 +139,49 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
         report(0, val["teacher"], "teacher")
 
     def reseed(stage_index: int) -> None:
-        # Each stage draws from its own seed, so loading a cached teacher gives the same trial as training it.
+        # Each stage draws from its own seed, so a cached teacher or a resumed checkpoint changes nothing.
         torch.manual_seed(pipeline.seed * 1009 + stage_index)
         ctx.generator.manual_seed(pipeline.seed * 1009 + stage_index)
 
-    reseed(1)
+    reseed(0)
     student, layer_map = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor,
                                        task.image_shape)
     student = student.to(device)
-    frozen = frozen_groups(layer_map)
-    spec = StageSpec(name="finetune", epochs=pipeline.finetune_epochs, frozen=frozen,
-                     params=trainable_parameters(student, layer_map), lr=choices.lr, augment=choices.augment,
-                     weight_decay=pipeline.weight_decay,
-                     sources=[DataSource("target_labeled", task.target_labeled, 1.0),
-                              DataSource("source", task.source_train, choices.source_weight)])
-    runs["finetune"] = train_stage(student, spec, ctx)
-    _snapshot("finetune", student, models, val, task, bs)
 
-    reseed(2)
-    kd_teacher = _best(models, val)[1] if pipeline.distill_teacher == "best" else teacher
-    runs["distill"] = _distill("distill", student, kd_teacher, layer_map, pipeline.distill_epochs,
-                               _target_sources(task, choices), task, pipeline, choices, ctx)
-    _snapshot("distill", student, models, val, task, bs)
+    def finetune() -> StageRun:
+        spec = StageSpec(name="finetune", epochs=pipeline.finetune_epochs, frozen=frozen_groups(layer_map),
+                         params=trainable_parameters(student, layer_map), lr=choices.lr, augment=choices.augment,
+                         weight_decay=pipeline.weight_decay,
+                         sources=[DataSource("target_labeled", task.target_labeled, 1.0),
+                                  DataSource("source", task.source_train, choices.source_weight)])
+        return train_stage(student, spec, ctx)
 
-    for gen in range(1, choices.generations + 1):
-        reseed(2 + gen)
-        name, better = f"retrain-{gen}", _best(models, val)[1]
+    def distill() -> StageRun:
+        kd_teacher = _best(models, val)[1] if pipeline.distill_teacher == "best" else teacher
+        return _distill("distill", student, kd_teacher, layer_map, pipeline.distill_epochs,
+                        _target_sources(task, choices), task, pipeline, choices, ctx)
+
+    def retrain(name: str) -> StageRun:
+        better = _best(models, val)[1]
         redraw_replaced(student, better, layer_map)
         sources = {"source": [DataSource("source", task.source_train, 1.0)],
                    "target": _target_sources(task, choices, with_source=False),
                    "both": _target_sources(task, choices)}[pipeline.retrain_on]
-        runs[name] = _distill(name, student, better, layer_map, pipeline.retrain_epochs, sources, task, pipeline,
-                              choices, ctx)
+        return _distill(name, student, better, layer_map, pipeline.retrain_epochs, sources, task, pipeline,
+                        choices, ctx)
+
+    stage_fns = [("finetune", finetune), ("distill", distill)]
+    stage_fns += [(f"retrain-{g}", lambda g=g: retrain(f"retrain-{g}")) for g in range(1, choices.generations + 1)]
+    if checkpoints is not None:
+        _resume(checkpoints.load(), student, models, runs, val, ctx, report)
+    for index, (name, fn) in enumerate(stage_fns, start=1):
+        if name in runs:  # restored from a checkpoint
+            continue
+        reseed(index)
+        runs[name] = fn()
         _snapshot(name, student, models, val, task, bs)
+        if checkpoints is not None:
+            checkpoints.save(_checkpoint_state(student, models, runs, val, ctx))
 
     stages = {name: _evaluate(models[name], runs[name], task, bs) for name in models}
     best_stage, best_model = _best(models, val)
@@ -177,6 +192,29 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
         donor=donor_info, epochs_to_threshold=min(threshold_epochs) if threshold_epochs else None,
         total_epochs=ctx.step, seconds=time.perf_counter() - started, device=str(device), student=best_model,
         models=models)
+
+
+def _checkpoint_state(student, models, runs, val, ctx) -> dict:
+    return {"student": student.state_dict(), "step": ctx.step, "val": dict(val),
+            "models": {k: m.state_dict() for k, m in models.items() if k != "teacher"},
+            "runs": {k: asdict(r) for k, r in runs.items() if k != "teacher"}}
+
+
+def _resume(state: dict | None, student, models, runs, val, ctx, report) -> None:
+    if not state:
+        return
+    student.load_state_dict(state["student"])
+    step = 1
+    for name, run in state["runs"].items():  # insertion order = stage order
+        runs[name] = StageRun(**run)
+        models[name] = copy.deepcopy(student)
+        models[name].load_state_dict(state["models"][name])
+        val[name] = state["val"][name]
+        for value in runs[name].val_curve:
+            if report:
+                report(step, value, name)
+            step += 1
+    ctx.step = state["step"]
 
 
 def _target_sources(task: TaskData, choices: TrialChoices, with_source: bool = True) -> list[DataSource]:

@@ -7,11 +7,13 @@ import gc
 import math
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import torch
 
 from models.errors import UserError
+from objectives.checkpoints import StageCheckpoints, checkpoint_key
 from objectives.pipeline import TrialResult, run_trial
 from objectives.settings import TrialChoices
 from objectives.train import TrainingDiverged
@@ -104,9 +106,12 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
         if all(a == "freeze" for a in choices.layers.values()):
             trial.set_user_attr("failure", "every layer group frozen: nothing to train")
             raise optuna.TrialPruned("every layer group frozen: nothing to train")
+        _close_stale_run(trial, tracker)
         run_id = tracker.start_trial(trial, choices)
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
+        checkpoints = StageCheckpoints(Path(config.study.checkpoint_dir) / study.study_name /
+                                       checkpoint_key(study.study_name, choices.flat(), pipeline.seed))
 
         def report(step: int, value: float, stage: str) -> None:
             if interrupted is not None and interrupted.is_set():
@@ -121,8 +126,10 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             tracker.log_epoch(run_id, stage, step, metrics)
 
         try:
-            result = run_trial(config.task, config.model, pipeline, choices, report=report, on_epoch=on_epoch)
+            result = run_trial(config.task, config.model, pipeline, choices, report=report, on_epoch=on_epoch,
+                               checkpoints=checkpoints)
         except optuna.TrialPruned as exc:
+            checkpoints.clear()
             trial.set_user_attr("pruned_at", str(exc))
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
             tracker.end_trial(run_id, trial, "PRUNED", reason=str(exc))
@@ -136,6 +143,7 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             raise
         finally:
             gc.collect()
+        checkpoints.clear()
         record_result(trial, result)
         tracker.log_teacher(result.teacher, result.models.get("teacher"))
         budget = max_epochs(config, choices.generations)
@@ -152,6 +160,16 @@ def _fail(trial, tracker, run_id, exc: BaseException, state: str) -> None:
     if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
         torch.cuda.empty_cache()  # give the memory back so the next trial can run
     tracker.end_trial(run_id, trial, state, reason=reason)
+
+
+def _close_stale_run(trial: optuna.Trial, tracker) -> None:
+    # A retry of a trial whose worker died (heartbeat went stale) inherits the dead trial's user attributes:
+    # its MLflow run was never closed, so close it as FAILED, saying why.
+    failed = trial.system_attrs.get("failed_trial")
+    stale_run = trial.user_attrs.get("mlflow_run_id")
+    if failed is not None and stale_run:
+        tracker.end_trial(stale_run, None, "FAIL",
+                          reason=f"worker died (heartbeat stale); retried as trial {trial.number}")
 
 
 def _requeue(study: optuna.Study, trial: optuna.Trial) -> None:
