@@ -165,7 +165,8 @@ def _fail(trial, tracker, run_id, exc: BaseException, state: str) -> None:
 def _close_stale_run(trial: optuna.Trial, tracker) -> None:
     # A retry of a trial whose worker died (heartbeat went stale) inherits the dead trial's user attributes:
     # its MLflow run was never closed, so close it as FAILED, saying why.
-    failed = trial.system_attrs.get("failed_trial")
+    # Optuna 5's Trial no longer exposes system attributes; the storage still has them.
+    failed = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
     stale_run = trial.user_attrs.get("mlflow_run_id")
     if failed is not None and stale_run:
         tracker.end_trial(stale_run, None, "FAIL",
