@@ -18,7 +18,7 @@ import torch
 from models import GroupedModel, create_model
 
 from .checkpoints import StageCheckpoints
-from .device import resolve_device
+from .device import place, resolve_device
 from .settings import ModelSettings, PipelineSettings, TrialChoices
 from .student import build_student, frozen_groups, redraw_replaced, trainable_parameters
 from .tasks import TaskData, TaskOptions, load_task
@@ -146,12 +146,12 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
     reseed(0)
     student, layer_map = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor,
                                        task.image_shape)
-    student = student.to(device)
+    student = place(student, device)
 
     def finetune() -> StageRun:
         spec = StageSpec(name="finetune", epochs=pipeline.finetune_epochs, frozen=frozen_groups(layer_map),
                          params=trainable_parameters(student, layer_map), lr=choices.lr, augment=choices.augment,
-                         weight_decay=pipeline.weight_decay,
+                         weight_decay=pipeline.weight_decay, compile=pipeline.compile,
                          sources=[DataSource("target_labeled", task.target_labeled, 1.0),
                                   DataSource("source", task.source_train, choices.source_weight)])
         return train_stage(student, spec, ctx)
@@ -247,7 +247,8 @@ def _distill(name: str, student: GroupedModel, teacher: GroupedModel, layer_map:
     spec = StageSpec(name=name, epochs=epochs, sources=sources, params=params, lr=choices.lr,
                      frozen=frozen_groups(layer_map), teacher=teacher, alpha=choices.alpha,
                      temperature=choices.temperature, beta=choices.beta, layer_term=term,
-                     threshold=choices.threshold, augment=choices.augment, weight_decay=pipeline.weight_decay)
+                     threshold=choices.threshold, augment=choices.augment, weight_decay=pipeline.weight_decay,
+                     compile=pipeline.compile)
     try:
         return train_stage(student, spec, ctx)
     finally:

@@ -19,6 +19,7 @@ import torch
 
 from models import GroupedModel, UserError, create_model
 
+from .device import place
 from .settings import ModelSettings, PipelineSettings
 from .tasks import TaskData
 from .train import DataSource, LoopContext, StageSpec, accuracy, train_stage
@@ -59,14 +60,17 @@ def get_teacher(role: str, arch: str, width: float, task: TaskData, model: Model
     cache_dir = Path(os.path.expanduser(pipeline.cache_dir))
     cache_dir.mkdir(parents=True, exist_ok=True)
     weights, meta = cache_dir / f"{role}-{key}.pt", cache_dir / f"{role}-{key}.json"
+    # Seed the initialisation as well as the training: a teacher must depend on its key alone, not on what this
+    # process drew before (earlier trials), or the same key would give different teachers in different workers.
+    torch.manual_seed(pipeline.seed)
     net = _fresh(role, arch, width, task, model)
     with open(cache_dir / f"{role}-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per key; the rest block here, then find the file
         if weights.exists() and meta.exists():
             net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
             info = TeacherInfo(**{**json.loads(meta.read_text()), "cache": "hit", "path": str(weights)})
-            return net.to(device), info
-        net = net.to(device)
+            return place(net, device), info
+        net = place(net, device)
         info = _train(role, net, key, task, model, pipeline, device)
         info.path = str(weights)
         _atomic_save(net.state_dict(), weights)

@@ -29,7 +29,10 @@ class LabeledImages:
         return LabeledImages(self.x[index], self.y[index])
 
     def to(self, device) -> "LabeledImages":
-        return LabeledImages(self.x.to(device), self.y.to(device))
+        """Both tensors on `device`; on CUDA the images go channels_last (what cuDNN's fast kernels want)."""
+        device = torch.device(device)
+        fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        return LabeledImages(self.x.to(device, memory_format=fmt), self.y.to(device))
 
 
 @dataclass
