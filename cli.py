@@ -22,6 +22,14 @@ class _Group(click.Group):
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        except RuntimeError as exc:
+            from objectives.train import TrainingDiverged
+
+            if not isinstance(exc, TrainingDiverged):
+                raise
+            # Not bad input but a failed run: one line, exit code 1.
+            click.echo(f"trial failed: {exc}", err=True)
+            ctx.exit(1)
 
 
 def _echo_json(data) -> None:
@@ -260,6 +268,34 @@ def ui(config_path, port, storage):
     from study.commands import start_ui
 
     sys.exit(start_ui(config_path, port, storage, click.echo))
+
+
+@study.command("report")
+@click.argument("name")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: reports/<NAME>/).")
+@click.option("--format", "fmt", type=click.Choice(["html", "md", "json"]), default="html", show_default=True,
+              help="html: report.html with plots (+ PNGs); md: report.md (+ PNGs); json: report.json.")
+@storage_option
+def study_report(name, out, fmt, storage):
+    """Winner vs baselines, per-group effects with bootstrap intervals, importances and plots of study NAME."""
+    from study.report import write_report
+    from study.storage import resolve_storage_url
+
+    click.echo("\n".join(write_report(name, resolve_storage_url(storage), fmt, out)))
+
+
+@study.command("compare")
+@click.argument("names", nargs=-1, required=True)
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def study_compare(names, storage, as_json):
+    """One table across studies NAMES: task, the winner's action per group, winner vs best baseline accuracy."""
+    from study.report import compare_studies, format_compare
+    from study.storage import resolve_storage_url
+
+    data = compare_studies(names, resolve_storage_url(storage))
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else format_compare(data))
 
 
 if __name__ == "__main__":

@@ -57,18 +57,22 @@ def group_parameter_counts(model: GroupedModel) -> "OrderedDict[str, int]":
 
 
 def group_output_shapes(model: GroupedModel, input_shape: tuple[int, ...]) -> "OrderedDict[str, tuple]":
-    """Per-sample output shape of every group for an input of `input_shape` (C, H, W), computed on the meta
-    device so no memory or compute is spent."""
+    """Per-sample output shape of every group for an input of `input_shape` (C, H, W).
+
+    One sample goes through the real model in eval mode (so no BatchNorm statistic moves) without gradients:
+    cheaper than copying the model to the meta device, and every module's train/eval flag is restored after.
+    """
+    modes = {m: m.training for m in model.modules()}
+    param = next(model.parameters(), None)
+    x = torch.zeros((1, *input_shape), device=param.device if param is not None else "cpu")
     shapes = OrderedDict()
-    x = torch.empty((2, *input_shape), device="meta")
-    with torch.no_grad():
-        for name, group in model.groups.items():
-            x = _on_meta(group)(x)
-            shapes[name] = tuple(x.shape[1:])
+    model.eval()
+    try:
+        with torch.no_grad():
+            for name, group in model.groups.items():
+                x = group(x)
+                shapes[name] = tuple(x.shape[1:])
+    finally:
+        for m, training in modes.items():
+            m.training = training
     return shapes
-
-
-def _on_meta(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module).to("meta")

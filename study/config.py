@@ -6,6 +6,7 @@ typed, validated objects. Every error names the key's full path; a misspelled ke
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,25 @@ from objectives.tasks import TaskOptions
 from .search import SearchSpace, parse_search
 
 SECTIONS = ("task", "model", "pipeline", "search", "study", "tracking")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; accept YAML 1.2 floats so learning rates can be written plainly."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """yaml.safe_load with YAML 1.2 floats (`1e-3`)."""
+    return yaml.load(text, Loader=_Loader)
 OBJECTIVES = ("target_val_acc", "source_val_acc", "student_params", "epochs_to_threshold")
 
 
@@ -94,7 +114,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not path.is_file():
             raise UserError(f"config file '{path}' not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -113,15 +133,17 @@ def apply_override(raw: dict, item: str) -> None:
         raise UserError(f"--set '{item}': expected KEY=VALUE, e.g. search.layers.head=finetune")
     key, _, text = item.partition("=")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = parse_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     node = raw
     parts = key.strip().split(".")
     for i, part in enumerate(parts[:-1]):
-        if not isinstance(node.get(part, {}), dict):
+        if node.get(part) is None:  # `tracking:` with nothing under it is an empty section
+            node[part] = {}
+        if not isinstance(node[part], dict):
             raise UserError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is not a section")
-        node = node.setdefault(part, {})
+        node = node[part]
     node[parts[-1]] = value
 
 
@@ -144,8 +166,25 @@ def config_from_dict(raw: dict) -> Config:
                             f"choose from: {', '.join(OBJECTIVES)}")
     if not cfg.study.objective:
         raise UserError("study.objective: give at least one objective")
+    _check_names(cfg)
     cfg.search = parse_search(raw.get("search"), cfg)
     return cfg
+
+
+def _check_names(cfg: Config) -> None:
+    """Registry names are checked at load time, with the key's path, so no study is created from a typo."""
+    from models import list_models
+    from objectives.tasks import list_tasks
+
+    from models.errors import unknown
+
+    checks = [("task.name", "task", cfg.task.name, [t.name for t in list_tasks()]),
+              ("model.arch", "architecture", cfg.model.arch, list_models())]
+    if cfg.model.donor_arch:
+        checks.append(("model.donor_arch", "architecture", cfg.model.donor_arch, list_models()))
+    for where, kind, name, valid in checks:
+        if name not in valid:
+            raise UserError(f"{where}: {unknown(kind, name, valid)}")
 
 
 def _check_keys(data, allowed, path: str) -> None:

@@ -98,20 +98,22 @@ def test_every_offline_task_and_arch_runs_the_whole_pipeline(task, arch, tiny_pi
 # ---- 2. every action on every group, every replacement, both layer terms, every retrain source ------------------
 def _action_cases():
     """(id, layer actions, pipeline overrides, choice overrides). Each action is applied to each group in turn
-    (the others fine-tuned); replace is run with each replace_with on each group; beta > 0 is cycled through both
-    layer terms and retrain_on through all three sources, so every option runs at least once."""
+    (the others fine-tuned); replace_with is cycled through those, and each replace_with also replaces every group
+    at once, so every (group, replace_with) pair runs. beta > 0 is cycled through both layer terms and retrain_on
+    through all three sources, so every option runs at least once."""
     terms = [("feature", 0.5), ("params", 0.5), ("feature", 0.0)]
     sources = ["both", "source", "target"]
-    cases = [("finetune-all", {}, {"layer_term": "feature", "retrain_on": "both"}, {"beta": 0.5})]
-    i = 0
-    for action, replace_with in [("freeze", "reinit"), ("replace", "reinit"), ("replace", "slim"),
-                                 ("replace", "donor")]:
-        for g in GROUPS["digitnet"]:
-            term, beta = terms[i % 3]
-            pipe = {"replace_with": replace_with, "layer_term": term, "retrain_on": sources[i % 3]}
-            cases.append((f"{action}-{g}" + (f"-{replace_with}" if action == "replace" else "") +
-                          f"-{term}{beta:g}-{sources[i % 3]}", {g: action}, pipe, {"beta": beta}))
-            i += 1
+    rws = ["reinit", "slim", "donor"]
+    runs = [("finetune", {})]
+    runs += [(f"freeze-{g}", {g: "freeze"}) for g in GROUPS["digitnet"]]
+    runs += [(f"replace-{g}", {g: "replace"}) for g in GROUPS["digitnet"]]
+    runs += [("replace-all", {g: "replace" for g in GROUPS["digitnet"]})] * 3
+    cases = []
+    for i, (name, acts) in enumerate(runs):
+        term, beta = terms[i % 3]
+        rw = rws[i % 3] if name.startswith("replace") else "reinit"
+        pipe = {"replace_with": rw, "layer_term": term, "retrain_on": sources[i % 3]}
+        cases.append((f"{name}-{rw}-{term}{beta:g}-{sources[i % 3]}", acts, pipe, {"beta": beta}))
     return cases
 
 
@@ -119,11 +121,10 @@ ACTION_CASES = _action_cases()
 
 
 def test_action_cases_cover_every_option():
-    seen = {(tuple(sorted(a.items())), p["replace_with"]) for _, a, p, _ in ACTION_CASES if a}
-    for g in GROUPS["digitnet"]:
-        assert ((("%s" % g, "freeze"),), "reinit") in seen
-        for rw in ("reinit", "slim", "donor"):
-            assert (((g, "replace"),), rw) in seen
+    replaced = {(g, p["replace_with"]) for _, acts, p, _ in ACTION_CASES for g, a in acts.items() if a == "replace"}
+    assert replaced == {(g, rw) for g in GROUPS["digitnet"] for rw in ("reinit", "slim", "donor")}
+    frozen = {g for _, acts, _, _ in ACTION_CASES if len(acts) == 1 for g, a in acts.items() if a == "freeze"}
+    assert frozen == set(GROUPS["digitnet"])
     assert {(p["layer_term"], c["beta"] > 0) for _, _, p, c in ACTION_CASES} >= {("feature", True), ("params", True)}
     assert {p["retrain_on"] for _, _, p, _ in ACTION_CASES} == {"both", "source", "target"}
 
@@ -139,19 +140,27 @@ def test_every_action_on_every_group(actions, pipeline_overrides, choice_overrid
     check_result(result)
     assert {g: m["action"] for g, m in result.layer_map.items()} == layers(**actions)
     assert_frozen_groups_identical(result)
-    for g, action in actions.items():
-        weights = result.layer_map[g]["weights"]
-        if action == "replace":
-            want = {"reinit": "reinit", "slim": "slim x0.5", "donor": "donor digitnet x2"}[pipeline.replace_with]
-            assert weights == want
-            assert (result.donor is not None) == (pipeline.replace_with == "donor")
-        else:
-            assert weights == "teacher"
+    want = {"reinit": "reinit", "slim": "slim x0.5", "donor": "donor digitnet x2"}[pipeline.replace_with]
+    for g, m in result.layer_map.items():
+        assert m["weights"] == (want if m["action"] == "replace" else "teacher")
+    assert (result.donor is not None) == (pipeline.replace_with == "donor" and "replace" in actions.values())
     # Every student epoch reported its metrics; distill stages report the layer term exactly when beta > 0.
     assert [s for s, _ in metrics] == ["finetune", "distill", "retrain-1"]
     for stage, m in metrics:
         assert all(math.isfinite(v) for v in m.values())
         assert ("layer_term" in m) == (stage != "finetune" and choice_overrides["beta"] > 0)
+    final = result.models["retrain-1"]
+    assert sum(p.numel() for p in final.parameters()) == result.student_params
+    if pipeline.replace_with == "slim" and "replace" in actions.values():
+        # Slim replacements make a smaller student, which reloads into an empty model of its group widths.
+        assert result.student_params < result.teacher_params
+        assert all(final.group_widths[g] == 0.5 for g, a in actions.items() if a == "replace")
+        empty = empty_model_like(final, num_classes=10, in_channels=1)
+        empty.load_state_dict(final.state_dict())
+    elif pipeline.replace_with == "donor" and "replace" in actions.values():
+        assert result.student_params > result.teacher_params  # the donor is twice as wide
+    else:
+        assert result.student_params == result.teacher_params
 
 
 # ---- 3. frozen groups: weights and BatchNorm buffers untouched -----------------------------------------------------
@@ -169,25 +178,7 @@ def test_frozen_groups_weights_and_batchnorm_buffers_are_bit_identical(tiny_pipe
         assert not any(p.requires_grad for g in ("stem", "block2") for p in model.groups[g].parameters())
         # The comparison can fail: the trained groups did move, BatchNorm statistics included.
         assert not torch.equal(model.groups["head"][2].weight, teacher.groups["head"][2].weight)
-        assert model.groups["block1"][2].num_batches_tracked > 0
-        head_bn = [k for k in state_of(model.groups["block1"]) if k.endswith("running_mean")]
-        assert head_bn
-
-
-# ---- slim replacements make smaller students ----------------------------------------------------------------------
-def test_slim_replacement_gives_a_smaller_student_that_reloads(tiny_pipeline, tiny_task):
-    pipeline = dataclasses.replace(tiny_pipeline, replace_with="slim")
-    result = run_trial(tiny_task(), ModelSettings(), pipeline,
-                       choices(layer_actions=layers(block2="replace", head="replace"), slim_width=0.25))
-    check_result(result)
-    assert result.student_params < result.teacher_params
-    assert result.layer_map["block2"]["width"] == 0.25
-    final = result.models["retrain-1"]
-    assert final.group_widths == {"stem": 1.0, "block1": 1.0, "block2": 0.25, "head": 0.25}
-    assert sum(p.numel() for p in final.parameters()) == result.student_params
-    # A saved student loads into an empty model of the same group widths.
-    empty = empty_model_like(final, num_classes=10, in_channels=1)
-    empty.load_state_dict(final.state_dict())
+        assert model.groups["block1"][2].num_batches_tracked > 0  # a trained group's BatchNorm did count
 
 
 # ---- 5. determinism, and a cached teacher gives the trial a trained one gives --------------------------------------
@@ -210,6 +201,8 @@ def test_same_seed_gives_identical_trials_and_a_cached_teacher_changes_nothing(t
     trial = choices(layer_actions=acts, augment=True, beta=0.3)
     first = run_trial(task, ModelSettings(), dataclasses.replace(tiny_pipeline, cache_dir=str(tmp_path / "a")), trial)
     cached = run_trial(task, ModelSettings(), dataclasses.replace(tiny_pipeline, cache_dir=str(tmp_path / "a")), trial)
+    torch.manual_seed(987)  # whatever this process drew before must not matter, not even to a new teacher
+    torch.rand(1000)
     again = run_trial(task, ModelSettings(), dataclasses.replace(tiny_pipeline, cache_dir=str(tmp_path / "b")), trial)
     assert (first.teacher.cache, cached.teacher.cache, again.teacher.cache) == ("miss", "hit", "miss")
     assert first.teacher.key == cached.teacher.key == again.teacher.key
@@ -217,10 +210,6 @@ def test_same_seed_gives_identical_trials_and_a_cached_teacher_changes_nothing(t
     assert first.value == cached.value == again.value
     _assert_same_models(first, cached)
     _assert_same_models(first, again)
-    # A different seed is a different trial (splits, init, batch order).
-    other = run_trial(task, ModelSettings(), dataclasses.replace(tiny_pipeline, seed=1, cache_dir=str(tmp_path / "a")),
-                      trial)
-    assert other.teacher.cache == "miss" and other.teacher.key != first.teacher.key
 
 
 # ---- 6. the teacher cache and checkpoints ---------------------------------------------------------------------------
@@ -231,7 +220,6 @@ def test_cache_hit_loads_the_stored_teacher_without_training(tiny_pipeline, tiny
     assert first.teacher.cache == "miss" and first.teacher.epochs == 1
     weights = Path(first.teacher.path)
     assert weights.is_file() and weights.with_suffix(".json").is_file()
-    stamp = weights.stat().st_mtime_ns
 
     # Tamper with the stored weights: a hit must hand back exactly these, proving nothing was (re)trained.
     state = torch.load(weights, weights_only=True)
@@ -243,11 +231,10 @@ def test_cache_hit_loads_the_stored_teacher_without_training(tiny_pipeline, tiny
     assert weights.stat().st_mtime_ns == stamp  # not rewritten
     got = state_of(second.models["teacher"])
     assert all(torch.equal(got[k], state[k]) for k in state)
-    # The recorded training (epochs, accuracies, seconds) is reported as it was stored.
+    # The recorded training (epochs, accuracy) is reported as it was stored.
     assert second.stages["teacher"].epochs == 1
     assert second.teacher.epochs == first.teacher.epochs
     assert second.teacher.source_val_acc == first.teacher.source_val_acc
-    assert second.teacher.seconds == first.teacher.seconds
 
 
 def test_teacher_from_a_valid_checkpoint(tiny_pipeline, tiny_task, tmp_path):
@@ -278,8 +265,12 @@ def _malicious(path: Path) -> None:
     torch.save({"groups.head.4.bias": _Payload(str(path.parent / "pwned"))}, path)
 
 
+class _Custom:
+    """A plain custom class: not on weights_only's allow-list."""
+
+
 def _custom_class(path: Path) -> None:
-    torch.save({"model": _Payload.__new__(_Payload)}, path)  # a class weights_only does not allow
+    torch.save({"groups.head.4.bias": _Custom()}, path)
 
 
 def _random_bytes(path: Path) -> None:
