@@ -60,6 +60,9 @@ class MlflowTracker:
     """Records a study's trials in MLflow (see the module docstring)."""
 
     def __init__(self, config: Config):
+        # MLflow prints "View run ... at http://..." to stdout for every closed run on HTTP servers; a worker's
+        # stdout is its per-trial lines, and the run links are in the UI anyway.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.config = config
         self.uri = tracking_uri(config)
         self.client = MlflowClient(tracking_uri=self.uri)

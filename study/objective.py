@@ -103,13 +103,15 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             choices = baseline_choices(baseline, space)
         trial.set_user_attr("choices", choices.flat())
         trial.set_user_attr("seed", pipeline.seed)
-        if all(a == "freeze" for a in choices.layers.values()):
-            trial.set_user_attr("failure", "every layer group frozen: nothing to train")
-            raise optuna.TrialPruned("every layer group frozen: nothing to train")
         _close_stale_run(trial, tracker)
         run_id = tracker.start_trial(trial, choices)
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
+        if all(a == "freeze" for a in choices.layers.values()):
+            reason = "every layer group frozen: nothing to train"
+            trial.set_user_attr("failure", reason)
+            tracker.end_trial(run_id, trial, "PRUNED", reason=reason)
+            raise optuna.TrialPruned(reason)
         checkpoints = StageCheckpoints(Path(config.study.checkpoint_dir) / study.study_name /
                                        checkpoint_key(study.study_name, choices.flat(), pipeline.seed))
 

@@ -44,6 +44,16 @@ def storage_exists(url: str) -> bool:
     return path is None or path.exists()
 
 
+def _with_installed_driver(url: str) -> str:
+    """A bare `postgresql://` URL means SQLAlchemy's default driver, which is psycopg (3) since SQLAlchemy 2.1;
+    we install psycopg2, so use it unless psycopg is there."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  max_retry: int | None = None, create: bool = True) -> optuna.storages.BaseStorage:
     """Open the storage; `create=False` refuses to create a new file (for commands that only read).
@@ -61,6 +71,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" not in url:
         raise UserError(f"storage '{mask_url(url)}' is not a URL (sqlite:///file.db, postgresql://..., journal:PATH)")
+    url = _with_installed_driver(url)
     engine_kwargs = {}
     if url.startswith("sqlite"):
         # Several workers on one SQLite file: wait for the write lock instead of failing with "database is locked".

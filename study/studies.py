@@ -18,7 +18,9 @@ from .config import Config, config_from_dict
 from .objective import DIRECTIONS
 from .storage import mask_url, open_storage
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Workers print their own line per trial (with the failure reason); Optuna's warnings would repeat them, with a
+# traceback for every interrupted trial.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def config_hash(config: Config) -> str:

@@ -1,0 +1,281 @@
+"""The search space, baselines, samplers/pruners and pruning semantics, driven through Optuna's ask/tell interface
+without any training: real in-memory Optuna studies, real distributions, no mocks."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from models.errors import UserError
+from study.baselines import BASELINES, baseline_choices, enqueue_params
+from study.config import PrunerSettings, SamplerSettings, load_config
+from study.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
+from study.search import grid_space, suggest_choices
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+GROUPS = ["stem", "block1", "block2", "head"]
+# Every quickstart float range, given a step, so the grid sampler can enumerate it.
+GRID_SETS = ["search.alpha={low: 0.0, high: 1.0, step: 0.5}", "search.temperature=4.0", "search.beta=0.0",
+             "search.threshold={low: 0.9, high: 1.0, step: 0.05}", "search.lr=[0.003, 0.001]"]
+
+
+@pytest.fixture
+def cfg(repo_root):
+    """`cfg(*overrides)` -> the quickstart config with `--set` overrides applied."""
+
+    def make(*overrides):
+        return load_config(repo_root / "examples" / "quickstart.yaml", list(overrides))
+
+    return make
+
+
+def ask(space, replace_with="reinit", fixed=None, directions=("maximize",)):
+    """One asked trial (optionally with enqueued fixed params) and its sampled choices."""
+    study = optuna.create_study(directions=list(directions), sampler=optuna.samplers.RandomSampler(seed=0))
+    if fixed:
+        study.enqueue_trial(fixed)
+    trial = study.ask()
+    return study, trial, suggest_choices(trial, space, replace_with)
+
+
+# ---- distributions -----------------------------------------------------------------------------------------------
+def test_ranges_lists_and_groups_become_distributions(cfg):
+    config = cfg()
+    _, trial, choices = ask(config.search, fixed={"alpha": 0.5})
+    d = trial.distributions
+    assert d["alpha"] == FloatDistribution(0.0, 1.0)
+    assert d["temperature"] == FloatDistribution(1.0, 8.0)
+    assert d["beta"] == FloatDistribution(0.0, 1.0)
+    assert d["threshold"] == FloatDistribution(0.85, 1.0)
+    assert d["lr"] == FloatDistribution(0.0005, 0.01, log=True)
+    assert d["source_weight"] == CategoricalDistribution((0.5, 0.0, 1.0))
+    assert d["generations"] == IntDistribution(0, 2)
+    assert d["augment"] == CategoricalDistribution((False, True))
+    for g in GROUPS:
+        assert d[f"layers.{g}"] == CategoricalDistribution(("finetune", "freeze", "replace"))
+    assert set(choices.layers) == set(GROUPS)
+    # The sampled values land in the choices.
+    assert choices.alpha == trial.params["alpha"] and choices.lr == trial.params["lr"]
+    assert {g: trial.params[f"layers.{g}"] for g in GROUPS} == choices.layers
+
+
+def test_steps_and_configured_actions(cfg):
+    config = cfg("search.threshold={low: 0.8, high: 1.0, step: 0.05}", "search.generations={low: 0, high: 4, step: 2}",
+                 "search.layers.actions=[finetune, replace]")
+    _, trial, _ = ask(config.search)
+    assert trial.distributions["threshold"] == FloatDistribution(0.8, 1.0, step=0.05)
+    assert trial.distributions["generations"] == IntDistribution(0, 4, step=2)
+    for g in GROUPS:
+        assert trial.distributions[f"layers.{g}"] == CategoricalDistribution(("finetune", "replace"))
+
+
+def test_pins_are_not_optuna_params(cfg):
+    config = cfg("search.beta=0.25", "search.lr=0.001", "search.augment=true", "search.layers.head=finetune",
+                 "search.layers.stem=[freeze, finetune]")
+    _, trial, choices = ask(config.search)
+    for pinned in ("beta", "lr", "augment", "layers.head"):
+        assert pinned not in trial.params and pinned not in trial.distributions
+    assert choices.beta == 0.25 and choices.lr == 0.001 and choices.augment is True
+    assert choices.layers["head"] == "finetune"
+    # A group restricted to a subset of actions is a categorical over that subset.
+    assert trial.distributions["layers.stem"] == CategoricalDistribution(("freeze", "finetune"))
+
+
+# ---- conditional parameters --------------------------------------------------------------------------------------
+def test_temperature_only_when_alpha_positive(cfg):
+    config = cfg()
+    _, trial, choices = ask(config.search, fixed={"alpha": 0.0})
+    assert "temperature" not in trial.params
+    assert choices.alpha == 0.0 and choices.temperature == 4.0  # the range default, unused
+    _, trial, choices = ask(config.search, fixed={"alpha": 0.3, "temperature": 2.5})
+    assert trial.params["temperature"] == 2.5 and choices.temperature == 2.5
+    # A pinned alpha of 0 never samples the temperature.
+    _, trial, _ = ask(cfg("search.alpha=0.0").search)
+    assert "alpha" not in trial.params and "temperature" not in trial.params
+
+
+def test_slim_width_only_when_replaced_with_slim(cfg):
+    space = cfg().search
+    all_ft = {f"layers.{g}": "finetune" for g in GROUPS}
+    one_rp = {**all_ft, "layers.block2": "replace"}
+    _, trial, choices = ask(space, "slim", fixed={**one_rp, "slim_width": 0.25})
+    assert trial.params["slim_width"] == 0.25 and choices.slim_width == 0.25
+    _, trial, choices = ask(space, "slim", fixed=all_ft)
+    assert "slim_width" not in trial.params and choices.slim_width == 0.5
+    for other in ("reinit", "donor"):
+        _, trial, _ = ask(space, other, fixed=one_rp)
+        assert "slim_width" not in trial.params
+
+
+# ---- defaults and grid -------------------------------------------------------------------------------------------
+def test_defaults_for_trial_run(cfg):
+    d = cfg("search.layers.head=[replace, finetune]").search.defaults()
+    assert d.layers == {"stem": "finetune", "block1": "finetune", "block2": "finetune", "head": "replace"}
+    assert (d.alpha, d.temperature, d.beta, d.threshold, d.lr) == (0.5, 4.0, 0.0, 0.95, 0.003)
+    assert (d.source_weight, d.generations, d.slim_width, d.augment) == (0.5, 1, 0.5, False)
+    # A range without default starts at its low end.
+    assert cfg("search.alpha={low: 0.2, high: 0.9}").search.defaults().alpha == 0.2
+
+
+def test_grid_space_with_steps(cfg):
+    space = cfg(*GRID_SETS, "search.layers.stem=finetune").search
+    grid = grid_space(space)
+    assert grid["alpha"] == [0.0, 0.5, 1.0]
+    assert grid["threshold"] == [0.9, 0.95, 1.0]
+    assert grid["generations"] == [0, 1, 2]
+    assert grid["lr"] == [0.003, 0.001]
+    assert grid["augment"] == [False, True]
+    assert grid["layers.head"] == ["finetune", "freeze", "replace"]
+    assert "layers.stem" not in grid and "beta" not in grid and "temperature" not in grid
+    sampler = make_sampler(SamplerSettings(name="grid"), space, 1)
+    assert isinstance(sampler, optuna.samplers.GridSampler)
+    # The grid sampler drives ask/tell over exactly that space.
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    trial = study.ask()
+    choices = suggest_choices(trial, space, "reinit")
+    assert choices.threshold in grid["threshold"] and choices.alpha in grid["alpha"]
+
+
+def test_grid_needs_step_for_float_ranges(cfg):
+    space = cfg().search  # quickstart: float ranges without step
+    with pytest.raises(UserError, match=r"search\.\w+: the grid sampler needs a list or a range with step"):
+        grid_space(space)
+    with pytest.raises(UserError, match="grid sampler"):
+        make_sampler(SamplerSettings(name="grid"), space, 1)
+
+
+# ---- baselines ---------------------------------------------------------------------------------------------------
+def test_baseline_choices(cfg):
+    space = cfg().search
+    assert set(BASELINES) == {"finetune-all", "head-only", "finetune-all-kd"}
+    ft = baseline_choices("finetune-all", space)
+    assert ft.layers == dict.fromkeys(GROUPS, "finetune") and ft.alpha == 0.0
+    head = baseline_choices("head-only", space)
+    assert head.layers == {"stem": "freeze", "block1": "freeze", "block2": "freeze", "head": "finetune"}
+    assert head.alpha == 0.5
+    kd = baseline_choices("finetune-all-kd", space)
+    assert kd.layers == dict.fromkeys(GROUPS, "finetune")
+    assert (kd.alpha, kd.temperature, kd.lr) == (0.5, 4.0, 0.003)
+    with pytest.raises(KeyError):
+        baseline_choices("nope", space)
+
+
+def test_enqueue_params_only_values_inside_distributions(cfg):
+    space = cfg("search.alpha={low: 0.2, high: 1.0, default: 0.5}", "search.beta=0.0",
+                "search.layers.actions=[finetune, replace]", "search.layers.head=finetune").search
+    ft = enqueue_params(baseline_choices("finetune-all", space), space)
+    assert "alpha" not in ft  # 0.0 is outside [0.2, 1.0]
+    assert "beta" not in ft  # pinned
+    assert "layers.head" not in ft  # pinned group
+    assert ft["layers.stem"] == "finetune" and ft["lr"] == 0.003 and ft["generations"] == 0
+    head = enqueue_params(baseline_choices("head-only", space), space)
+    assert not any(k.startswith("layers.") for k in head)  # 'freeze' is not a sampled action here
+    # Every enqueued value is one its distribution contains: Optuna takes all of them as the trial's params.
+    for name in BASELINES:
+        params = enqueue_params(baseline_choices(name, space), space)
+        study, trial, _ = ask(space, fixed=params)
+        for key, value in params.items():
+            if key not in trial.distributions:  # a conditional parameter this baseline does not use
+                assert key in ("temperature", "slim_width"), key
+                continue
+            assert trial.distributions[key]._contains(trial.distributions[key].to_internal_repr(value))
+            assert trial.params[key] == value
+
+
+def test_enqueued_baseline_reproduces_its_choices(cfg):
+    space = cfg().search
+    for name in BASELINES:
+        want = baseline_choices(name, space)
+        _, trial, got = ask(space, fixed=enqueue_params(want, space))
+        assert got == want, name
+
+
+# ---- samplers and pruners ----------------------------------------------------------------------------------------
+def test_every_sampler_name_builds(cfg):
+    space = cfg(*GRID_SETS).search
+    for name in SAMPLERS:
+        sampler = make_sampler(SamplerSettings(name=name, seed=1), space, 1)
+        assert isinstance(sampler, SAMPLERS[name]), name
+    assert isinstance(make_sampler(SamplerSettings(name="auto"), space, 1), optuna.samplers.TPESampler)
+    assert isinstance(make_sampler(SamplerSettings(name="auto"), space, 2), optuna.samplers.NSGAIISampler)
+    sampler = make_sampler(SamplerSettings(name="tpe", kwargs={"n_startup_trials": 3}), space, 1)
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+
+
+def test_unknown_sampler_and_bad_kwargs(cfg):
+    space = cfg().search
+    with pytest.raises(UserError, match=r"unknown sampler 'tpee' \(did you mean 'tpe'\?\)"):
+        make_sampler(SamplerSettings(name="tpee"), space, 1)
+    with pytest.raises(UserError, match=r"study\.sampler\.kwargs"):
+        make_sampler(SamplerSettings(name="tpe", kwargs={"n_startup": 3}), space, 1)
+
+
+def test_every_pruner_name_builds():
+    needs = {"threshold": {"lower": 0.1}, "percentile": {"percentile": 25.0}}
+    for name in PRUNERS:
+        pruner = make_pruner(PrunerSettings(name=name, kwargs=needs.get(name, {})))
+        assert isinstance(pruner, PRUNERS[name]), name
+    wrapped = make_pruner(PrunerSettings(name="median", patience=2))
+    assert isinstance(wrapped, optuna.pruners.PatientPruner)
+    assert isinstance(make_pruner(PrunerSettings(name="median", patience=-1)), optuna.pruners.MedianPruner)
+
+
+def test_unknown_pruner_and_bad_kwargs():
+    with pytest.raises(UserError, match=r"unknown pruner 'medain' \(did you mean 'median'\?\)"):
+        make_pruner(PrunerSettings(name="medain"))
+    with pytest.raises(UserError, match=r"study\.pruner\.kwargs"):  # TypeError from Optuna
+        make_pruner(PrunerSettings(name="median", kwargs={"warmup": 3}))
+    with pytest.raises(UserError, match=r"study\.pruner\.kwargs"):  # ValueError from Optuna
+        make_pruner(PrunerSettings(name="median", kwargs={"n_startup_trials": -1}))
+    with pytest.raises(UserError, match=r"study\.pruner\.kwargs"):  # ThresholdPruner needs a bound
+        make_pruner(PrunerSettings(name="threshold"))
+
+
+# ---- pruning on the global step axis -----------------------------------------------------------------------------
+def _curve(study, values):
+    """Run one trial through ask/tell: report values on steps 0, 1, ...; return the step it was pruned at."""
+    trial = study.ask()
+    for step, value in enumerate(values):
+        trial.report(value, step)
+        if trial.should_prune():
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return step
+    study.tell(trial, values[-1])
+    return None
+
+
+def test_pruning_on_global_steps():
+    teacher = 0.3  # step 0: the teacher's target accuracy, the same for every trial of a study
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+    # Startup trials are never pruned.
+    assert _curve(study, [teacher, 0.80, 0.85, 0.90]) is None
+    assert _curve(study, [teacher, 0.70, 0.80, 0.88]) is None
+    # A trial as good as the others runs to the end; step 0 alone never prunes (it equals every trial's step 0).
+    assert _curve(study, [teacher, 0.78, 0.86, 0.90]) is None
+    # A clearly worse trial is pruned at step 1, the first step where it falls below the median.
+    assert _curve(study, [teacher, 0.35, 0.36, 0.37]) == 1
+    # Falling behind later prunes at that later step.
+    assert _curve(study, [teacher, 0.79, 0.40, 0.41]) == 2
+    pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
+    assert [max(t.intermediate_values) for t in pruned] == [1, 2]
+    assert [t.intermediate_values[0] for t in pruned] == [teacher, teacher]
+
+
+def test_warmup_counts_global_steps():
+    # n_warmup_steps is counted on the global axis: with 2, steps 0 and 1 never prune, step 2 can.
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2))
+    _curve(study, [0.3, 0.8, 0.9])
+    _curve(study, [0.3, 0.8, 0.9])
+    assert _curve(study, [0.3, 0.31, 0.32]) == 2
+
+
+def test_multi_objective_study_cannot_prune():
+    # Why the objective skips trial.report for several objectives: Optuna refuses it.
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trial = study.ask()
+    with pytest.raises(NotImplementedError):
+        trial.report(0.5, 0)
