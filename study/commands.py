@@ -107,10 +107,13 @@ def _closing(name: str, url: str, config) -> str:
         lines.append(str(exc))
     from .mlflow_tracking import tracking_uri
 
-    if config.tracking.enabled:
-        lines.append(f"browse the trials: mlflow ui --backend-store-uri {tracking_uri(config)}   "
-                     f"(or: distillstudy ui)")
-    lines.append(f"optuna dashboard:  optuna-dashboard {mask_url(url)}")
+    uri = tracking_uri(config)
+    if config.tracking.enabled and uri.startswith("http"):
+        lines.append(f"browse the trials: open {mask_url(uri)} (experiment '{config.tracking.experiment or name}')")
+    elif config.tracking.enabled:
+        lines.append(f"browse the trials: mlflow ui --backend-store-uri {mask_url(uri)}   (or: distillstudy ui)")
+    # optuna-dashboard takes a journal file as a plain path.
+    lines.append(f"optuna dashboard:  optuna-dashboard {mask_url(url).removeprefix('journal:')}")
     return "\n".join(lines)
 
 

@@ -23,7 +23,6 @@ from mlflow.exceptions import MlflowException
 from objectives.version import code_version
 
 from .config import Config
-from .storage import mask_url
 
 # Optuna state -> MLflow run status.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
@@ -87,9 +86,9 @@ class MlflowTracker:
                                      tags={"distillstudy.role": "study", "optuna.study": study.study_name,
                                            "distillstudy.code_version": code_version()})
         self.parent_id = run.info.run_id
+        # config.study.storage is already masked by the worker.
         params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
                   for k, v in flatten(config.to_dict()).items()}
-        params["storage"] = mask_url(study._storage.url if hasattr(study._storage, "url") else str(config.study.storage))
         self._log_params(self.parent_id, params)
         self.client.log_text(self.parent_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
         study.set_user_attr("mlflow_parent_run_id", self.parent_id)

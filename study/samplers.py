@@ -29,15 +29,17 @@ PRUNERS = {
 }
 
 
-def make_sampler(settings: SamplerSettings, space: SearchSpace, n_objectives: int) -> optuna.samplers.BaseSampler:
-    """Build the sampler; `auto` is TPE for one objective and NSGA-II for several."""
+def make_sampler(settings: SamplerSettings, space: SearchSpace, n_objectives: int,
+                 seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """Build the sampler; `auto` is TPE for one objective and NSGA-II for several. Its seed is
+    `settings.seed + seed_offset` unless `kwargs` sets one."""
     name = settings.name if settings.name != "auto" else ("tpe" if n_objectives == 1 else "nsga2")
     if name not in SAMPLERS:
         raise unknown("sampler", name, [*SAMPLERS, "auto"])
     kwargs = dict(settings.kwargs)
     if name == "grid":
         kwargs.setdefault("search_space", grid_space(space))
-    kwargs.setdefault("seed", settings.seed)
+    kwargs.setdefault("seed", settings.seed + seed_offset)
     return _construct("study.sampler", SAMPLERS[name], kwargs)
 
 

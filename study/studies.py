@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import time
 from datetime import datetime
 
 import optuna
@@ -49,24 +50,38 @@ def create_study(config: Config, name: str, url: str, load_if_exists: bool = Fal
     make_pruner(config.study.pruner)
     config.study.name = name
     storage = storage_for(url, config)
-    existing = _names(storage)
-    if name in existing:
-        if not load_if_exists:
-            raise UserError(f"study '{name}' already exists in {mask_url(url)} (use --load-if-exists to reuse it)")
-        study = optuna.load_study(study_name=name, storage=storage)
-        if study.user_attrs.get("config_hash") != config_hash(config):
-            raise UserError(f"study '{name}' exists with a different config; choose another --name")
-        return study, False
-    study = optuna.create_study(study_name=name, storage=storage, directions=directions)
-    study.set_user_attr("config", config.to_dict())
-    study.set_user_attr("config_hash", config_hash(config))
+    if name in _names(storage):
+        return _existing(name, url, storage, config, load_if_exists), False
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, directions=directions)
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago
+        return _existing(name, url, storage, config, load_if_exists), False
+    stored = config.to_dict()
+    stored["study"]["storage"] = mask_url(url)  # workers get the URL from --storage; never keep a password here
+    study.set_user_attr("config", stored)
     study.set_user_attr("objective", list(config.study.objective))
     study.set_user_attr("created", datetime.now().isoformat(timespec="seconds"))
     if config.study.baselines:
         for baseline in BASELINES:
             choices = baseline_choices(baseline, config.search)
             study.enqueue_trial(enqueue_params(choices, config.search), user_attrs={"baseline": baseline})
+    # Written last: a worker that finds the hash knows the study is complete (config stored, baselines queued).
+    study.set_user_attr("config_hash", config_hash(config))
     return study, True
+
+
+def _existing(name: str, url: str, storage, config: Config, load_if_exists: bool,
+              wait_seconds: float = 30.0) -> optuna.Study:
+    """The existing study, if its stored config is this one (waiting briefly for a creator still writing it)."""
+    if not load_if_exists:
+        raise UserError(f"study '{name}' already exists in {mask_url(url)} (use --load-if-exists to reuse it)")
+    study = optuna.load_study(study_name=name, storage=storage)
+    deadline = time.monotonic() + wait_seconds
+    while "config_hash" not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if study.user_attrs.get("config_hash") != config_hash(config):
+        raise UserError(f"study '{name}' exists with a different config; choose another --name")
+    return study
 
 
 def _names(storage) -> list[str]:
@@ -88,9 +103,12 @@ def load_study(name: str, url: str, with_heartbeat: bool = False) -> tuple[optun
         from .samplers import make_pruner, make_sampler
 
         storage = storage_for(url, config)
+        # Workers starting on a study at different moments see different trial counts: offsetting the sampler's
+        # seed by it keeps parallel workers from proposing identical trials (one worker stays reproducible).
+        offset = len(study.get_trials(deepcopy=False))
         study = optuna.load_study(study_name=name, storage=storage,
                                   sampler=make_sampler(config.study.sampler, config.search,
-                                                       len(config.study.objective)),
+                                                       len(config.study.objective), seed_offset=offset),
                                   pruner=make_pruner(config.study.pruner))
     return study, config
 

@@ -7,6 +7,7 @@ the same parameters), its MLflow run closed as KILLED; the worker exits 130. A s
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -15,11 +16,16 @@ from typing import Callable
 
 import optuna
 
+from models.errors import UserError
+
 from .config import Config
+from .storage import mask_url
 from .objective import StudyFull, make_objective
 from .studies import load_study
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# A worker stops after this many FAIL trials in a row: something is wrong with it, not with the trials.
+MAX_CONSECUTIVE_FAILURES = 5
 # How often a worker with nothing left to start checks whether a running trial died and was re-queued.
 _POLL_SECONDS = 2.0
 
@@ -48,16 +54,29 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
     if device:
         config.pipeline.device = device
     total = n_trials or config.study.n_trials
+    _preflight(config)
+    config.study.storage = mask_url(url)  # what the tracker records as the study's storage
+    if n_jobs > 1:
+        _serialize_queue_pops(study)
+    _lock_sqlite_queue_pops(study, url)
     tracker = make_tracker(config)
     tracker.start_study(study, config)
     stop, interrupted = threading.Event(), threading.Event()
     objective = make_objective(config, study, total, tracker, interrupted)
     deadline = time.monotonic() + timeout if timeout else None
 
+    failures: list[str] = []  # reasons of the consecutive FAIL trials of this worker
+
     def callback(study_, trial):
-        if on_trial and not trial.user_attrs.get("skipped"):
+        if trial.user_attrs.get("skipped"):
+            return
+        if on_trial:
             on_trial(study_, trial)
-        if _count(study_, FINISHED) >= total:
+        if trial.state == optuna.trial.TrialState.FAIL and not interrupted.is_set():
+            failures.append(trial.user_attrs.get("failure", "unknown reason"))
+        else:
+            failures.clear()
+        if _count(study_, FINISHED) >= total or len(failures) >= MAX_CONSECUTIVE_FAILURES:
             stop.set()
 
     def loop():
@@ -90,7 +109,70 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
                     raise KeyboardInterrupt
     finally:
         tracker.end_study(study)
+    if len(failures) >= MAX_CONSECUTIVE_FAILURES:
+        raise UserError(f"{len(failures)} trials in a row failed on this worker (last: {failures[-1]}); "
+                        f"stopping it so it does not burn through the study")
     return study
+
+
+def _preflight(config: Config) -> None:
+    # A worker that cannot run any trial (no CUDA, data not mounted) says so once, before it takes a trial.
+    from objectives.device import resolve_device
+    from objectives.pipeline import get_task
+
+    get_task(config.task, config.pipeline.seed, resolve_device(config.pipeline.device))
+
+
+def _serialize_queue_pops(study: optuna.Study) -> None:
+    # Optuna pops an enqueued trial (a baseline, a retry) with a read, then a conditional write; SQLite ignores
+    # SELECT ... FOR UPDATE, so two threads of one worker could pop the same trial, run it twice and crash on the
+    # second tell ("Cannot tell a COMPLETE trial", optuna#4002). One lock per worker closes that between threads.
+    pop, lock = study._pop_waiting_trial_id, threading.Lock()
+
+    def locked_pop():
+        with lock:
+            return pop()
+
+    study._pop_waiting_trial_id = locked_pop
+
+
+def _lock_sqlite_queue_pops(study: optuna.Study, url: str) -> None:
+    # The same race between worker PROCESSES on one SQLite file (two workers started together both ran the first
+    # baseline): serialise their pops on a lock file beside the database.
+    from .storage import _sqlite_path
+
+    path = _sqlite_path(url)
+    if path is None:
+        return
+    import fcntl
+
+    pop, lock_path = study._pop_waiting_trial_id, f"{path.expanduser()}.queue.lock"
+
+    def locked_pop():
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return pop()
+
+    study._pop_waiting_trial_id = locked_pop
+
+
+class _QuietSkips(logging.Filter):
+    """Optuna logs every FAIL trial as a warning with its traceback. A trial abandoned because the study already has
+    its total (a race between workers that the objective settles) is no error: drop its two warnings."""
+
+    def __init__(self):
+        super().__init__()
+        self.skipped: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        trial = record.getMessage().split(" failed with ", 1)[0]
+        if record.exc_info and isinstance(record.exc_info[1], StudyFull):
+            self.skipped.add(trial)
+            return False
+        return trial not in self.skipped
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_QuietSkips())
 
 
 def _heartbeat(study: optuna.Study) -> bool:

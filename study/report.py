@@ -1,0 +1,213 @@
+"""`study report` and `study compare`: what a study found, as numbers (JSON), tables (Markdown) or one
+self-contained HTML page with plots.
+
+A report reads a snapshot of the study's trials, so it works while workers are still running (RUNNING and WAITING
+trials are counted, not analysed), and on studies with pruned and failed trials. Below two completed trials it
+says so and leaves out importances and plots. The statistics are in `report_stats` (bootstrap: see there), the
+plots in `report_plots`, HTML and Markdown in `report_render`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from .report_stats import (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, best_stage_acc, effective_study,
+                           group_effects, importances, target_val_acc)
+from .storage import mask_url
+from .studies import load_study
+
+FORMATS = ("html", "md", "json")
+FEW_TRIALS = "fewer than two completed trials"
+
+
+def trial_summary(t: optuna.trial.FrozenTrial, objective: list[str]) -> dict:
+    """A trial's layer action per group, hyperparameters, accuracies (best stage), size and speed."""
+    choices = t.user_attrs.get("choices") or {f"search.{k}": v for k, v in t.params.items()}
+    return {"number": t.number, "state": t.state.name, "baseline": t.user_attrs.get("baseline", ""),
+            "values": t.values,
+            "layers": {k.split(".", 2)[2]: v for k, v in choices.items() if k.startswith("search.layers.")},
+            "hyperparameters": {k.split(".", 1)[1]: v for k, v in choices.items()
+                                if not k.startswith("search.layers.")},
+            "best_stage": t.user_attrs.get("best_stage"), **best_stage_acc(t),
+            "target_val_acc": target_val_acc(t, objective),
+            "student_params": t.user_attrs.get("student_params"),
+            "epochs_to_threshold": t.user_attrs.get("epochs_to_threshold"), "seconds": t.user_attrs.get("seconds")}
+
+
+def _finite_values(t) -> bool:
+    return bool(t.values) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in t.values)
+
+
+def _best_single(complete, direction) -> optuna.trial.FrozenTrial | None:
+    ranked = [t for t in complete if _finite_values(t)]
+    if not ranked:
+        return None
+    pick = max if direction == optuna.study.StudyDirection.MAXIMIZE else min
+    return pick(ranked, key=lambda t: t.values[0])  # ties: the earliest trial, as Optuna's best_trial
+
+
+def build_report(name: str, url: str):
+    """The report's numbers (JSON-able) and what the plots and logging need: (data, study, config, trials,
+    effective study)."""
+    study, config = load_study(name, url)
+    trials = study.get_trials(deepcopy=False)  # one snapshot: workers may add trials while we read
+    objective = list(config.study.objective)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    counts = {s.name: sum(1 for t in trials if t.state == s) for s in TrialState}
+    data = {"study": name, "storage": mask_url(url), "task": config.task.name, "arch": config.model.arch,
+            "objective": objective, "directions": [d.name.lower() for d in study.directions],
+            "generated": datetime.now().isoformat(timespec="seconds"), "counts": counts, "notes": []}
+    notes = data["notes"]
+    if counts["RUNNING"] or counts["WAITING"]:
+        notes.append(f"{counts['RUNNING']} running and {counts['WAITING']} waiting trials: the report covers the "
+                     f"{len(trials) - counts['RUNNING'] - counts['WAITING']} finished so far")
+    if len(complete) < 2:
+        notes.append(f"{FEW_TRIALS} ({len(complete)}): importances and plots need at least two")
+    data.update(winners(study, trials, objective))
+    data["groups"] = group_effects(trials, config.search.groups, objective)
+    data["bootstrap"] = {"method": "percentile bootstrap of the mean", "resamples": BOOTSTRAP_RESAMPLES,
+                         "seed": BOOTSTRAP_SEED, "level": BOOTSTRAP_LEVEL,
+                         "value": "target val acc of completed trials (best stage)"}
+    effective = effective_study(study, trials) if len(complete) >= 2 else None
+    data["importance"] = (importances(effective, objective) if effective
+                          else {"skipped": f"{FEW_TRIALS} ({len(complete)})"})
+    if "skipped" in data["importance"] and len(complete) >= 2:
+        notes.append(f"importances skipped: {data['importance']['skipped']}")
+    elif data["importance"].get("dropped_trials"):
+        notes.append(f"importances leave out {data['importance']['dropped_trials']} completed trials (a choice "
+                     f"outside its parameter's distribution, or no finite value)")
+    data["plots"] = {}
+    return data, study, config, trials, effective[0] if effective else None
+
+
+def write_report(name: str, url: str, fmt: str = "html", out: str | None = None) -> list[str]:
+    """Write the report (report.html + PNGs, report.md + PNGs, or report.json) to `out` (default
+    reports/<study>/), log it to the study's parent MLflow run when tracking is on. Returns the lines to print."""
+    data, study, config, trials, effective = build_report(name, url)
+    out_dir = Path(out) if out else Path("reports") / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, figures = [], {}
+    lines = [n for n in data["notes"] if n.startswith(FEW_TRIALS)]
+    if fmt in ("html", "md") and data["counts"]["COMPLETE"] >= 2:
+        from .report_plots import plots, write_png
+
+        for plot in plots(study, trials, data, effective):
+            try:
+                png = out_dir / f"{plot.key}.png"
+                write_png(plot, png)
+                figures[plot.key] = plot.plotly() if fmt == "html" else None
+            except Exception as exc:  # noqa: BLE001 - one plot failing (odd data) must not lose the report
+                data["notes"].append(f"plot '{plot.key}' skipped: {type(exc).__name__}: {exc}"[:300])
+                continue
+            data["plots"][plot.key] = {"title": plot.title, "png": png.name}
+            written.append(png)
+    path = out_dir / f"report.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(data, indent=2, default=str))
+    else:
+        from .report_render import render_html, render_md
+
+        path.write_text(render_html(data, figures) if fmt == "html" else render_md(data))
+    written.insert(0, path)
+    lines += [str(p) for p in written]
+    logged = log_to_mlflow(study, config, written)
+    if logged:
+        lines.append(logged)
+    return lines
+
+
+def log_to_mlflow(study: optuna.Study, config, paths: list[Path]) -> str | None:
+    """Log the written files as artifacts under `report/` of the study's parent MLflow run, when the stored config
+    enables tracking and that run exists. Returns a line saying what happened (None when tracking is off)."""
+    if not config.tracking.enabled:
+        return None
+    from .mlflow_tracking import tracking_uri  # imports mlflow: only when tracking is on
+
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if not run_id:
+        return "not logged to MLflow: the study has no parent run yet (no tracked worker has run)"
+    uri = tracking_uri(config)
+    local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    if local and not Path(local).exists():
+        return f"not logged to MLflow: tracking store {mask_url(uri)} does not exist"
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return f"not logged to MLflow: parent run {run_id} not found in {mask_url(uri)}"
+    try:
+        for p in paths:
+            client.log_artifact(run_id, str(p), "report")
+    except Exception as exc:  # noqa: BLE001 - the report is written either way; say why logging failed
+        return f"MLflow logging failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return f"logged {len(paths)} files to MLflow run {run_id} (artifacts report/)"
+
+
+# ---- compare -----------------------------------------------------------------------------------------------------
+def winners(study: optuna.Study, trials, objective: list[str]) -> dict:
+    """The winner (single objective: the best trial; several: the Pareto-front trial with the best target val acc,
+    beside the whole front), every baseline trial, and the best completed baseline (by target val acc)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    out = {}
+    if len(objective) > 1:
+        front = {t.number for t in study.best_trials}
+        out["pareto_front"] = [trial_summary(t, objective) for t in complete if t.number in front]
+        out["winner"] = max(out["pareto_front"], key=lambda r: r["target_val_acc"] or -1.0, default=None)
+        out["winner_rule"] = "the Pareto-front trial with the best target val acc"
+    else:
+        best = _best_single(complete, study.directions[0])
+        out["winner"] = trial_summary(best, objective) if best else None
+        out["winner_rule"] = f"the best {objective[0]}"
+    out["baselines"] = [trial_summary(t, objective) for t in trials if t.user_attrs.get("baseline")]
+    done = [b for b in out["baselines"] if b["state"] == "COMPLETE" and b["target_val_acc"] is not None]
+    out["best_baseline"] = max(done, key=lambda r: r["target_val_acc"], default=None)
+    return out
+
+
+def compare_studies(names, url: str) -> dict:
+    """One row per study: task, the winner's action per group, its target val acc and the best baseline's."""
+    rows, groups = [], []
+    for name in names:
+        study, config = load_study(name, url)
+        trials = study.get_trials(deepcopy=False)
+        w = winners(study, trials, list(config.study.objective))
+        win, base = w["winner"], w["best_baseline"]
+        groups += [g for g in config.search.groups if g not in groups]
+        rows.append({"study": name, "task": config.task.name, "arch": config.model.arch,
+                     "objective": list(config.study.objective),
+                     "complete": sum(1 for t in trials if t.state == TrialState.COMPLETE),
+                     "winner_trial": win["number"] if win else None, "layers": win["layers"] if win else {},
+                     "winner_target_val_acc": win["target_val_acc"] if win else None,
+                     "best_baseline": base["baseline"] if base else None,
+                     "best_baseline_target_val_acc": base["target_val_acc"] if base else None})
+    return {"groups": groups, "studies": rows,
+            "winner_rule": "single objective: the best trial; several: the Pareto-front trial with the best "
+                           "target val acc"}
+
+
+def format_compare(data: dict) -> str:
+    """A text table: study, task, the winner's action per group, winner and best baseline target val acc."""
+    def acc(v):
+        return f"{v:.4f}" if isinstance(v, float) else "-"
+
+    head = ["study", "task", *data["groups"], "winner", "baseline", "best baseline", "trials"]
+    rows = [head]
+    for r in data["studies"]:
+        rows.append([r["study"], r["task"], *[r["layers"].get(g, "-") for g in data["groups"]],
+                     acc(r["winner_target_val_acc"]), acc(r["best_baseline_target_val_acc"]),
+                     r["best_baseline"] or "-", str(r["complete"])])
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("winner / baseline: target val acc of the winner (" + data["winner_rule"] + ") and of the best "
+                 "completed baseline")
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""The report as one self-contained HTML page (tables, plotly figures, plotly.js inline: works offline) or as
+Markdown (tables, links to the PNGs beside it). Both render the same tables from the report's data."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+ACC_COLUMNS = [("target_val_acc", "target val"), ("target_test_acc", "target test"),
+               ("source_val_acc", "source val"), ("source_test_acc", "source test")]
+
+
+@dataclass
+class Table:
+    title: str
+    intro: str
+    head: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    highlight: set[int] = field(default_factory=set)  # row indices to emphasise
+
+
+def _num(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3g}"
+    return str(v)
+
+
+def _winner_table(data: dict) -> Table:
+    multi = "pareto_front" in data
+    rows = [("Pareto front" if multi else "winner", r) for r in (data.get("pareto_front") or
+                                                               ([data["winner"]] if data["winner"] else []))]
+    rows += [(f"baseline {r['baseline']}", r) for r in data["baselines"]]
+    groups = list(data["groups"])
+    hypers = list(dict.fromkeys(k for _, r in rows for k in r["hyperparameters"]))
+    head = ["trial", "role", "state", *groups, *[h for _, h in ACC_COLUMNS], "student params",
+            "epochs to threshold", *hypers]
+    title = "Pareto front vs baselines" if multi else "Winner vs baselines"
+    intro = (f"The winner is {data['winner_rule']}. Accuracies are the best stage's (validation and test, target "
+             f"and source domain). Baselines are the enqueued trials tagged 'baseline', in any state.")
+    table = Table(title, intro, head)
+    for i, (role, r) in enumerate(rows):
+        if data["winner"] and r["number"] == data["winner"]["number"] and not role.startswith("baseline"):
+            table.highlight.add(i)
+        table.rows.append([str(r["number"]), role, r["state"], *[r["layers"].get(g, "-") for g in groups],
+                           *[_num(r[k]) for k, _ in ACC_COLUMNS], _num(r["student_params"]),
+                           _num(r["epochs_to_threshold"]), *[_num(r["hyperparameters"].get(h)) for h in hypers]])
+    return table
+
+
+def _group_table(data: dict) -> Table:
+    b = data["bootstrap"]
+    intro = (f"Completed trials per layer group and action (from each trial's recorded choices, so pinned groups "
+             f"and baselines count), their mean and best target val acc, and a {b['level']:.0%} {b['method']} "
+             f"({b['resamples']} resamples, seed {b['seed']}; none below two trials). Pruned trials are counted "
+             f"apart. The action with the best mean per group is marked *.")
+    table = Table("Per-group effect", intro, ["group", "action", "completed", "pruned", "mean", "95% interval",
+                                              "best", "best trial"])
+    for g, cell in data["groups"].items():
+        for a, r in cell["actions"].items():
+            if a == cell["best_action"]:
+                table.highlight.add(len(table.rows))
+            ci = f"[{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]" if r["ci95"] else "-"
+            table.rows.append([g, a + (" *" if a == cell["best_action"] else ""), str(r["n"]), str(r["pruned"]),
+                               _num(r["mean"]), ci, _num(r["best"]), _num(r["best_trial"])])
+    return table
+
+
+def _importance_table(data: dict) -> Table | None:
+    imp = data["importance"]
+    if "fanova" not in imp:
+        return None
+    intro = (f"Importance of each sampled parameter for {imp['target']} over {imp['n_trials']} completed trials "
+             f"(optuna PedAnovaImportanceEvaluator and FanovaImportanceEvaluator, each normalised to sum 1). Every "
+             f"trial enters with the values it ran with: a conditional parameter that was not sampled (the "
+             f"temperature without distillation, the slim width without slim replacements) takes its default. "
+             f"PED-ANOVA compares the top 10% of trials with all of them: below about 50 trials that top set is "
+             f"small and its importances are noisy.")
+    table = Table("Parameter importances", intro, ["parameter", "fANOVA", "PED-ANOVA"])
+    for p in sorted(imp["fanova"], key=lambda p: -imp["fanova"][p]):
+        table.rows.append([p, f"{imp['fanova'][p]:.4f}", f"{imp['ped_anova'].get(p, 0.0):.4f}"])
+    return table
+
+
+def tables(data: dict) -> list[Table]:
+    out = [_winner_table(data), _group_table(data), _importance_table(data)]
+    return [t for t in out if t is not None]
+
+
+def _summary(data: dict) -> list[str]:
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in data["counts"].items() if n) or "no trials"
+    return [f"task {data['task']}, model {data['arch']}, objective {', '.join(data['objective'])} "
+            f"({', '.join(data['directions'])})", f"storage {data['storage']}, generated {data['generated']}",
+            f"trials: {counts}"]
+
+
+# ---- HTML --------------------------------------------------------------------------------------------------------
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}th{background:#f0f0f0}
+td:nth-child(-n+3){text-align:left}tr.best td{background:#fff3b0;font-weight:600}.wrap{overflow-x:auto}
+.notes li{color:#8a4b00}.intro{color:#555;max-width:60em}.plot{margin-bottom:2em}"""
+
+
+def render_html(data: dict, figures: dict) -> str:
+    """One page: summary, notes, tables, then each plot (plotly.js is inlined once, so it works offline)."""
+    e = html.escape
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>distillstudy report: {e(data['study'])}"
+             f"</title><style>{CSS}</style>"]
+    if figures:
+        from plotly.offline import get_plotlyjs
+
+        parts.append(f"<script type='text/javascript'>{get_plotlyjs()}</script>")
+    parts.append(f"</head><body><h1>Study {e(data['study'])}</h1>")
+    parts += [f"<p>{e(line)}</p>" for line in _summary(data)]
+    if data["notes"]:
+        parts.append("<ul class='notes'>" + "".join(f"<li>{e(n)}</li>" for n in data["notes"]) + "</ul>")
+    for t in tables(data):
+        parts.append(f"<h2>{e(t.title)}</h2><p class='intro'>{e(t.intro)}</p><div class='wrap'><table><tr>"
+                     + "".join(f"<th>{e(h)}</th>" for h in t.head) + "</tr>")
+        for i, row in enumerate(t.rows):
+            parts.append(f"<tr{' class=best' if i in t.highlight else ''}>"
+                         + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
+        parts.append("</table></div>")
+    if data["plots"]:
+        parts.append("<h2>Plots</h2>")
+    for key, meta in data["plots"].items():
+        fig = figures.get(key)
+        parts.append(f"<div class='plot'><h3>{e(meta['title'])}</h3>")
+        if fig is not None:
+            parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot-{key}",
+                                     default_height="480px", config={"displaylogo": False}))
+        parts.append(f"<p><a href='{e(meta['png'])}'>PNG</a></p></div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---- Markdown ----------------------------------------------------------------------------------------------------
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("*", "\\*")
+
+
+def render_md(data: dict) -> str:
+    lines = [f"# Study {data['study']}", ""] + [f"{line}  " for line in _summary(data)] + [""]
+    lines += [f"- **note:** {n}" for n in data["notes"]] + ([""] if data["notes"] else [])
+    for t in tables(data):
+        lines += [f"## {t.title}", "", t.intro, "", "| " + " | ".join(map(_md_cell, t.head)) + " |",
+                  "|" + "|".join("---" for _ in t.head) + "|"]
+        for i, row in enumerate(t.rows):
+            cells = [f"**{_md_cell(c)}**" if i in t.highlight and c not in ("", "-") else _md_cell(c) for c in row]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if data["plots"]:
+        lines += ["## Plots", ""]
+    for key, meta in data["plots"].items():
+        lines += [f"### {meta['title']}", "", f"![{meta['title']}]({meta['png']})", ""]
+    return "\n".join(lines)

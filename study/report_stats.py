@@ -1,0 +1,172 @@
+"""The numbers of a study report: each trial's target validation accuracy, the per-group effect table with
+bootstrap intervals, and parameter importances (PED-ANOVA and fANOVA).
+
+Bootstrap: a percentile bootstrap of the mean. For a cell with n >= 2 values x, draw `BOOTSTRAP_RESAMPLES` index
+sets of size n with replacement from `numpy.random.default_rng(BOOTSTRAP_SEED)` (a fresh generator per cell, so
+each cell's interval is reproducible on its own), take each resample's mean, and report the 2.5th and 97.5th
+percentiles (numpy's default linear interpolation). A cell with one value has no interval (None).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from objectives.settings import ACTIONS
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_LEVEL = 0.95
+FANOVA_SEED = 0
+ACCURACIES = ("source_val_acc", "source_test_acc", "target_val_acc", "target_test_acc")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def best_stage_acc(t: optuna.trial.FrozenTrial) -> dict:
+    """The best stage's four accuracies (None where the trial did not record them)."""
+    stages = t.user_attrs.get("stages") or {}
+    acc = stages.get(t.user_attrs.get("best_stage"), {})
+    return {k: acc.get(k) for k in ACCURACIES}
+
+
+def target_val_acc(t: optuna.trial.FrozenTrial, objective: list[str]) -> float | None:
+    """A finished trial's target validation accuracy: its value when that is the only objective, else the best
+    stage's recorded `target_val_acc`. None when unknown."""
+    if objective == ["target_val_acc"] and t.values and _finite(t.values[0]):
+        return float(t.values[0])
+    value = best_stage_acc(t)["target_val_acc"]
+    return float(value) if _finite(value) else None
+
+
+def bootstrap_ci(values, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                 level: float = BOOTSTRAP_LEVEL) -> list[float] | None:
+    """Percentile bootstrap interval of the mean (see the module docstring); None for fewer than two values."""
+    x = np.asarray(values, dtype=float)
+    if x.size < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
+def group_effects(trials, groups: list[str], objective: list[str]) -> dict:
+    """For every layer group and action: completed trials, pruned trials, mean and best target val acc, the
+    bootstrap interval of the mean, the best trial; per group the action with the best mean. Actions come from
+    the trial's `choices` user attribute, so pinned groups and baselines count."""
+    cells: dict[str, dict[str, list]] = {g: {} for g in groups}
+    pruned: dict[str, dict[str, int]] = {g: {} for g in groups}
+    for t in trials:
+        choices = t.user_attrs.get("choices") or {}
+        for key, action in choices.items():
+            if not key.startswith("search.layers."):
+                continue
+            g = key.split(".", 2)[2]
+            cells.setdefault(g, {})
+            pruned.setdefault(g, {})
+            if t.state == TrialState.PRUNED:
+                pruned[g][action] = pruned[g].get(action, 0) + 1
+            elif t.state == TrialState.COMPLETE:
+                acc = target_val_acc(t, objective)
+                if acc is not None:
+                    cells[g].setdefault(action, []).append((acc, t.number))
+    out = {}
+    for g in cells:
+        actions = [a for a in ACTIONS if a in cells[g] or a in pruned[g]]
+        actions += sorted(a for a in set(cells[g]) | set(pruned[g]) if a not in actions)
+        rows = {}
+        for a in actions:
+            pairs = cells[g].get(a, [])
+            vals = [v for v, _ in pairs]
+            best = max(pairs, default=None)  # ties: the later trial
+            rows[a] = {"n": len(vals), "pruned": pruned[g].get(a, 0),
+                       "mean": float(np.mean(vals)) if vals else None,
+                       "best": best[0] if best else None, "best_trial": best[1] if best else None,
+                       "ci95": bootstrap_ci(vals)}
+        ranked = [a for a in rows if rows[a]["mean"] is not None]
+        best_action = max(ranked, key=lambda a: rows[a]["mean"]) if ranked else None  # ties: the first
+        out[g] = {"actions": rows, "best_action": best_action}
+    return out
+
+
+# ---- importance --------------------------------------------------------------------------------------------------
+def effective_study(study: optuna.Study, trials):
+    """An in-memory single-objective copy of the completed trials in which every searched parameter has the value
+    the trial ran with (from its `choices` user attribute: baselines' real choices, and the default of a
+    conditional parameter that was not sampled), valued by the first objective in its own direction.
+
+    Returns (copy, params, dropped): params are every parameter sampled in any trial; dropped counts trials left
+    out (no finite first objective, or a choice outside the parameter's distribution)."""
+    dists: dict = {}
+    for t in trials:
+        for name, d in t.distributions.items():
+            dists.setdefault(name, d)
+    params = sorted(dists)
+    copy = optuna.create_study(direction=study.directions[0])
+    dropped = 0
+    for t in trials:
+        if t.state != TrialState.COMPLETE:
+            continue
+        values = _effective_params(t, dists) if t.values and _finite(t.values[0]) else None
+        if values is None:
+            dropped += 1
+            continue
+        copy.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=t.values[0]))
+    return copy, params, dropped
+
+
+def _effective_params(t: optuna.trial.FrozenTrial, dists: dict) -> dict | None:
+    """The values trial `t` ran with, for every parameter in `dists` (None when one is unknown or outside its
+    distribution, e.g. a baseline's choice outside the searched range)."""
+    choices = t.user_attrs.get("choices") or {}
+    values = {}
+    for name, dist in dists.items():
+        key = f"search.{name}"
+        value = choices[key] if key in choices else t.params.get(name)
+        if not _contains(dist, value):
+            return None
+        values[name] = value
+    return values
+
+
+def _contains(dist, value) -> bool:
+    if value is None:
+        return False
+    try:
+        return dist._contains(dist.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
+
+
+def importances(effective, objective: list[str]) -> dict:
+    """PED-ANOVA and fANOVA importances (normalised to sum 1, unless all are 0) of every sampled parameter for the
+    first objective, on `effective` = effective_study(...). Has 'skipped': reason when there is too little data."""
+    copy, params, dropped = effective
+    n = len(copy.trials)
+    info = {"target": objective[0], "n_trials": n, "dropped_trials": dropped, "params": params}
+    if not params:
+        return {**info, "skipped": "no sampled parameters"}
+    if n < 2:
+        return {**info, "skipped": f"importances need at least two completed trials with all parameters ({n})"}
+    if len({t.value for t in copy.trials}) == 1:
+        return {**info, "skipped": f"all {n} trials have the same value: no parameter explains any of it"}
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator, get_param_importances
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # small-sample and experimental warnings: the report states n instead
+            ped = get_param_importances(copy, evaluator=PedAnovaImportanceEvaluator(), params=params)
+            fanova = get_param_importances(copy, evaluator=FanovaImportanceEvaluator(seed=FANOVA_SEED),
+                                           params=params)
+    except (RuntimeError, ValueError) as exc:  # e.g. fANOVA's "zero total variance in all trees"
+        return {**info, "skipped": f"importance evaluation failed: {type(exc).__name__}: {exc}"[:300]}
+    clean = lambda d: {k: (float(v) if _finite(v) else 0.0) for k, v in d.items()}  # noqa: E731
+    return {**info, "ped_anova": clean(ped), "fanova": clean(fanova)}
