@@ -8,8 +8,10 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	# --no-compile: byte-compiling torch's thousands of files is half the install time; Python compiles what it
+	# imports on first use instead.
+	$(PY) -m pip install -q --no-compile --upgrade pip
+	$(PY) -m pip install -q --no-compile -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -21,8 +21,18 @@ def register_model(builder: Callable[..., GroupedModel]) -> Callable[..., Groupe
 
 def list_models() -> list[str]:
     """Names of all registered architectures."""
-    _load_builtins()
+    _load_builtins(torchvision=True)
     return sorted(_MODELS)
+
+
+def get_builder(name: str) -> Callable[..., GroupedModel]:
+    """The builder registered as `name`, or a UserError naming the valid architectures."""
+    _load_builtins(torchvision=False)
+    if name not in _MODELS:
+        _load_builtins(torchvision=True)
+    if name not in _MODELS:
+        raise unknown("architecture", name, _MODELS)
+    return _MODELS[name]
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 1, width: float = 1.0,
@@ -41,11 +51,9 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, width: float
         >>> model.group_names[0], model.group_names[-1]
         ('stem', 'head')
     """
-    _load_builtins()
-    if name not in _MODELS:
-        raise unknown("architecture", name, _MODELS)
+    builder = get_builder(name)
     group_widths = dict(group_widths or {})
-    model = _MODELS[name](num_classes=num_classes, in_channels=in_channels, width=width,
+    model = builder(num_classes=num_classes, in_channels=in_channels, width=width,
                           group_widths=group_widths, pretrained=pretrained)
     # Recorded so a saved state_dict can be rebuilt with create_model(arch, num_classes, in_channels, ...).
     model.num_classes, model.in_channels = num_classes, in_channels
@@ -55,6 +63,10 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, width: float
     return model
 
 
-def _load_builtins() -> None:
-    # Imported lazily so `models.registry` has no import cycle with the modules that register into it.
-    from . import digitnet, lenet, tv  # noqa: F401
+def _load_builtins(torchvision: bool) -> None:
+    # Imported lazily so `models.registry` has no import cycle with the modules that register into it; the
+    # torchvision architectures only when asked for, since importing torchvision costs seconds per process.
+    from . import digitnet, lenet  # noqa: F401
+
+    if torchvision:
+        from . import tv  # noqa: F401

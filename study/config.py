@@ -173,18 +173,17 @@ def config_from_dict(raw: dict) -> Config:
 
 def _check_names(cfg: Config) -> None:
     """Registry names are checked at load time, with the key's path, so no study is created from a typo."""
-    from models import list_models
-    from objectives.tasks import list_tasks
+    from models.registry import get_builder
+    from objectives.tasks import get_task_info
 
-    from models.errors import unknown
-
-    checks = [("task.name", "task", cfg.task.name, [t.name for t in list_tasks()]),
-              ("model.arch", "architecture", cfg.model.arch, list_models())]
+    checks = [("task.name", get_task_info, cfg.task.name), ("model.arch", get_builder, cfg.model.arch)]
     if cfg.model.donor_arch:
-        checks.append(("model.donor_arch", "architecture", cfg.model.donor_arch, list_models()))
-    for where, kind, name, valid in checks:
-        if name not in valid:
-            raise UserError(f"{where}: {unknown(kind, name, valid)}")
+        checks.append(("model.donor_arch", get_builder, cfg.model.donor_arch))
+    for where, lookup, name in checks:
+        try:
+            lookup(name)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
 
 
 def _check_keys(data, allowed, path: str) -> None:

@@ -143,8 +143,6 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
         except Exception as exc:  # noqa: BLE001 - any failure ends this trial only; the study goes on
             _fail(trial, tracker, run_id, exc, "FAIL")
             raise
-        finally:
-            gc.collect()
         checkpoints.clear()
         record_result(trial, result)
         tracker.log_teacher(result.teacher, result.models.get("teacher"))
@@ -159,8 +157,10 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
 def _fail(trial, tracker, run_id, exc: BaseException, state: str) -> None:
     reason = describe_failure(exc)
     trial.set_user_attr("failure", reason)
-    if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
-        torch.cuda.empty_cache()  # give the memory back so the next trial can run
+    if isinstance(exc, torch.OutOfMemoryError):
+        gc.collect()  # drop the failed trial's tensors so the next trial can run
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     tracker.end_trial(run_id, trial, state, reason=reason)
 
 

@@ -118,7 +118,9 @@ def register_task(name: str, shift: str, description: str, allow_flip: bool = Fa
 
 def get_task_info(name: str) -> TaskInfo:
     """The registry entry of task `name`, or a UserError naming the valid tasks."""
-    _load_builtins()
+    _load_builtins(torchvision=False)
+    if name not in _TASKS:
+        _load_builtins(torchvision=True)
     if name not in _TASKS:
         raise unknown("task", name, _TASKS)
     return _TASKS[name]
@@ -126,9 +128,13 @@ def get_task_info(name: str) -> TaskInfo:
 
 def list_tasks() -> list[TaskInfo]:
     """All registered tasks, sorted by name."""
-    _load_builtins()
+    _load_builtins(torchvision=True)
     return [_TASKS[k] for k in sorted(_TASKS)]
 
 
-def _load_builtins() -> None:
-    from . import digits, torchvision_tasks  # noqa: F401
+def _load_builtins(torchvision: bool) -> None:
+    # The torchvision-backed tasks only when asked for: importing torchvision costs seconds per process.
+    from . import digits  # noqa: F401
+
+    if torchvision:
+        from . import torchvision_tasks  # noqa: F401
