@@ -275,3 +275,38 @@ def test_files_present_are_trusted_without_network(tmp_path, offline):
     options = TaskOptions(name="cifar10-stl10", data_root=str(tmp_path), download=True)
     source, target, _ = get_task_info("cifar10-stl10").builder(options)
     assert len(source.train) == 45 and len(target.test) == 18
+
+
+# ---- the whole pipeline on each torchvision-backed task (tiny files, one epoch per stage) ---------------------------
+def _write_task_files(name: str, root) -> dict:
+    if name in ("mnist-usps", "usps-mnist"):
+        write_mnist(root, per_class=8)
+        write_usps(root, per_class=8)
+    elif name == "svhn-mnist":
+        write_svhn(root, per_class=8)
+        write_mnist(root, per_class=8)
+    elif name == "cifar10-stl10":
+        write_cifar10(root)
+        write_stl10(root, per_class=8)
+    else:
+        write_folder(root / "src", ["cat", "dog", "fox"], (20, 20), "RGB", per_class=8)
+        write_folder(root / "tgt", ["cat", "dog", "fox"], (24, 24), "L", per_class=8)
+        return {"source_dir": str(root / "src"), "target_dir": str(root / "tgt"), "image_size": 16}
+    return {}
+
+
+@pytest.mark.parametrize("arch", ["digitnet", "lenet5"])
+@pytest.mark.parametrize("name", ["mnist-usps", "usps-mnist", "svhn-mnist", "cifar10-stl10", "imagefolder"])
+def test_whole_pipeline_runs_on_the_task(tmp_path, name, arch, tiny_pipeline):
+    from models import create_model
+    from objectives.pipeline import run_trial
+    from objectives.settings import ModelSettings, TrialChoices
+
+    options = TaskOptions(name=name, data_root=str(tmp_path), download=False, target_labeled_per_class=1,
+                          **_write_task_files(name, tmp_path))
+    groups = create_model(arch, num_classes=10, in_channels=1).group_names
+    layers = {g: ("replace" if g == groups[-1] else "finetune") for g in groups}
+    result = run_trial(options, ModelSettings(arch=arch), tiny_pipeline,
+                       TrialChoices(layers=layers, generations=1, alpha=0.5))
+    assert list(result.stages) == ["teacher", "finetune", "distill", "retrain-1"]
+    assert 0.0 <= result.value <= 1.0 and result.value == result.stages[result.best_stage].target_val_acc
