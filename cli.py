@@ -6,6 +6,7 @@ User errors (bad config, unknown names, missing data, unreachable storage) print
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -164,6 +165,12 @@ def study_run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, 
     from study.commands import run
 
     code = run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device, quiet, verbose, click.echo)
+    if code == 130:
+        # Interrupted and already cleaned up: skip the interpreter's slow shutdown (seconds with torch loaded), in
+        # which Python restores default signal handlers and a second Ctrl-C/SIGTERM would kill us without 130.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     sys.exit(code)
 
 

@@ -7,7 +7,6 @@ the same parameters), its MLflow run closed as KILLED; the worker exits 130. A s
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -20,7 +19,7 @@ from models.errors import UserError
 
 from .config import Config
 from .storage import mask_url
-from .objective import StudyFull, make_objective
+from .objective import make_objective
 from .studies import load_study
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -56,9 +55,7 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
     total = n_trials or config.study.n_trials
     _preflight(config)
     config.study.storage = mask_url(url)  # what the tracker records as the study's storage
-    if n_jobs > 1:
-        _serialize_queue_pops(study)
-    _lock_sqlite_queue_pops(study, url)
+    _lock_queue_pops(study, url)
     tracker = make_tracker(config)
     tracker.start_study(study, config)
     stop, interrupted = threading.Event(), threading.Event()
@@ -87,7 +84,8 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
             running = _count(study, (optuna.trial.TrialState.RUNNING,))
             if finished + running >= total:
                 # Others are running the last trials; stay until they end, in case one dies and is re-queued.
-                optuna.storages.fail_stale_trials(study) if _heartbeat(study) else None
+                if _heartbeat(study):
+                    optuna.storages.fail_stale_trials(study)
                 waiting = _count(study, (optuna.trial.TrialState.WAITING,))
                 if not waiting:
                     time.sleep(_POLL_SECONDS)
@@ -123,56 +121,27 @@ def _preflight(config: Config) -> None:
     get_task(config.task, config.pipeline.seed, resolve_device(config.pipeline.device))
 
 
-def _serialize_queue_pops(study: optuna.Study) -> None:
+def _lock_queue_pops(study: optuna.Study, url: str) -> None:
     # Optuna pops an enqueued trial (a baseline, a retry) with a read, then a conditional write; SQLite ignores
-    # SELECT ... FOR UPDATE, so two threads of one worker could pop the same trial, run it twice and crash on the
-    # second tell ("Cannot tell a COMPLETE trial", optuna#4002). One lock per worker closes that between threads.
-    pop, lock = study._pop_waiting_trial_id, threading.Lock()
-
-    def locked_pop():
-        with lock:
-            return pop()
-
-    study._pop_waiting_trial_id = locked_pop
-
-
-def _lock_sqlite_queue_pops(study: optuna.Study, url: str) -> None:
-    # The same race between worker PROCESSES on one SQLite file (two workers started together both ran the first
-    # baseline): serialise their pops on a lock file beside the database.
-    from .storage import _sqlite_path
-
-    path = _sqlite_path(url)
-    if path is None:
-        return
+    # SELECT ... FOR UPDATE, so two threads or two processes could pop the same trial, run it twice and crash on
+    # the second tell ("Cannot tell a COMPLETE trial", optuna#4002). A thread lock serialises this worker's
+    # threads; for SQLite a lock file beside the database serialises the processes too (PostgreSQL's row lock
+    # already does).
     import fcntl
 
-    pop, lock_path = study._pop_waiting_trial_id, f"{path.expanduser()}.queue.lock"
+    from .storage import _sqlite_path
+
+    pop, thread_lock, path = study._pop_waiting_trial_id, threading.Lock(), _sqlite_path(url)
 
     def locked_pop():
-        with open(lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            return pop()
+        with thread_lock:
+            if path is None:
+                return pop()
+            with open(f"{path.expanduser()}.queue.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                return pop()
 
     study._pop_waiting_trial_id = locked_pop
-
-
-class _QuietSkips(logging.Filter):
-    """Optuna logs every FAIL trial as a warning with its traceback. A trial abandoned because the study already has
-    its total (a race between workers that the objective settles) is no error: drop its two warnings."""
-
-    def __init__(self):
-        super().__init__()
-        self.skipped: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        trial = record.getMessage().split(" failed with ", 1)[0]
-        if record.exc_info and isinstance(record.exc_info[1], StudyFull):
-            self.skipped.add(trial)
-            return False
-        return trial not in self.skipped
-
-
-logging.getLogger("optuna.study._optimize").addFilter(_QuietSkips())
 
 
 def _heartbeat(study: optuna.Study) -> bool:
@@ -209,15 +178,21 @@ class _graceful_signals:
     def _handle(self, signum, frame):
         self.count += 1
         if self.count > 1:
-            os._exit(130)
+            _exit_now(signum, frame)
         self.interrupted.set()
         if self.raise_now:
             raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            # Once interrupted, the process is on its way out (closing runs, unloading torch takes seconds):
+            # a second signal in that window must still exit 130 at once, not die with the default action.
+            signal.signal(sig, _exit_now if self.count else handler)
         return False
 
 
-__all__ = ["run_worker", "StudyFull"]
+def _exit_now(signum, frame):
+    os._exit(130)
+
+
+__all__ = ["run_worker"]

@@ -370,8 +370,8 @@ def test_sigterm_stops_gracefully_and_requeues_the_trial(request, study_name, wo
     assert retries[0].user_attrs.get("baseline") == victim.user_attrs.get("baseline")
     assert not [t for t in by_number.values() if t.state == S.RUNNING]
 
-    # Two signals in a row: the second exits at once, cutting the graceful stop short (no closing message). A small
-    # gap keeps the kernel from merging the two signals into one.
+    # Two signals in a row: the second exits at once with 130, whether it lands during the graceful stop or after it
+    # (when the interpreter is shutting down). A small gap keeps the kernel from merging the two signals into one.
     w2 = workers.start(study_name, url, 6, tmp_path, "term2")
     wait_for(lambda: running_trial(study_name, url, min_step=1), LONG, "a trial in training", [w2])
     w2.proc.send_signal(signal.SIGTERM)
@@ -380,7 +380,6 @@ def test_sigterm_stops_gracefully_and_requeues_the_trial(request, study_name, wo
     sent = time.monotonic()
     assert w2.wait(timeout=30) == 130, w2.describe()
     assert time.monotonic() - sent < 3, f"took {time.monotonic() - sent:.1f} s to stop"
-    assert "interrupted" not in w2.stdout, w2.describe()
 
 
 # ---- 5: the teacher cache lock ----------------------------------------------------------------------------------------
