@@ -70,7 +70,8 @@ class MlflowTracker:
         self.parent_id = ""
         self.study = None
         self._teacher_runs: dict[str, str] = {}
-        self._lock = threading.Lock()  # guards only the teacher-run dict and registry check, never logging
+        self._pending: dict[str, list] = {}  # run id -> its asynchronous epoch batches not yet waited for
+        self._lock = threading.Lock()  # guards only these dicts and the registry check, never logging
 
     # ---- study --------------------------------------------------------------------------------------------------
     def start_study(self, study, config: Config) -> None:
@@ -119,10 +120,13 @@ class MlflowTracker:
         return run.info.run_id
 
     def log_epoch(self, run_id, stage: str, step: int, metrics: dict) -> None:
-        """One batch per epoch: `<stage>/<metric>` at the global step."""
+        """One batch per epoch: `<stage>/<metric>` at the global step. Logged asynchronously (MLflow's queue), so
+        training does not wait for the tracking store; `end_trial` waits for the batches before closing the run."""
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(f"{stage}/{k}", float(v), now, step)
-                                               for k, v in metrics.items()], synchronous=True)
+        operation = self.client.log_batch(run_id, metrics=[Metric(f"{stage}/{k}", float(v), now, step)
+                                                           for k, v in metrics.items()], synchronous=False)
+        with self._lock:
+            self._pending.setdefault(run_id, []).append(operation)
 
     def log_teacher(self, info, model) -> None:
         """Log each distinct teacher once per study (its own run); trials link to it by tag."""
@@ -152,6 +156,10 @@ class MlflowTracker:
         """Final metrics, artifacts, tags, and the run status mapped from the Optuna state."""
         if not run_id:
             return
+        with self._lock:
+            pending = self._pending.pop(run_id, [])
+        for operation in pending:
+            operation.wait()
         tags = [RunTag("optuna.state", state)]
         if reason:
             tags.append(RunTag("distillstudy.failure" if state in ("FAIL", "KILLED") else "distillstudy.pruned",

@@ -26,7 +26,7 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # A worker stops after this many FAIL trials in a row: something is wrong with it, not with the trials.
 MAX_CONSECUTIVE_FAILURES = 5
 # How often a worker with nothing left to start checks whether a running trial died and was re-queued.
-_POLL_SECONDS = 2.0
+_POLL_SECONDS = 1.0
 
 
 def _count(study: optuna.Study, states) -> int:

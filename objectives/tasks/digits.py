@@ -6,8 +6,11 @@ gets the task's shift. Shifts are deterministic (fixed generator), so a task's d
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,12 +22,19 @@ _SHIFT_SEED = 1234
 _PERMUTATION = [3, 7, 0, 9, 1, 8, 2, 5, 4, 6]
 
 
-def _load_halves() -> tuple[LabeledImages, LabeledImages]:
-    from sklearn.datasets import load_digits
+def _read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (the file `load_digits` reads), without importing sklearn.datasets, which
+    costs seconds of start-up in every worker process."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    data = np.loadtxt(path, delimiter=",", dtype=np.float32)  # 64 pixels, then the label, per row
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixel values are 0..16
-    y = torch.tensor(digits.target, dtype=torch.int64)
+
+def _load_halves() -> tuple[LabeledImages, LabeledImages]:
+    images, labels = _read_digits()
+    x = torch.from_numpy(images).unsqueeze(1) / 16.0  # pixel values are 0..16
+    y = torch.from_numpy(labels)
     g = torch.Generator().manual_seed(_SHIFT_SEED)
     source_idx, target_idx = [], []
     for c in range(10):  # stratified halves, so both domains see every class equally often
