@@ -47,7 +47,9 @@ def make_pruner(settings: PrunerSettings) -> optuna.pruners.BasePruner:
     """Build the pruner, wrapped in PatientPruner when `patience` >= 0."""
     if settings.name not in PRUNERS:
         raise unknown("pruner", settings.name, PRUNERS)
-    pruner = _construct("study.pruner", PRUNERS[settings.name], dict(settings.kwargs))
+    # `none` takes no settings: ignore kwargs left over from another pruner (`--set study.pruner.name=none`).
+    kwargs = {} if settings.name == "none" else dict(settings.kwargs)
+    pruner = _construct("study.pruner", PRUNERS[settings.name], kwargs)
     if settings.patience >= 0:
         pruner = optuna.pruners.PatientPruner(pruner, patience=settings.patience)
     return pruner
