@@ -3,7 +3,9 @@ trial starts (so running trials show live), per-epoch curves in one batch per ep
 layer map, and the best model registered as `<study>-best`.
 
 Every call names its run id explicitly through `MlflowClient`: threads and processes log concurrently without the
-fluent API's global active-run stack (and without a lock around logging).
+fluent API's global active-run stack (and without a lock around logging). Only opening a trial's run happens on the
+trial's thread (the trial needs the run id); everything else is handed to a `BackgroundWriter`, so a trial never
+waits for the tracking store, and `end_study` waits for whatever is still queued.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from objectives.version import code_version
 
+from .background import BackgroundWriter
 from .config import Config
 
 # Optuna state -> MLflow run status.
@@ -69,9 +72,9 @@ class MlflowTracker:
         self.experiment_id = ""
         self.parent_id = ""
         self.study = None
-        self._teacher_runs: dict[str, str] = {}
-        self._pending: dict[str, list] = {}  # run id -> its asynchronous epoch batches not yet waited for
-        self._lock = threading.Lock()  # guards only these dicts and the registry check, never logging
+        self._teacher_runs: dict[str, str] = {}  # teacher cache key -> its run id ('' while being looked up)
+        self._lock = threading.Lock()  # guards only that dict, never logging
+        self.writer = BackgroundWriter("mlflow-writer")
 
     # ---- study --------------------------------------------------------------------------------------------------
     def start_study(self, study, config: Config) -> None:
@@ -105,7 +108,8 @@ class MlflowTracker:
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 
     def end_study(self, study) -> None:
-        """Nothing to close: the parent run stays open while any worker may still log (see README)."""
+        """Wait for the queued logging. The parent run stays open while any worker may still log (see README)."""
+        self.writer.flush()
 
     # ---- trials -------------------------------------------------------------------------------------------------
     def start_trial(self, trial, choices) -> str:
@@ -116,33 +120,34 @@ class MlflowTracker:
         if trial.user_attrs.get("baseline"):
             tags["distillstudy.baseline"] = trial.user_attrs["baseline"]
         run = self.client.create_run(self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
-        self._log_params(run.info.run_id, trial_params(choices, self.config.pipeline.seed, trial.number))
+        self.writer.submit(self._log_params, run.info.run_id,
+                           trial_params(choices, self.config.pipeline.seed, trial.number))
         return run.info.run_id
 
     def log_epoch(self, run_id, stage: str, step: int, metrics: dict) -> None:
-        """One batch per epoch: `<stage>/<metric>` at the global step. Logged asynchronously (MLflow's queue), so
-        training does not wait for the tracking store; `end_trial` waits for the batches before closing the run."""
+        """One batch per epoch: `<stage>/<metric>` at the global step, written by the background writer."""
         now = int(time.time() * 1000)
-        operation = self.client.log_batch(run_id, metrics=[Metric(f"{stage}/{k}", float(v), now, step)
-                                                           for k, v in metrics.items()], synchronous=False)
-        with self._lock:
-            self._pending.setdefault(run_id, []).append(operation)
+        batch = [Metric(f"{stage}/{k}", float(v), now, step) for k, v in metrics.items()]
+        self.writer.submit(self.client.log_batch, run_id, metrics=batch, synchronous=True)
 
     def log_teacher(self, info, model) -> None:
         """Log each distinct teacher once per study (its own run); trials link to it by tag."""
         with self._lock:
             if info.key in self._teacher_runs:
                 return
-            found = self.client.search_runs([self.experiment_id], f"tags.`distillstudy.teacher_key` = '{info.key}'",
-                                            max_results=1)
-            if found:
-                self._teacher_runs[info.key] = found[0].info.run_id
-                return
-            run = self.client.create_run(self.experiment_id, run_name=f"{info.role} {info.key[:8]}",
-                                         tags={"distillstudy.role": info.role, "distillstudy.teacher_key": info.key,
-                                               "mlflow.parentRunId": self.parent_id})
-            self._teacher_runs[info.key] = run.info.run_id
-        rid = run.info.run_id
+            self._teacher_runs[info.key] = ""  # claimed: later trials of this worker skip straight past
+        self.writer.submit(self._log_teacher, info, model)
+
+    def _log_teacher(self, info, model) -> None:
+        found = self.client.search_runs([self.experiment_id], f"tags.`distillstudy.teacher_key` = '{info.key}'",
+                                        max_results=1)
+        if found:  # another worker (or an earlier run of this study) logged it
+            self._teacher_runs[info.key] = found[0].info.run_id
+            return
+        run = self.client.create_run(self.experiment_id, run_name=f"{info.role} {info.key[:8]}",
+                                     tags={"distillstudy.role": info.role, "distillstudy.teacher_key": info.key,
+                                           "mlflow.parentRunId": self.parent_id})
+        self._teacher_runs[info.key] = rid = run.info.run_id
         now = int(time.time() * 1000)
         self.client.log_batch(rid, metrics=[Metric("source_val_acc", info.source_val_acc, now, 0),
                                             Metric("target_val_acc", info.target_val_acc, now, 0),
@@ -153,13 +158,16 @@ class MlflowTracker:
         self.client.set_terminated(rid, "FINISHED")
 
     def end_trial(self, run_id, trial, state: str, result=None, reason: str | None = None) -> None:
-        """Final metrics, artifacts, tags, and the run status mapped from the Optuna state."""
+        """Final metrics, artifacts, tags, and the run status mapped from the Optuna state (queued to the writer;
+        only "is this the best trial so far" is decided now, before Optuna records this trial)."""
         if not run_id:
             return
-        with self._lock:
-            pending = self._pending.pop(run_id, [])
-        for operation in pending:
-            operation.wait()
+        tracking = self.config.tracking
+        wants_best = tracking.log_weights == "best" or (tracking.log_weights == "all" and tracking.register_best)
+        improved = result is not None and wants_best and self._is_best(trial, result)
+        self.writer.submit(self._end_trial, run_id, state, result, reason, improved)
+
+    def _end_trial(self, run_id, state: str, result, reason: str | None, improved: bool) -> None:
         tags = [RunTag("optuna.state", state)]
         if reason:
             tags.append(RunTag("distillstudy.failure" if state in ("FAIL", "KILLED") else "distillstudy.pruned",
@@ -170,11 +178,11 @@ class MlflowTracker:
             tags += [RunTag("distillstudy.teacher_key", result.teacher.key),
                      RunTag("distillstudy.teacher_cache", result.teacher.cache),
                      RunTag("distillstudy.best_stage", result.best_stage)]
-            if result.teacher.key in self._teacher_runs:
+            if self._teacher_runs.get(result.teacher.key):
                 tags.append(RunTag("distillstudy.teacher_run_id", self._teacher_runs[result.teacher.key]))
         self.client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
         if result is not None:
-            self._log_trial_artifacts(run_id, trial, result)
+            self._log_trial_artifacts(run_id, result, improved)
         self.client.set_terminated(run_id, RUN_STATUS[state])
 
     def _final_metrics(self, result) -> list[Metric]:
@@ -193,7 +201,7 @@ class MlflowTracker:
         out.append(Metric("seconds/total", result.seconds, now, 0))
         return out
 
-    def _log_trial_artifacts(self, run_id: str, trial, result) -> None:
+    def _log_trial_artifacts(self, run_id: str, result, improved: bool) -> None:
         model = result.student
         layer_map = {"arch": model.arch, "num_classes": model.num_classes, "in_channels": model.in_channels,
                      "group_widths": model.group_widths, "best_stage": result.best_stage, "groups": result.layer_map}
@@ -205,7 +213,6 @@ class MlflowTracker:
                                              if k.startswith("search.layers.")}}
         self.client.log_text(run_id, yaml.safe_dump(trial_config, sort_keys=False), "config.yaml")
         policy = self.config.tracking.log_weights
-        improved = self._is_best(trial, result)
         if policy == "all" or (policy == "best" and improved):
             self._log_state_dict(run_id, model, "model")
             if improved and self.config.tracking.register_best:
@@ -232,15 +239,15 @@ class MlflowTracker:
             self.client.log_artifact(run_id, path, artifact_dir)
 
     def _register(self, run_id: str) -> None:
+        # Runs on the writer thread only, so this worker's threads never race between the two calls.
         name = f"{self.study.study_name}-best"
-        with self._lock:
-            try:
-                self.client.create_registered_model(name, description="best trial of the distillstudy study")
-            except MlflowException:
-                pass  # already registered: add a version
-            source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
-            self.client.create_model_version(name, source=source, run_id=run_id,
-                                             tags={"optuna.study": self.study.study_name})
+        try:
+            self.client.create_registered_model(name, description="best trial of the distillstudy study")
+        except MlflowException:
+            pass  # already registered (by this worker or another): add a version
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
+        self.client.create_model_version(name, source=source, run_id=run_id,
+                                         tags={"optuna.study": self.study.study_name})
 
     def _log_params(self, run_id: str, params: dict) -> None:
         items = [Param(str(k), str(v)[:_PARAM_MAX]) for k, v in params.items()]

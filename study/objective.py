@@ -89,6 +89,8 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
     tracker = tracker or NullTracker()
     space, pipeline = config.search, config.pipeline
     multi = len(config.study.objective) > 1
+    # should_prune reads the study's trials from the storage; with no pruner it would only ever say no.
+    can_prune = not multi and not isinstance(study.pruner, optuna.pruners.NopPruner)
 
     def objective(trial: optuna.Trial):
         # Trials numbered before this one that finished or are running: if they already make the total, stop.
@@ -121,7 +123,7 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             if multi:  # Optuna has no pruning for multi-objective studies
                 return
             trial.report(value, step)
-            if trial.should_prune():
+            if can_prune and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step} ({stage}, target val acc {value:.4f})")
 
         def on_epoch(stage: str, step: int, metrics: dict) -> None:
