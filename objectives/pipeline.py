@@ -21,7 +21,7 @@ from .checkpoints import StageCheckpoints
 from .device import place, resolve_device
 from .settings import ModelSettings, PipelineSettings, TrialChoices
 from .student import build_student, frozen_groups, redraw_replaced, trainable_parameters
-from .tasks import TaskData, TaskOptions, load_task
+from .tasks import FolderImages, LabeledImages, TaskData, TaskOptions, load_task
 from .teacher import TeacherInfo, get_teacher
 from .train import (DataSource, EpochFn, LoopContext, ReportFn, StageRun, StageSpec, accuracy, feature_term,
                     l2sp_term, make_adapters, train_stage)
@@ -80,13 +80,14 @@ _task_lock = threading.Lock()
 
 
 def get_task(options: TaskOptions, seed: int, device: torch.device) -> TaskData:
-    """The split task on `device`, built once per process (trials of a study share it)."""
+    """The split task on `device`, built once per process (trials of a study share it). In-memory data is moved
+    there now; folder data only records it (its batches are copied there as they are read)."""
     key = (repr(options), seed, str(device))
     with _task_lock:
         if key not in _task_cache:
             task = load_task(options, seed)
             for name, value in vars(task).items():
-                if hasattr(value, "to") and hasattr(value, "x"):
+                if isinstance(value, (LabeledImages, FolderImages)):
                     setattr(task, name, value.to(device))
             _task_cache[key] = task
         return _task_cache[key]
@@ -121,7 +122,7 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
         torch.set_num_threads(pipeline.cpu_threads)
     task = get_task(task_options, pipeline.seed, device)
     preflight(task, model, pipeline, choices)
-    bs = pipeline.eval_batch_size
+    bs, workers = pipeline.eval_batch_size, pipeline.num_workers
 
     teacher, teacher_info = get_teacher("teacher", model.arch, model.width, task, model, pipeline, device)
     donor, donor_info = None, None
@@ -130,10 +131,11 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
                                         pipeline, device)
     ctx = LoopContext(device=device, batch_size=pipeline.batch_size, eval_batch_size=bs, augment=pipeline.augment,
                       allow_flip=task.allow_flip, target_val=task.target_val,
-                      generator=torch.Generator(device=device), report=report, on_epoch=on_epoch)
+                      generator=torch.Generator(device=device), report=report, on_epoch=on_epoch,
+                      num_workers=workers)
     models: dict[str, GroupedModel] = {"teacher": teacher}
     runs: dict[str, StageRun] = {"teacher": StageRun(epochs=teacher_info.epochs, seconds=teacher_info.seconds)}
-    val: dict[str, float] = {"teacher": accuracy(teacher, task.target_val, bs)}
+    val: dict[str, float] = {"teacher": accuracy(teacher, task.target_val, bs, workers)}
     # Step 0 is the teacher, identical for every trial of a study; student epochs are steps 1, 2, ...
     if report:
         report(0, val["teacher"], "teacher")
@@ -179,11 +181,11 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
             continue
         reseed(index)
         runs[name] = fn()
-        _snapshot(name, student, models, val, task, bs)
+        _snapshot(name, student, models, val, task, bs, workers)
         if checkpoints is not None:
             checkpoints.save(_checkpoint_state(student, models, runs, val, ctx))
 
-    stages = {name: _evaluate(models[name], runs[name], task, bs) for name in models}
+    stages = {name: _evaluate(models[name], runs[name], task, bs, workers) for name in models}
     best_stage, best_model = _best(models, val)
     threshold_epochs = [r.threshold_epoch for r in runs.values() if r.threshold_epoch is not None]
     return TrialResult(
@@ -256,9 +258,10 @@ def _distill(name: str, student: GroupedModel, teacher: GroupedModel, layer_map:
             cleanup()
 
 
-def _snapshot(name: str, student: GroupedModel, models: dict, val: dict, task: TaskData, bs: int) -> None:
+def _snapshot(name: str, student: GroupedModel, models: dict, val: dict, task: TaskData, bs: int,
+              workers: int) -> None:
     models[name] = copy.deepcopy(student)
-    val[name] = accuracy(student, task.target_val, bs)
+    val[name] = accuracy(student, task.target_val, bs, workers)
 
 
 def _best(models: dict, val: dict) -> tuple[str, GroupedModel]:
@@ -267,11 +270,11 @@ def _best(models: dict, val: dict) -> tuple[str, GroupedModel]:
     return name, models[name]
 
 
-def _evaluate(model: GroupedModel, run: StageRun, task: TaskData, bs: int) -> StageResult:
-    return StageResult(source_val_acc=accuracy(model, task.source_val, bs),
-                       source_test_acc=accuracy(model, task.source_test, bs),
-                       target_val_acc=accuracy(model, task.target_val, bs),
-                       target_test_acc=accuracy(model, task.target_test, bs),
+def _evaluate(model: GroupedModel, run: StageRun, task: TaskData, bs: int, workers: int) -> StageResult:
+    return StageResult(source_val_acc=accuracy(model, task.source_val, bs, workers),
+                       source_test_acc=accuracy(model, task.source_test, bs, workers),
+                       target_val_acc=accuracy(model, task.target_val, bs, workers),
+                       target_test_acc=accuracy(model, task.target_test, bs, workers),
                        epochs=run.epochs, seconds=run.seconds, threshold_epoch=run.threshold_epoch)
 
 

@@ -64,6 +64,9 @@ class PipelineSettings:
     cpu_threads: int = _range(1, 0, 1024)  # torch threads on CPU; small models run fastest on one (0 = torch's)
     compile: bool = False  # torch.compile the student (CUDA only; ignored on CPU)
     eval_batch_size: int = _range(1024, 1, 1 << 20)
+    # DataLoader worker processes decoding imagefolder images (0 = decode in the trial's process); in-memory tasks
+    # never use them. Results do not depend on it: the batch order is seeded independently of the workers.
+    num_workers: int = _range(2, 0, 64)
 
 
 @dataclass

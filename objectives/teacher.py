@@ -113,14 +113,15 @@ def _train(role, net, key, task: TaskData, model: ModelSettings, pipeline: Pipel
     torch.manual_seed(pipeline.seed)
     ctx = LoopContext(device=device, batch_size=pipeline.batch_size, eval_batch_size=pipeline.eval_batch_size,
                       augment=pipeline.augment, allow_flip=task.allow_flip, target_val=task.source_val,
-                      generator=torch.Generator(device=device).manual_seed(pipeline.seed))
+                      generator=torch.Generator(device=device).manual_seed(pipeline.seed),
+                      num_workers=pipeline.num_workers)
     spec = StageSpec(name=role, epochs=epochs, sources=[DataSource("source", task.source_train, 1.0)],
                      params=list(net.parameters()), lr=pipeline.teacher_lr, weight_decay=pipeline.weight_decay)
     train_stage(net, spec, ctx)
     return TeacherInfo(role=role, key=key, cache="miss", path="", epochs=epochs,
                        seconds=time.perf_counter() - started,
-                       source_val_acc=accuracy(net, task.source_val, pipeline.eval_batch_size),
-                       target_val_acc=accuracy(net, task.target_val, pipeline.eval_batch_size))
+                       source_val_acc=accuracy(net, task.source_val, pipeline.eval_batch_size, pipeline.num_workers),
+                       target_val_acc=accuracy(net, task.target_val, pipeline.eval_batch_size, pipeline.num_workers))
 
 
 def _atomic_save(state: dict, path: Path) -> None:

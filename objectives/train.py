@@ -1,8 +1,10 @@
 """The training loop shared by every stage: index-based batches from in-memory device tensors, one fused forward
 per step over all data sources, per-epoch evaluation, and a report callback after every epoch.
 
-There is no DataLoader: the data already lives on the device, so a batch is one gather. The only host-device
-syncs are once per epoch (loss sums and accuracy are accumulated on the device and read together).
+In-memory data has no DataLoader: it already lives on the device, so a batch is one gather, and the only
+host-device syncs are once per epoch (loss sums and accuracy are accumulated on the device and read together).
+Image-folder data (`FolderImages`) is the exception: it streams from a DataLoader with worker processes, and each
+of its batches is copied host -> device, which is inherent for data that does not live on the device.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from torch import nn
 from .augment import augment_batch
 from .losses import distill_loss, params_l2
 from .settings import AugmentSettings
-from .tasks import LabeledImages
+from .tasks import FolderImages, LabeledImages
+from .tasks.folder import ShuffledBatches
+
+Images = LabeledImages | FolderImages
 
 # report(step, value, stage): called after every epoch with the target validation accuracy. The study layer turns
 # it into trial.report/should_prune; raising from it (TrialPruned) stops the trial.
@@ -38,7 +43,7 @@ class DataSource:
     """One stream of training data in a stage and the weight of its loss terms."""
 
     name: str
-    data: LabeledImages
+    data: Images
     weight: float
     labeled: bool = True  # False: the teacher's soft labels stand in for labels
 
@@ -83,11 +88,12 @@ class LoopContext:
     eval_batch_size: int
     augment: AugmentSettings
     allow_flip: bool
-    target_val: LabeledImages
+    target_val: Images
     generator: torch.Generator
     report: ReportFn | None = None
     on_epoch: EpochFn | None = None
     step: int = 0  # the global epoch counter: one step per epoch of any stage
+    num_workers: int = 0  # DataLoader workers for folder data (in-memory data never uses them)
 
 
 def autocast(device: torch.device):
@@ -95,16 +101,22 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def accuracy(model: nn.Module, data: LabeledImages, batch_size: int) -> float:
-    """Top-1 accuracy of `model` on `data` (eval mode; counts accumulate on the device, read once)."""
+def accuracy(model: nn.Module, data: Images, batch_size: int, num_workers: int = 0) -> float:
+    """Top-1 accuracy of `model` on `data` (eval mode; counts accumulate on the device, read once). Folder data is
+    read by `num_workers` DataLoader workers."""
     if len(data) == 0:
         return float("nan")
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
-    with torch.inference_mode(), autocast(data.x.device):
-        for i in range(0, len(data), batch_size):
-            correct += (model(data.x[i:i + batch_size]).argmax(dim=1) == data.y[i:i + batch_size]).sum()
+    device = data.x.device if isinstance(data, LabeledImages) else data.device
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    with torch.inference_mode(), autocast(device):
+        if isinstance(data, LabeledImages):
+            for i in range(0, len(data), batch_size):
+                correct += (model(data.x[i:i + batch_size]).argmax(dim=1) == data.y[i:i + batch_size]).sum()
+        else:
+            for batch in data.batches(batch_size, num_workers):
+                correct += (model(batch.x).argmax(dim=1) == batch.y).sum()
     model.train(was_training)
     return correct.item() / len(data)
 
@@ -117,20 +129,48 @@ def set_train_mode(model: nn.Module, frozen: set[str]) -> None:
 
 
 class _IndexStream:
-    """Endless reshuffled batches of indices into one data source."""
+    """Endless reshuffled batches of one in-memory data source: each batch one gather on the device."""
 
-    def __init__(self, n: int, batch_size: int, g: torch.Generator, device: torch.device):
-        self.n, self.batch_size, self.g, self.device = n, min(batch_size, n), g, device
+    def __init__(self, data: LabeledImages, batch_size: int, g: torch.Generator, device: torch.device):
+        self.data, self.n, self.g, self.device = data, len(data), g, device
+        self.batch_size = min(batch_size, self.n)
         self.perm, self.pos = self._shuffle(), 0
 
     def _shuffle(self) -> torch.Tensor:
         return torch.randperm(self.n, generator=self.g, device=self.device)
 
-    def next(self) -> torch.Tensor:
+    def next(self) -> LabeledImages:
         if self.pos + self.batch_size > self.n:
             self.perm, self.pos = self._shuffle(), 0
         self.pos += self.batch_size
-        return self.perm[self.pos - self.batch_size:self.pos]
+        return self.data.subset(self.perm[self.pos - self.batch_size:self.pos])
+
+    def close(self) -> None:
+        pass
+
+
+class _FolderStream:
+    """Endless reshuffled batches of folder data, decoded by DataLoader workers that live for the whole stage (one
+    iterator over an endless sampler: no worker restart per epoch). Same batch semantics as `_IndexStream`."""
+
+    def __init__(self, data: FolderImages, batch_size: int, g: torch.Generator, num_workers: int):
+        # One draw from the trial's generator seeds the order: reproducible, and the same for any worker count.
+        seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item())
+        self.batches = data.batches(batch_size, num_workers, ShuffledBatches(len(data), batch_size, seed))
+
+    def next(self) -> LabeledImages:
+        # Unlike `_IndexStream`, every batch is a host -> device copy (non-blocking, from pinned memory on CUDA):
+        # inherent for data that does not live on the device.
+        return next(self.batches)
+
+    def close(self) -> None:
+        self.batches.close()  # ends the DataLoader iterator, which stops its workers
+
+
+def _stream(data: Images, ctx: "LoopContext"):
+    if isinstance(data, LabeledImages):
+        return _IndexStream(data, ctx.batch_size, ctx.generator, ctx.device)
+    return _FolderStream(data, ctx.batch_size, ctx.generator, ctx.num_workers)
 
 
 def train_stage(model: nn.Module, spec: StageSpec, ctx: LoopContext) -> StageRun:
@@ -142,38 +182,42 @@ def train_stage(model: nn.Module, spec: StageSpec, ctx: LoopContext) -> StageRun
         run.seconds = time.perf_counter() - started
         return run
     optimizer = torch.optim.Adam(spec.params, lr=spec.lr, weight_decay=spec.weight_decay)
-    streams = [_IndexStream(len(s.data), ctx.batch_size, ctx.generator, ctx.device) for s in sources]
+    streams = [_stream(s.data, ctx) for s in sources]
     steps = math.ceil(max(len(s.data) for s in sources) / ctx.batch_size)
     forward = torch.compile(model) if spec.compile and ctx.device.type == "cuda" else model
-    for _ in range(spec.epochs):
-        set_train_mode(model, spec.frozen)
-        sums = torch.zeros(3, device=ctx.device)  # loss, distill/CE term, layer term: summed on the device
-        for _ in range(steps):
-            sums += _train_step(forward, spec, ctx, sources, streams, optimizer)
-        ctx.step += 1
-        run.epochs += 1
-        val = accuracy(model, ctx.target_val, ctx.eval_batch_size)
-        loss, main, layer = (sums / steps).tolist()  # the epoch's one host-device sync for losses
-        if not all(math.isfinite(v) for v in (loss, main, layer)):
-            raise TrainingDiverged(f"loss became {loss} in stage '{spec.name}' at step {ctx.step}")
-        run.val_curve.append(val)
-        if ctx.on_epoch:
-            metrics = {"loss": loss, "target_val_acc": val}
-            metrics["kd_loss" if spec.teacher is not None else "ce_loss"] = main
-            if spec.layer_term is not None:
-                metrics["layer_term"] = layer
-            ctx.on_epoch(spec.name, ctx.step, metrics)
-        if ctx.report:
-            ctx.report(ctx.step, val, spec.name)
-        if spec.threshold is not None and val >= spec.threshold:
-            run.threshold_epoch = ctx.step
-            break
+    try:
+        for _ in range(spec.epochs):
+            set_train_mode(model, spec.frozen)
+            sums = torch.zeros(3, device=ctx.device)  # loss, distill/CE term, layer term: summed on the device
+            for _ in range(steps):
+                sums += _train_step(forward, spec, ctx, sources, streams, optimizer)
+            ctx.step += 1
+            run.epochs += 1
+            val = accuracy(model, ctx.target_val, ctx.eval_batch_size, ctx.num_workers)
+            loss, main, layer = (sums / steps).tolist()  # the epoch's one host-device sync for losses
+            if not all(math.isfinite(v) for v in (loss, main, layer)):
+                raise TrainingDiverged(f"loss became {loss} in stage '{spec.name}' at step {ctx.step}")
+            run.val_curve.append(val)
+            if ctx.on_epoch:
+                metrics = {"loss": loss, "target_val_acc": val}
+                metrics["kd_loss" if spec.teacher is not None else "ce_loss"] = main
+                if spec.layer_term is not None:
+                    metrics["layer_term"] = layer
+                ctx.on_epoch(spec.name, ctx.step, metrics)
+            if ctx.report:
+                ctx.report(ctx.step, val, spec.name)
+            if spec.threshold is not None and val >= spec.threshold:
+                run.threshold_epoch = ctx.step
+                break
+    finally:
+        for stream in streams:
+            stream.close()
     run.seconds = time.perf_counter() - started
     return run
 
 
 def _train_step(model, spec: StageSpec, ctx: LoopContext, sources, streams, optimizer) -> torch.Tensor:
-    batches = [(s, s.data.subset(stream.next())) for s, stream in zip(sources, streams)]
+    batches = [(s, stream.next()) for s, stream in zip(sources, streams)]
     x = torch.cat([b.x for _, b in batches])
     if spec.augment:
         x = augment_batch(x, ctx.augment, ctx.allow_flip, ctx.generator)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from models.errors import UserError
 from objectives.tasks.base import TaskOptions, get_task_info
+from objectives.tasks.folder import FolderImages
 
 STL_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -181,11 +182,13 @@ def test_imagefolder(tmp_path):
     assert classes == ["cat", "dog", "fox"]
     assert source.test is None and target.test is None
     for pool, n in ((source, 6), (target, 9)):
-        assert tuple(pool.train.x.shape) == (n, 3, 16, 16) and pool.train.x.dtype == torch.float32
-        assert pool.train.y.dtype == torch.int64 and 0 <= pool.train.x.min() and pool.train.x.max() <= 1
-        assert torch.equal(original_labels(pool.train.x), pool.train.y)
+        assert isinstance(pool.train, FolderImages) and pool.train.image_shape == (3, 16, 16)  # streamed, not read
+        images = pool.train.load()
+        assert tuple(images.x.shape) == (n, 3, 16, 16) and images.x.dtype == torch.float32
+        assert images.y.dtype == torch.int64 and 0 <= images.x.min() and images.x.max() <= 1
+        assert torch.equal(original_labels(images.x), images.y)
     default, _, _ = build("imagefolder", tmp_path, source_dir=str(tmp_path / "src"), target_dir=str(tmp_path / "tgt"))
-    assert tuple(default.train.x.shape[1:]) == (3, 64, 64)
+    assert tuple(default.train.load().x.shape[1:]) == (3, 64, 64)
 
 
 def test_imagefolder_mismatched_classes(tmp_path):

@@ -2,7 +2,8 @@
 
 from .base import (DomainPool, LabeledImages, TaskData, TaskInfo, TaskOptions, get_task_info, list_tasks,
                    register_task)
+from .folder import FolderImages
 from .split import load_task, split_task
 
-__all__ = ["DomainPool", "LabeledImages", "TaskData", "TaskInfo", "TaskOptions", "get_task_info", "list_tasks",
-           "load_task", "register_task", "split_task"]
+__all__ = ["DomainPool", "FolderImages", "LabeledImages", "TaskData", "TaskInfo", "TaskOptions", "get_task_info",
+           "list_tasks", "load_task", "register_task", "split_task"]

@@ -2,17 +2,22 @@
 
 A task builder returns the two domains' raw pools (`DomainPool`); `split_task` turns them into the fixed
 train/val/test splits plus the target's labelled subset and unlabelled pool, seeded, so every task is split
-the same way. Images are float32 tensors (N, C, H, W) in [0, 1]; labels int64 (N,).
+the same way. Images are float32 tensors (N, C, H, W) in [0, 1]; labels int64 (N,). In-memory tasks hold them as
+`LabeledImages`; the `imagefolder` task streams them from disk (`folder.FolderImages`: the same interface, less `x`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 
 from models.errors import UserError, unknown
+
+if TYPE_CHECKING:
+    from .folder import FolderImages
 
 
 @dataclass
@@ -25,6 +30,10 @@ class LabeledImages:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x.shape[1:])
+
     def subset(self, index: torch.Tensor) -> "LabeledImages":
         return LabeledImages(self.x[index], self.y[index])
 
@@ -35,13 +44,26 @@ class LabeledImages:
         return LabeledImages(self.x.to(device, memory_format=fmt), self.y.to(device))
 
 
+def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] -> (N, C, size, size), antialiased bilinear (the one resize every task uses)."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut to `limit` characters (for UserErrors quoting library errors)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @dataclass
 class DomainPool:
     """One domain as a builder returns it: everything in `train` (split further), plus an official `test` set
     when the dataset has one (then only `train` is split into train/val)."""
 
-    train: LabeledImages
-    test: LabeledImages | None = None
+    train: LabeledImages | FolderImages
+    test: LabeledImages | FolderImages | None = None
 
 
 @dataclass
@@ -74,18 +96,18 @@ class TaskInfo:
 
 @dataclass
 class TaskData:
-    """A task, split and ready: every tensor on one device."""
+    """A task, split and ready: every tensor on one device (folder data: every batch delivered to it)."""
 
     name: str
     shift: str
     class_names: list[str]
-    source_train: LabeledImages
-    source_val: LabeledImages
-    source_test: LabeledImages
-    target_labeled: LabeledImages
-    target_unlabeled: LabeledImages  # labels kept only for diagnostics; training never reads them
-    target_val: LabeledImages
-    target_test: LabeledImages
+    source_train: LabeledImages | FolderImages
+    source_val: LabeledImages | FolderImages
+    source_test: LabeledImages | FolderImages
+    target_labeled: LabeledImages | FolderImages
+    target_unlabeled: LabeledImages | FolderImages  # labels kept only for diagnostics; training never reads them
+    target_val: LabeledImages | FolderImages
+    target_test: LabeledImages | FolderImages
     allow_flip: bool = False
     fingerprint: str = ""  # hash of the data, part of the teacher cache key
     extras: dict = field(default_factory=dict)
@@ -96,7 +118,7 @@ class TaskData:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.source_train.x.shape[1:])
+        return self.source_train.image_shape
 
     def sizes(self) -> dict[str, int]:
         return {k: len(getattr(self, k)) for k in ("source_train", "source_val", "source_test", "target_labeled",

@@ -9,9 +9,12 @@ import torch
 from models.errors import UserError
 
 from .base import DomainPool, LabeledImages, TaskData, TaskInfo, TaskOptions
+from .folder import FolderImages
+
+Images = LabeledImages | FolderImages  # splits need only `y`, `len` and `subset`
 
 
-def _stratified_split(data: LabeledImages, fractions: list[float], g: torch.Generator) -> list[LabeledImages]:
+def _stratified_split(data: Images, fractions: list[float], g: torch.Generator) -> list[Images]:
     """Split into len(fractions)+1 parts: each class is cut in the given fractions, the rest goes last."""
     parts: list[list[torch.Tensor]] = [[] for _ in range(len(fractions) + 1)]
     for c in torch.unique(data.y).tolist():
@@ -26,7 +29,7 @@ def _stratified_split(data: LabeledImages, fractions: list[float], g: torch.Gene
     return [data.subset(torch.sort(torch.cat(p)).values) for p in parts]
 
 
-def _cap(data: LabeledImages, cap: int, g: torch.Generator) -> LabeledImages:
+def _cap(data: Images, cap: int, g: torch.Generator) -> Images:
     if cap <= 0 or len(data) <= cap:
         return data
     return data.subset(torch.sort(torch.randperm(len(data), generator=g)[:cap]).values)
@@ -43,7 +46,7 @@ def _split_domain(pool: DomainPool, options: TaskOptions, g: torch.Generator):
     return train, val, test
 
 
-def _labeled_subset(train: LabeledImages, per_class: int, g: torch.Generator):
+def _labeled_subset(train: Images, per_class: int, g: torch.Generator):
     labeled, unlabeled = [], []
     for c in torch.unique(train.y).tolist():
         idx = torch.nonzero(train.y == c).flatten()
@@ -54,10 +57,14 @@ def _labeled_subset(train: LabeledImages, per_class: int, g: torch.Generator):
             train.subset(torch.sort(torch.cat(unlabeled)).values))
 
 
-def fingerprint(*parts: LabeledImages, extra: str = "") -> str:
-    """A short hash of tensors' contents: part of the teacher cache key, so new data means a new teacher."""
+def fingerprint(*parts: Images, extra: str = "") -> str:
+    """A short hash of the data: part of the teacher cache key, so new data means a new teacher. In-memory
+    images hash their pixels; folder data its files' names, sizes and times (`FolderImages.update_hash`)."""
     h = hashlib.sha256(extra.encode())
     for p in parts:
+        if isinstance(p, FolderImages):
+            p.update_hash(h)
+            continue
         h.update(p.x.contiguous().numpy().tobytes())
         h.update(p.y.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -66,9 +73,9 @@ def fingerprint(*parts: LabeledImages, extra: str = "") -> str:
 def split_task(info: TaskInfo, source: DomainPool, target: DomainPool, class_names: list[str],
                options: TaskOptions, seed: int) -> TaskData:
     """Seeded, class-stratified splits of both domains; target train -> labelled subset + unlabelled pool."""
-    if source.train.x.shape[1:] != target.train.x.shape[1:]:
-        raise UserError(f"task '{info.name}': source images {tuple(source.train.x.shape[1:])} and target images "
-                        f"{tuple(target.train.x.shape[1:])} differ in shape")
+    if source.train.image_shape != target.train.image_shape:
+        raise UserError(f"task '{info.name}': source images {source.train.image_shape} and target images "
+                        f"{target.train.image_shape} differ in shape")
     g = torch.Generator().manual_seed(seed)
     s_train, s_val, s_test = _split_domain(source, options, g)
     t_train, t_val, t_test = _split_domain(target, options, g)

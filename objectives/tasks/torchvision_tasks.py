@@ -13,7 +13,8 @@ offline) and unreadable ones are a one-line UserError naming the dataset, the fi
 
 Every task returns float32 images (N, C, H, W) in [0, 1] with the same shape in both domains: images are resized
 with antialiased bilinear interpolation and grey images are repeated to 3 channels when the other domain is RGB.
-The datasets' official test splits become `DomainPool.test`.
+The datasets' official test splits become `DomainPool.test`. `imagefolder` alone is not read here: its pools are
+`FolderImages`, decoded batch by batch while training (a user's folders need not fit in memory).
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision import datasets
 from torchvision.datasets.utils import download_and_extract_archive, download_url
-from torchvision.transforms.functional import pil_to_tensor
 
 from models.errors import UserError
 
 from .base import DomainPool, LabeledImages, TaskOptions, register_task
+from .base import one_line as _one_line, resize_images as _resize
+from .folder import FolderImages, check_readable
 
 # Seed of the pre-cap subsample (see `_capped`). Fixed, so the same files always give the same images whatever
 # the trial seed; the caller's own seeded cap then picks from these.
@@ -67,11 +68,6 @@ class _STL10(datasets.STL10):
 
 
 # --- shared helpers ----------------------------------------------------------------------------------------------
-
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
-
 
 def _read(dataset: str, folder: str, files: list[str], download: bool, fetch: Callable[[], None], load: Callable):
     """`load()` the dataset once `folder` holds `files`. Missing files are fetched when `download` is on; when they
@@ -111,12 +107,6 @@ def _capped(images: torch.Tensor, labels: torch.Tensor, cap: int) -> Raw:
         return images, labels
     keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_SUBSAMPLE_SEED))[:cap].sort().values
     return images[keep], labels[keep]
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
 
 
 def _to_float(raw: Raw, size: int, channels: int, cap: int) -> LabeledImages:
@@ -275,27 +265,23 @@ def _image_folder(directory: str, role: str) -> datasets.ImageFolder:
         raise UserError(f"task 'imagefolder': {role}_dir {path}: {_one_line(e)}") from None
 
 
-def _load_folder(ds: datasets.ImageFolder, size: int, cap: int) -> LabeledImages:
-    """Read (a fixed subsample of) the folder's images as RGB, each resized to size x size."""
+def _folder_images(ds: datasets.ImageFolder, size: int, cap: int) -> FolderImages:
+    """(A fixed subsample of) the folder's images, read lazily as RGB resized to size x size; every picked file's
+    header is checked now, so a stray non-image stops the run before any training."""
     labels = torch.tensor(ds.targets, dtype=torch.int64)
     index, labels = _capped(torch.arange(len(labels)), labels, cap)  # pick before reading: no wasted disk reads
-    x = []
-    for i in index.tolist():
-        path = ds.samples[i][0]
-        try:
-            image = ds.loader(path)  # PIL, converted to RGB
-        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
-            raise UserError(f"task 'imagefolder': cannot read image {path}: {_one_line(e)}") from None
-        x.append(_resize(pil_to_tensor(image).unsqueeze(0).float() / 255, size))
-    return LabeledImages(torch.cat(x), labels)
+    paths = [ds.samples[i][0] for i in index.tolist()]
+    check_readable(paths)
+    return FolderImages(ds.root, [os.path.relpath(p, ds.root) for p in paths], labels, size)
 
 
 @register_task("imagefolder", shift="dataset", allow_flip=True,
                description="any two class-per-folder image directories (task.source_dir -> task.target_dir), "
-                           "e.g. Office-31 domains; RGB, resized to task.image_size (default 64)")
+                           "e.g. Office-31 domains; RGB, resized to task.image_size (default 64), streamed from disk")
 def imagefolder(options: TaskOptions):
     """Source and target from `options.source_dir` / `options.target_dir`, each holding one folder per class
-    (same folder names in both); images loaded once as RGB, squashed to image_size x image_size. No test split."""
+    (same folder names in both); images read lazily as RGB, squashed to image_size x image_size, decoded batch by
+    batch by DataLoader workers (`folder.FolderImages`). No test split."""
     source, target = _image_folder(options.source_dir, "source"), _image_folder(options.target_dir, "target")
     if source.classes != target.classes:
         only_s = sorted(set(source.classes) - set(target.classes))
@@ -304,5 +290,5 @@ def imagefolder(options: TaskOptions):
                         f"only in target_dir {only_t}")
     size = options.image_size or _IMAGEFOLDER_SIZE
     cap = options.max_per_domain
-    return (DomainPool(_load_folder(source, size, cap)), DomainPool(_load_folder(target, size, cap)),
+    return (DomainPool(_folder_images(source, size, cap)), DomainPool(_folder_images(target, size, cap)),
             list(source.classes))
