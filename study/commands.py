@@ -12,6 +12,7 @@ import optuna
 from models.errors import UserError
 
 from .config import load_config
+from .progress import TrialProgress
 from .objective import choices_from_attrs
 from .storage import mask_url, resolve_storage_url
 from .studies import best_summary, create_study, load_study
@@ -55,25 +56,42 @@ def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device
              f"({config.task.name}, {config.model.arch}, sampler {config.study.sampler.name}, "
              f"pruner {config.study.pruner.name})")
 
+    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    progress = None if quiet else TrialProgress(total, len(study.get_trials(deepcopy=False, states=finished_states)),
+                                                echo)
+
     def on_trial(study_, trial):
-        if quiet:
+        if progress is None:
             return
-        done = len(study_.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                              optuna.trial.TrialState.PRUNED)))
-        echo(f"[{min(done, total):>3}/{total}] {format_trial_line(trial)}")
+        lines = [format_trial_line(trial)]
         if verbose and trial.user_attrs.get("stages"):
-            for stage, acc in trial.user_attrs["stages"].items():
-                echo(f"        {stage:<10} source val {acc['source_val_acc']:.3f}  target val "
-                     f"{acc['target_val_acc']:.3f}  epochs {acc['epochs']}")
+            lines += [f"        {stage:<10} source val {acc['source_val_acc']:.3f}  target val "
+                      f"{acc['target_val_acc']:.3f}  epochs {acc['epochs']}"
+                      for stage, acc in trial.user_attrs["stages"].items()]
+        done = len(study_.get_trials(deepcopy=False, states=finished_states))
+        progress.finished(done, "\n".join(lines), best=_best_value(study_))
 
     try:
         run_worker(name, url, n_trials=total, timeout=timeout, n_jobs=n_jobs, device=device, on_trial=on_trial)
+        interrupted = False
     except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if progress is not None:
+            progress.close()
+    if interrupted:
         echo("interrupted: the running trial is marked FAIL and queued again; rerun the same command to continue")
         return 130
     if not quiet:
         echo(_closing(name, url, config))
     return 0
+
+
+def _best_value(study: optuna.Study) -> float | None:
+    try:
+        return study.best_value
+    except (ValueError, RuntimeError):  # nothing complete yet, or a multi-objective study
+        return None
 
 
 def format_trial_line(trial: optuna.trial.FrozenTrial) -> str:

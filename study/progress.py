@@ -1,0 +1,45 @@
+"""A worker's progress: one bar for the study's finished trials (on a terminal), with a line per finished trial
+printed above it. Without a terminal (logs, CI, pipes) only the lines are printed, each with an `[n/total]`
+counter, so the output stays plain text."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Callable, TextIO
+
+
+class TrialProgress:
+    """The bar lives on `stream` (stderr by default) and only when it is a terminal; `line()` prints through
+    `echo` (stdout) and keeps the bar below the lines. Thread-safe: `--n-jobs` trials finish on several threads."""
+
+    def __init__(self, total: int, done: int, echo: Callable[[str], None], stream: TextIO | None = None):
+        self.total, self.echo = total, echo
+        self._lock = threading.Lock()
+        stream = stream or sys.stderr
+        self._bar = None
+        if stream.isatty():
+            from tqdm import tqdm  # Optuna's own progress-bar dependency
+
+            self._bar = tqdm(total=total, initial=min(done, total), unit="trial", file=stream, dynamic_ncols=True,
+                             desc="trials", leave=True)
+
+    def finished(self, done: int, text: str, best: float | None = None) -> None:
+        """One trial finished: `done` finished trials in the study so far; `text` its line."""
+        with self._lock:
+            counter = f"[{min(done, self.total):>3}/{self.total}] "
+            if self._bar is None:
+                self.echo(counter + text)
+                return
+            self._bar.write(counter + text, file=sys.stdout)  # clears the bar, prints, redraws it
+            self._bar.n = min(done, self.total)
+            if best is not None:
+                self._bar.set_postfix_str(f"best {best:.4f}", refresh=False)
+            self._bar.refresh()
+
+    def close(self) -> None:
+        """Leave the bar as it ended (a no-op without a terminal)."""
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
