@@ -180,6 +180,10 @@ class MlflowTracker:
                      RunTag("distillstudy.best_stage", result.best_stage)]
             if self._teacher_runs.get(result.teacher.key):
                 tags.append(RunTag("distillstudy.teacher_run_id", self._teacher_runs[result.teacher.key]))
+            if result.donor is not None:
+                tags.append(RunTag("distillstudy.donor_key", result.donor.key))
+                if self._teacher_runs.get(result.donor.key):
+                    tags.append(RunTag("distillstudy.donor_run_id", self._teacher_runs[result.donor.key]))
         self.client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
         if result is not None:
             self._log_trial_artifacts(run_id, result, improved)

@@ -148,6 +148,8 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
         checkpoints.clear()
         record_result(trial, result)
         tracker.log_teacher(result.teacher, result.models.get("teacher"))
+        if result.donor is not None:  # replace_with: donor; its weights are the cached file its run names
+            tracker.log_teacher(result.donor, None)
         budget = max_epochs(config, choices.generations)
         values = [objective_value(result, name, budget) for name in config.study.objective]
         tracker.end_trial(run_id, trial, "COMPLETE", result=result)

@@ -3,7 +3,7 @@
 A module-wide server on a free loopback port; tiny studies run through the CLI (`study run`) against it; every
 check reads back through `MlflowClient`: the experiment, the study's parent run, one child run per trial with its
 params, per-epoch metric histories on the global step axis, final metrics and artifacts, the Optuna state mapped to
-the run status (COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED), the teacher logged once, weights that load
+the run status (COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED), the teacher and the donor logged once, weights that load
 back and reproduce the logged accuracy, the registered `<study>-best` model, `log_weights: none`,
 `enabled: false`, and two threads logging at once.
 """
@@ -424,3 +424,22 @@ def test_tracking_disabled_creates_no_runs(server, workdir):
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert done and not any("mlflow_run_id" in t.user_attrs for t in study.trials)
     assert "mlflow_parent_run_id" not in study.user_attrs
+
+
+def test_donor_logged_once_and_linked_from_the_trial(server, workdir):
+    """With `replace_with: donor`, a completed trial that replaces a group links the donor's own run."""
+    url, _ = server
+    common = [*_common(url, workdir, "donor"), *TINY, "--set", "pipeline.replace_with=donor",
+              "--set", "study.baselines=false", "--set", "study.pruner.name=none", "--set", "study.pruner.kwargs={}"]
+    _cli(["study", "create", QUICKSTART, "--name", "mlt-donor", *common])
+    storage = f"sqlite:///{workdir}/donor.db"
+    optuna.load_study(study_name="mlt-donor", storage=storage).enqueue_trial(
+        {"layers.stem": "finetune", "layers.block1": "finetune", "layers.block2": "replace", "layers.head": "finetune"})
+    _cli(["study", "run", "mlt-donor", "--storage", storage, "--n-trials", "1", "--quiet"])
+    s = Study("mlt-donor", url, storage, "")
+    donors = s.runs("donor")
+    assert len(donors) == 1 and donors[0].info.status == "FINISHED"
+    assert "cache_path" in donors[0].data.params and "source_val_acc" in donors[0].data.metrics
+    (run,) = s.trial_runs().values()
+    assert run.data.tags["distillstudy.donor_key"] == donors[0].data.tags["distillstudy.teacher_key"]
+    assert run.data.tags["distillstudy.donor_run_id"] == donors[0].info.run_id
