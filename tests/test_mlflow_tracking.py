@@ -3,8 +3,8 @@
 A module-wide server on a free loopback port; tiny studies run through the CLI (`study run`) against it; every
 check reads back through `MlflowClient`: the experiment, the study's parent run, one child run per trial with its
 params, per-epoch metric histories on the global step axis, final metrics and artifacts, the Optuna state mapped to
-the run status (COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED), the teacher and the donor logged once, weights that load
-back and reproduce the logged accuracy, the registered `<study>-best` model, `log_weights: none`,
+the run status (COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED), the teacher and the donor logged once,
+weights that load back and reproduce the logged accuracy, the registered `<study>-best` model, `log_weights: none`,
 `enabled: false`, and two threads logging at once.
 """
 
