@@ -53,8 +53,8 @@ def trial():
 
 
 @trial.command("run")
-@click.option("--config", "config_path", default="examples/quickstart.yaml", show_default=True,
-              type=click.Path(dir_okay=False), help="YAML config.")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="YAML config (default: the quickstart, examples/quickstart.yaml).")
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def trial_run(config_path, overrides, as_json):
@@ -62,7 +62,9 @@ def trial_run(config_path, overrides, as_json):
     from study.config import load_config
     from study.trial import format_trial, run_fixed_trial
 
-    result = run_fixed_trial(load_config(config_path, overrides))
+    from study.commands import QUICKSTART
+
+    result = run_fixed_trial(load_config(config_path or str(QUICKSTART), overrides))
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_trial(result))
 
 
@@ -266,15 +268,15 @@ def trial_replay(name, number, storage, as_json):
 
 
 @main.command("ui")
-@click.option("--config", "config_path", default="examples/quickstart.yaml", show_default=True,
-              type=click.Path(dir_okay=False), help="Config whose tracking URI and storage to use.")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Config whose tracking URI and storage to use (default: the quickstart's).")
 @click.option("--port", default=5000, show_default=True, type=int)
 @storage_option
 def ui(config_path, port, storage):
     """Start the MLflow UI on 127.0.0.1 for the study's tracking URI (and print the optuna-dashboard command)."""
-    from study.commands import start_ui
+    from study.commands import QUICKSTART, start_ui
 
-    sys.exit(start_ui(config_path, port, storage, click.echo))
+    sys.exit(start_ui(config_path or str(QUICKSTART), port, storage, click.echo))
 
 
 @study.command("report")

@@ -18,7 +18,7 @@ from .storage import mask_url, resolve_storage_url
 from .studies import best_summary, create_study, load_study
 
 # The embedded default study: `study run` with no NAME and no --config runs it.
-QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+QUICKSTART = Path(__file__).parent / "quickstart.yaml"  # examples/quickstart.yaml, packaged with `study`
 _SHORT = {"finetune": "ft", "freeze": "fr", "replace": "rp"}
 
 
