@@ -182,3 +182,13 @@ def test_tasks_list_table():
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
     assert " 1x8x8 " in lines["digits-invert"] and "input" in lines["digits-invert"]
+
+
+def test_trial_run_defaults_to_the_packaged_quickstart_from_any_directory(tiny_sets, tmp_path, monkeypatch):
+    from study.commands import QUICKSTART
+
+    assert QUICKSTART.read_text() == (QUICKSTART.parent.parent / "examples" / "quickstart.yaml").read_text()
+    monkeypatch.chdir(tmp_path)  # no examples/ here
+    result = invoke("trial", "run", *tiny_sets, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["params"]["search.layers.stem"] == "finetune"
