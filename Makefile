@@ -26,4 +26,4 @@ bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .distillstudy distillstudy.db mlflow.db mlruns
+	rm -rf $(VENV) .distillstudy distillstudy.db distillstudy.db-wal distillstudy.db-shm distillstudy.db.queue.lock mlflow.db mlruns

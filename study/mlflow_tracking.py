@@ -10,8 +10,10 @@ waits for the tracking store, and `end_study` waits for whatever is still queued
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -56,6 +58,11 @@ def trial_params(choices, seed: int, number: int) -> dict:
     params.update({k: v for k, v in vars(choices).items() if k != "layers"})
     params.update(trial_number=number, seed=seed)
     return params
+
+
+def cpu_state(model) -> dict:
+    """The model's state_dict on the host (a copy on CUDA; the same tensors on CPU, where nothing changes them)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 class MlflowTracker:
@@ -109,7 +116,7 @@ class MlflowTracker:
 
     def end_study(self, study) -> None:
         """Wait for the queued logging. The parent run stays open while any worker may still log (see README)."""
-        self.writer.flush()
+        self.writer.close()
 
     # ---- trials -------------------------------------------------------------------------------------------------
     def start_trial(self, trial, choices) -> str:
@@ -119,7 +126,13 @@ class MlflowTracker:
                 "distillstudy.code_version": code_version(), "distillstudy.role": "trial"}
         if trial.user_attrs.get("baseline"):
             tags["distillstudy.baseline"] = trial.user_attrs["baseline"]
-        run = self.client.create_run(self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
+        try:
+            run = self.client.create_run(self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
+        except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail the trial: it runs untracked
+            print(f"warning: trial {trial.number} is not tracked: cannot open its MLflow run "
+                  f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})",
+                  file=sys.stderr, flush=True)
+            return None
         self.writer.submit(self._log_params, run.info.run_id,
                            trial_params(choices, self.config.pipeline.seed, trial.number))
         return run.info.run_id
@@ -136,9 +149,19 @@ class MlflowTracker:
             if info.key in self._teacher_runs:
                 return
             self._teacher_runs[info.key] = ""  # claimed: later trials of this worker skip straight past
-        self.writer.submit(self._log_teacher, info, model)
+            state = cpu_state(model) if model is not None and self.config.tracking.log_weights != "none" else None
+            # Queued under the lock: no other trial's end can be queued before it (and miss the link tag).
+            self.writer.submit(self._log_teacher, info, state)
 
-    def _log_teacher(self, info, model) -> None:
+    def _log_teacher(self, info, state: dict | None) -> None:
+        try:
+            self._find_or_log_teacher(info, state)
+        except Exception:
+            with self._lock:
+                self._teacher_runs.pop(info.key, None)  # a later trial tries again
+            raise
+
+    def _find_or_log_teacher(self, info, state: dict | None) -> None:
         found = self.client.search_runs([self.experiment_id], f"tags.`distillstudy.teacher_key` = '{info.key}'",
                                         max_results=1)
         if found:  # another worker (or an earlier run of this study) logged it
@@ -153,8 +176,8 @@ class MlflowTracker:
                                             Metric("target_val_acc", info.target_val_acc, now, 0),
                                             Metric("seconds", info.seconds, now, 0)],
                               params=[Param("epochs", str(info.epochs)), Param("cache_path", info.path)])
-        if model is not None and self.config.tracking.log_weights != "none":
-            self._log_state_dict(rid, model, "model")
+        if state is not None:
+            self._log_state_dict(rid, state, "model")
         self.client.set_terminated(rid, "FINISHED")
 
     def end_trial(self, run_id, trial, state: str, result=None, reason: str | None = None) -> None:
@@ -165,9 +188,20 @@ class MlflowTracker:
         tracking = self.config.tracking
         wants_best = tracking.log_weights == "best" or (tracking.log_weights == "all" and tracking.register_best)
         improved = result is not None and wants_best and self._is_best(trial, result)
-        self.writer.submit(self._end_trial, run_id, state, result, reason, improved)
+        meta, weights = None, None
+        if result is not None:
+            # Queue only host-side data: the result's models (teacher, every stage) stay on the device and would
+            # be held there for as long as the queue is behind.
+            model = result.student
+            meta = {"arch": model.arch, "num_classes": model.num_classes, "in_channels": model.in_channels,
+                    "group_widths": model.group_widths}
+            if tracking.log_weights == "all" or (tracking.log_weights == "best" and improved):
+                weights = cpu_state(model)
+            result = dataclasses.replace(result, student=None, models={})
+        self.writer.submit(self._end_trial, run_id, state, result, reason, improved, meta, weights)
 
-    def _end_trial(self, run_id, state: str, result, reason: str | None, improved: bool) -> None:
+    def _end_trial(self, run_id, state: str, result, reason: str | None, improved: bool, meta: dict | None,
+                   weights: dict | None) -> None:
         tags = [RunTag("optuna.state", state)]
         if reason:
             tags.append(RunTag("distillstudy.failure" if state in ("FAIL", "KILLED") else "distillstudy.pruned",
@@ -186,7 +220,7 @@ class MlflowTracker:
                     tags.append(RunTag("distillstudy.donor_run_id", self._teacher_runs[result.donor.key]))
         self.client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
         if result is not None:
-            self._log_trial_artifacts(run_id, result, improved)
+            self._log_trial_artifacts(run_id, result, improved, meta, weights)
         self.client.set_terminated(run_id, RUN_STATUS[state])
 
     def _final_metrics(self, result) -> list[Metric]:
@@ -205,10 +239,8 @@ class MlflowTracker:
         out.append(Metric("seconds/total", result.seconds, now, 0))
         return out
 
-    def _log_trial_artifacts(self, run_id: str, result, improved: bool) -> None:
-        model = result.student
-        layer_map = {"arch": model.arch, "num_classes": model.num_classes, "in_channels": model.in_channels,
-                     "group_widths": model.group_widths, "best_stage": result.best_stage, "groups": result.layer_map}
+    def _log_trial_artifacts(self, run_id: str, result, improved: bool, meta: dict, weights: dict | None) -> None:
+        layer_map = {**meta, "best_stage": result.best_stage, "groups": result.layer_map}
         self.client.log_text(run_id, json.dumps(layer_map, indent=2), "layer_map.json")
         trial_config = self.config.to_dict()
         trial_config["search"] = {**{k.split(".", 1)[1]: v for k, v in result.params.items()
@@ -216,9 +248,8 @@ class MlflowTracker:
                                   "layers": {k.split(".", 2)[2]: v for k, v in result.params.items()
                                              if k.startswith("search.layers.")}}
         self.client.log_text(run_id, yaml.safe_dump(trial_config, sort_keys=False), "config.yaml")
-        policy = self.config.tracking.log_weights
-        if policy == "all" or (policy == "best" and improved):
-            self._log_state_dict(run_id, model, "model")
+        if weights is not None:
+            self._log_state_dict(run_id, weights, "model")
             if improved and self.config.tracking.register_best:
                 self._register(run_id)
 
@@ -236,10 +267,10 @@ class MlflowTracker:
                                 max_epochs(self.config, int(result.params["search.generations"])))
         return value > best if direction == "maximize" else value < best
 
-    def _log_state_dict(self, run_id: str, model, artifact_dir: str) -> None:
+    def _log_state_dict(self, run_id: str, state: dict, artifact_dir: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "state_dict.pt")
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+            torch.save(state, path)
             self.client.log_artifact(run_id, path, artifact_dir)
 
     def _register(self, run_id: str) -> None:

@@ -56,7 +56,7 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, TrainingDiverged):
         return f"diverged: {exc}"
     if isinstance(exc, UserError):
-        return f"invalid choices: {exc}"
+        return f"invalid input: {exc}"  # impossible layer choices, unreadable data
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (worker stopped); retried"
     first = (str(exc).strip().splitlines() or [""])[0]

@@ -32,7 +32,7 @@ class TrialProgress:
                 self.echo(counter + text)
                 return
             self._bar.write(counter + text, file=sys.stdout)  # clears the bar, prints, redraws it
-            self._bar.n = min(done, self.total)
+            self._bar.n = max(self._bar.n, min(done, self.total))  # threads may report out of order
             if best is not None:
                 self._bar.set_postfix_str(f"best {best:.4f}", refresh=False)
             self._bar.refresh()

@@ -27,18 +27,19 @@ _checked: set = set()
 
 
 def _check_key(url: str):
-    # A relative SQLite path names a different file in another directory, and a deleted file comes back empty:
-    # key SQLite by the file itself.
+    # A relative SQLite path names a different file in another directory, and a deleted file comes back empty
+    # (possibly under a reused inode): key SQLite by its absolute path and the file itself, never an empty one.
     if not url.startswith("sqlite"):
         return url
     path = _sqlite_path(url)
     if path is None:
         return None  # in-memory: every open is a new database
     try:
-        st = path.expanduser().resolve().stat()
+        resolved = path.expanduser().resolve()
+        st = resolved.stat()
     except OSError:
         return None  # not created yet: nothing checked
-    return (st.st_dev, st.st_ino)
+    return (str(resolved), st.st_dev, st.st_ino) if st.st_size > 0 else None
 
 
 def resolve_storage_url(cli_value: str | None, config_value: str | None = None) -> str:
@@ -113,7 +114,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     except Exception as exc:  # noqa: BLE001 - driver errors differ per database; all mean "cannot use this URL"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot open storage '{mask_url(url)}': {mask_url(first)[:300]}") from None
-    if url.startswith("sqlite"):
+    if _sqlite_path(url) is not None:  # a file (an in-memory database would be lost by the reconnect)
         _fast_sqlite(storage.engine)
     return storage
 
@@ -128,12 +129,17 @@ def _fast_sqlite(engine) -> None:
     workers on one file wait less. WAL needs all workers on one host (no network filesystems), which SQLite
     storage needs anyway (README: use PostgreSQL or journal: storage across machines).
     """
+    import sqlite3
+
     from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection, _record):
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            pass  # a read-only file (or mount) keeps its journal mode: reading it still works
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 

@@ -106,7 +106,13 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
                 if interrupted.is_set():
                     raise KeyboardInterrupt
     finally:
-        tracker.end_study(study)
+        if interrupted.is_set():
+            tracker.end_study(study)  # a second signal already exits at once (see _graceful_signals.__exit__)
+        else:
+            # A Ctrl-C while the last tracking writes finish must not drop them, nor pass for an interrupted
+            # trial: the first is absorbed, a second exits at once.
+            with _graceful_signals(threading.Event(), raise_now=False):
+                tracker.end_study(study)
     if len(failures) >= MAX_CONSECUTIVE_FAILURES:
         raise UserError(f"{len(failures)} trials in a row failed on this worker (last: {failures[-1]}); "
                         f"stopping it so it does not burn through the study")

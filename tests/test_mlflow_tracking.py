@@ -357,7 +357,7 @@ def test_failed_and_pruned_runs(edge_study):
     assert run.info.status == "FAILED"
     assert run.data.tags["optuna.state"] == "FAIL"
     assert run.data.tags["distillstudy.failure"] == failed.user_attrs["failure"]
-    assert run.data.tags["distillstudy.failure"].startswith("invalid choices:")
+    assert run.data.tags["distillstudy.failure"].startswith("invalid input:")
     assert run.data.params["layer.block1"] == "replace"
     assert not run.data.metrics and not s.artifacts(run.info.run_id)
 
