@@ -24,10 +24,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from models.errors import UserError
 from objectives.version import code_version
 
 from .background import BackgroundWriter
 from .config import Config
+from .storage import mask_url
 
 # Optuna state -> MLflow run status.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
@@ -60,6 +62,25 @@ def trial_params(choices, seed: int, number: int) -> dict:
     return params
 
 
+def _first_line(exc: BaseException) -> str:
+    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:300]
+
+
+def _check_server(uri: str, timeout: float = 10.0) -> None:
+    """The tracking server answers its health check, else a one-line UserError."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except OSError as exc:  # refused, unresolvable, timed out, HTTP errors
+        problem = mask_url(_first_line(exc))
+    raise UserError(f"cannot reach the MLflow tracking server '{mask_url(uri)}' ({problem}); start it, fix "
+                    f"tracking.mlflow_uri / $MLFLOW_TRACKING_URI, or set tracking.enabled: false")
+
+
 def cpu_state(model) -> dict:
     """The model's state_dict on the host (a copy on CUDA; the same tensors on CPU, where nothing changes them)."""
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -85,8 +106,18 @@ class MlflowTracker:
 
     # ---- study --------------------------------------------------------------------------------------------------
     def start_study(self, study, config: Config) -> None:
-        """Find or create the experiment and the study's parent run (shared by every worker)."""
+        """Find or create the experiment and the study's parent run (shared by every worker). An unreachable
+        tracking server is a UserError before any trial starts (not minutes of retries, not a traceback)."""
         self.study = study
+        if self.uri.startswith(("http://", "https://")):
+            _check_server(self.uri)
+        try:
+            self._start_study(study, config)
+        except MlflowException as exc:
+            raise UserError(f"MLflow tracking at '{mask_url(self.uri)}' failed: {_first_line(exc)} "
+                            f"(set tracking.enabled: false to run without it)") from None
+
+    def _start_study(self, study, config: Config) -> None:
         self.experiment_id = self._experiment_id()
         runs = self.client.search_runs([self.experiment_id], "tags.`distillstudy.role` = 'study'",
                                        order_by=["attributes.start_time ASC"], max_results=1)

@@ -443,3 +443,13 @@ def test_donor_logged_once_and_linked_from_the_trial(server, workdir):
     (run,) = s.trial_runs().values()
     assert run.data.tags["distillstudy.donor_key"] == donors[0].data.tags["distillstudy.teacher_key"]
     assert run.data.tags["distillstudy.donor_run_id"] == donors[0].info.run_id
+
+
+def test_unreachable_tracking_server_is_a_one_line_error(tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    result = CliRunner().invoke(cli.main, ["study", "run", "down", "--config", QUICKSTART, "--quiet",
+                                           *_common(url, tmp_path, "down"), *TINY])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.stderr.startswith("error: cannot reach the MLflow tracking server") and \
+        result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.output
