@@ -188,8 +188,9 @@ class MlflowTracker:
         try:
             self._find_or_log_teacher(info, state)
         except Exception:
-            with self._lock:
-                self._teacher_runs.pop(info.key, None)  # a later trial tries again
+            # A later trial tries again. No lock here: a trial thread may hold it while it waits for room in the
+            # queue this thread drains (a single dict operation is atomic anyway).
+            self._teacher_runs.pop(info.key, None)
             raise
 
     def _find_or_log_teacher(self, info, state: dict | None) -> None:
