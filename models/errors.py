@@ -9,6 +9,12 @@ class UserError(Exception):
     """Bad input from the user (config, names, files): reported as one line, exit code 2, no traceback."""
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when it has none), cut to `limit` characters:
+    what a one-line error or warning quotes from a library's multi-line message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def did_you_mean(name: str, choices) -> str:
     """Return ' (did you mean 'x'?)' for the closest choice to `name`, or '' when nothing is close."""
     import difflib

@@ -22,10 +22,8 @@ from torch import nn
 from .augment import augment_batch
 from .losses import distill_loss, params_l2
 from .settings import AugmentSettings
-from .tasks import FolderImages, LabeledImages
+from .tasks import FolderImages, Images, LabeledImages
 from .tasks.folder import ShuffledBatches
-
-Images = LabeledImages | FolderImages
 
 # report(step, value, stage): called after every epoch with the target validation accuracy. The study layer turns
 # it into trial.report/should_prune; raising from it (TrialPruned) stops the trial.

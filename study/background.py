@@ -8,6 +8,8 @@ import sys
 import threading
 from typing import Callable
 
+from models.errors import first_line
+
 
 class BackgroundWriter:
     """Runs submitted calls one after another, in submission order, on its own thread.
@@ -65,8 +67,7 @@ class BackgroundWriter:
             try:
                 fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - see the class docstring
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                message = f"{getattr(fn, '__name__', 'call')}: {type(exc).__name__}: {first}"[:300]
+                message = f"{getattr(fn, '__name__', 'call')}: {type(exc).__name__}: {first_line(exc)}"[:300]
                 self.errors.append(message)
                 print(f"warning: tracking call failed ({message})", file=sys.stderr, flush=True)
             finally:

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from models.errors import UserError
+from models.errors import UserError, first_line
 from objectives.version import code_version
 
 from .background import BackgroundWriter
@@ -62,10 +62,6 @@ def trial_params(choices, seed: int, number: int) -> dict:
     return params
 
 
-def _first_line(exc: BaseException) -> str:
-    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:300]
-
-
 def _check_server(uri: str, timeout: float = 10.0) -> None:
     """The tracking server answers its health check, else a one-line UserError."""
     import urllib.request
@@ -76,7 +72,7 @@ def _check_server(uri: str, timeout: float = 10.0) -> None:
                 return
             problem = f"HTTP {response.status}"
     except OSError as exc:  # refused, unresolvable, timed out, HTTP errors
-        problem = mask_url(_first_line(exc))
+        problem = mask_url(first_line(exc))
     raise UserError(f"cannot reach the MLflow tracking server '{mask_url(uri)}' ({problem}); start it, fix "
                     f"tracking.mlflow_uri / $MLFLOW_TRACKING_URI, or set tracking.enabled: false")
 
@@ -114,7 +110,7 @@ class MlflowTracker:
         try:
             self._start_study(study, config)
         except MlflowException as exc:
-            raise UserError(f"MLflow tracking at '{mask_url(self.uri)}' failed: {_first_line(exc)} "
+            raise UserError(f"MLflow tracking at '{mask_url(self.uri)}' failed: {first_line(exc)} "
                             f"(set tracking.enabled: false to run without it)") from None
 
     def _start_study(self, study, config: Config) -> None:
@@ -161,7 +157,7 @@ class MlflowTracker:
             run = self.client.create_run(self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
         except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail the trial: it runs untracked
             print(f"warning: trial {trial.number} is not tracked: cannot open its MLflow run "
-                  f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})",
+                  f"({type(exc).__name__}: {first_line(exc, 200)})",
                   file=sys.stderr, flush=True)
             return None
         self.writer.submit(self._log_params, run.info.run_id,

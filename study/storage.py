@@ -11,7 +11,7 @@ import warnings
 
 import optuna
 
-from models.errors import UserError
+from models.errors import UserError, first_line
 
 # Heartbeats and their retry callback are marked experimental in Optuna; we rely on them on purpose and the
 # warnings would otherwise print on every worker start.
@@ -109,11 +109,12 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     try:
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=checked,
                                              skip_table_creation=checked, **kwargs)
-        if _check_key(url) is not None:
-            _checked.add(_check_key(url))
+        key = _check_key(url)  # now that the file exists
+        if key is not None:
+            _checked.add(key)
     except Exception as exc:  # noqa: BLE001 - driver errors differ per database; all mean "cannot use this URL"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot open storage '{mask_url(url)}': {mask_url(first)[:300]}") from None
+        message = mask_url(first_line(exc, limit=10_000))[:300]  # masked before cutting: no half password shows
+        raise UserError(f"cannot open storage '{mask_url(url)}': {message}") from None
     if _sqlite_path(url) is not None:  # a file (an in-memory database would be lost by the reconnect)
         _fast_sqlite(storage.engine)
     return storage

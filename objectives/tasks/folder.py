@@ -150,6 +150,10 @@ class FolderImages:
         return LabeledImages(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
 
 
+# Either kind of task data; code that needs only `y`, `len`, `subset` and `image_shape` takes both.
+Images = LabeledImages | FolderImages
+
+
 class ShuffledBatches:
     """An endless `batch_sampler`: index lists of `batch_size` from a fresh permutation each pass, dropping the
     remainder, like the in-memory `_IndexStream`. Seeded, so the order never depends on the number of workers."""

@@ -8,10 +8,8 @@ import torch
 
 from models.errors import UserError
 
-from .base import DomainPool, LabeledImages, TaskData, TaskInfo, TaskOptions
-from .folder import FolderImages
-
-Images = LabeledImages | FolderImages  # splits need only `y`, `len` and `subset`
+from .base import DomainPool, TaskData, TaskInfo, TaskOptions
+from .folder import FolderImages, Images
 
 
 def _stratified_split(data: Images, fractions: list[float], g: torch.Generator) -> list[Images]:
