@@ -1,4 +1,4 @@
-"""The one exception type that means "the user asked for something impossible".
+"""The exception types that mean "the user asked for something impossible".
 
 It lives at the bottom of the import chain (cli -> study -> objectives -> models) so every layer can raise it;
 the CLI turns it into one line on stderr and exit code 2.
@@ -7,6 +7,11 @@ the CLI turns it into one line on stderr and exit code 2.
 
 class UserError(Exception):
     """Bad input from the user (config, names, files): reported as one line, exit code 2, no traceback."""
+
+
+class InvalidChoice(UserError):
+    """A trial's choices cannot run (impossible layer actions or shapes, a stage left with no data): the choice's
+    fault, not the worker's. In a study the trial fails with the reason and the study goes on."""
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .seeding import GLOBAL_RNG
+
 # Builds a fresh group: (group name, width factor) -> module with the group's fixed interface.
 GroupFactory = Callable[[str, float], nn.Module]
 
@@ -36,8 +38,10 @@ class GroupedModel(nn.Module):
         return list(self.groups.keys())
 
     def new_group(self, name: str, width: float = 1.0) -> nn.Module:
-        """A freshly initialised module for group `name` with the same interface and `width` x hidden width."""
-        return self._factory(name, width)
+        """A freshly initialised module for group `name` with the same interface and `width` x hidden width (drawn
+        under the global-generator lock; see `models.seeding`)."""
+        with GLOBAL_RNG:
+            return self._factory(name, width)
 
     def replace_group(self, name: str, module: nn.Module, width: float | None = None) -> None:
         """Swap group `name` for `module` (same interface); record its width for reloading."""

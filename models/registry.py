@@ -9,6 +9,7 @@ from typing import Callable
 
 from .errors import UserError, unknown
 from .grouped import GroupedModel
+from .seeding import GLOBAL_RNG
 
 _MODELS: dict[str, Callable[..., GroupedModel]] = {}
 
@@ -46,6 +47,9 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, width: float
         group_widths: per-group width factors overriding `width` (how slim replacements are rebuilt).
         pretrained: load torchvision's pretrained weights (only architectures that have them).
 
+    Initial weights come from torch's global generator, under the process-wide lock; build inside
+    `models.seeding.seeded_init(seed)` for weights that depend on `seed` alone.
+
     Example:
         >>> model = create_model("digitnet", num_classes=10, in_channels=1)
         >>> model.group_names[0], model.group_names[-1]
@@ -53,8 +57,9 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, width: float
     """
     builder = get_builder(name)
     group_widths = dict(group_widths or {})
-    model = builder(num_classes=num_classes, in_channels=in_channels, width=width,
-                          group_widths=group_widths, pretrained=pretrained)
+    with GLOBAL_RNG:
+        model = builder(num_classes=num_classes, in_channels=in_channels, width=width,
+                        group_widths=group_widths, pretrained=pretrained)
     # Recorded so a saved state_dict can be rebuilt with create_model(arch, num_classes, in_channels, ...).
     model.num_classes, model.in_channels = num_classes, in_channels
     bad = set(group_widths) - set(model.group_names)

@@ -43,6 +43,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 from .errors import UserError
 from .grouped import GroupedModel
 from .registry import register_model
+from .seeding import GeneratorDropout
 
 OFFLINE_ENV = "DISTILLSTUDY_OFFLINE"
 
@@ -171,7 +172,7 @@ def mobilenet_v3_small(num_classes: int, in_channels: int = 1, width: float = 1.
         return init(nn.Sequential(
             Conv2dNormActivation(settings[-1].out_channels, conv, 1, norm_layer=norm, activation_layer=nn.Hardswish),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
-            nn.Sequential(nn.Linear(conv, hidden), nn.Hardswish(inplace=True), nn.Dropout(0.2, inplace=True),
+            nn.Sequential(nn.Linear(conv, hidden), nn.Hardswish(inplace=True), GeneratorDropout(0.2),
                           nn.Linear(hidden, num_classes))))
 
     builders = {"stem": lambda w: init(Conv2dNormActivation(

@@ -18,22 +18,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return temperature**2 * (t.exp() * (t - s)).sum(dim=1)
 
 
-def soft_cross_entropy(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against a distribution: the label term where no label exists (teacher's soft label)."""
-    return -(target_probs * F.log_softmax(student_logits, dim=1)).sum(dim=1)
-
-
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
                  alpha: float, temperature: float) -> torch.Tensor:
-    """Per-example `alpha * T^2 * KL(...) + (1 - alpha) * CE(labels)`; unlabelled examples (labels None) use
-    the teacher's softmax at T=1 as their label."""
+    """Per-example `alpha * T^2 * KL(...) + (1 - alpha) * CE(labels)` (Hinton et al., 2015). An unlabelled example
+    (labels None) has no label term, only `alpha * T^2 * KL(...)`: Hinton's transfer set, weighted like the KD term
+    of a labelled one, so alpha 0 gives it no loss at all (no teacher signal)."""
+    kd = kd_loss(student_logits, teacher_logits, temperature) if alpha > 0 else None
     if labels is None:
-        label_term = soft_cross_entropy(student_logits, F.softmax(teacher_logits, dim=1))
-    else:
-        label_term = F.cross_entropy(student_logits, labels, reduction="none")
-    if alpha == 0:
+        return alpha * kd if kd is not None else torch.zeros(len(student_logits), device=student_logits.device)
+    label_term = F.cross_entropy(student_logits, labels, reduction="none")
+    if kd is None:
         return label_term
-    return alpha * kd_loss(student_logits, teacher_logits, temperature) + (1 - alpha) * label_term
+    return alpha * kd + (1 - alpha) * label_term
 
 
 def params_l2(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> torch.Tensor:

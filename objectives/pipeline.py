@@ -1,9 +1,13 @@
 """One trial of the transfer-and-distill pipeline, end to end:
 
-    teacher -> finetune -> distill -> retrain (x generations) -> evaluate
+    teacher -> finetune -> distill -> retrain-1 .. retrain-G (born-again generations) -> evaluate
 
-Every epoch of every stage is one step on a single global axis; `report(step, target_val_acc, stage)` is called
-after each, which is all the study layer needs for pruning. Nothing here knows Optuna.
+(recipe `distill`), or teacher -> finetune for the whole epoch budget (recipe `finetune`, the baselines' recipe).
+Each stage owns a fixed block of the step axis (see `objectives.stages`); `report(step, target_val_acc, stage)` is
+called after every student epoch, which is all the study layer needs for pruning. Nothing here knows Optuna.
+
+A trial delivers one model: the student stage chosen by `pipeline.select` (never the teacher), and every figure of
+the result (value, accuracies, `student_params`, `student`) describes that model.
 """
 
 from __future__ import annotations
@@ -15,24 +19,23 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from models import GroupedModel, create_model
+from models import GroupedModel, create_model, derive_seed, seeded_init
+from models.grouped import group_output_shapes
 
 from .checkpoints import StageCheckpoints
 from .device import place, resolve_device
 from .settings import ModelSettings, PipelineSettings, TrialChoices
-from .student import build_student, frozen_groups, redraw_replaced, trainable_parameters
+from .stages import Stage, check_stage_data, plan_stages, stage_sources
+from .student import build_student, frozen_groups, trainable_parameters
 from .tasks import FolderImages, LabeledImages, TaskData, TaskOptions, load_task
 from .teacher import TeacherInfo, get_teacher
-from .train import (DataSource, EpochFn, LoopContext, ReportFn, StageRun, StageSpec, accuracy, feature_term,
+from .train import (EpochFn, LoopContext, ReportFn, StageRun, StageSpec, accuracy, feature_term, l2sp_anchors,
                     l2sp_term, make_adapters, train_stage)
-from models.grouped import group_output_shapes
-
-STAGE_ORDER = ("teacher", "finetune", "distill", "retrain", "evaluate")
 
 
 @dataclass
 class StageResult:
-    """Accuracy of one stage's model on both domains, and what the stage cost."""
+    """Accuracy of one stage's model on both domains, and what the stage did and cost."""
 
     source_val_acc: float
     source_test_acc: float
@@ -41,14 +44,20 @@ class StageResult:
     epochs: int
     seconds: float
     threshold_epoch: int | None = None
+    first_step: int = 0  # the stage's first step on the step axis (0: the teacher)
+    kd_teacher: str | None = None  # the model it distilled from (None: no teacher signal)
+    sources: dict = field(default_factory=dict)  # data source -> weight of its loss terms
 
 
 @dataclass
 class TrialResult:
-    """Everything a trial produced. `value` is the best stage's target validation accuracy."""
+    """Everything a trial produced. Every figure describes the delivered model, the student stage `best_stage`
+    chosen by `select`; `stages` also holds the teacher's accuracies, for reference only."""
 
-    value: float
-    best_stage: str
+    value: float  # the delivered model's target validation accuracy
+    best_stage: str  # the delivered stage (never 'teacher')
+    select: str  # the rule that chose it: best | last
+    recipe: str
     stages: dict[str, StageResult]
     params: dict
     layer_map: dict
@@ -57,21 +66,22 @@ class TrialResult:
     teacher: TeacherInfo
     donor: TeacherInfo | None
     epochs_to_threshold: int | None
-    total_epochs: int
+    total_epochs: int  # student epochs trained (stages that stopped at the threshold trained fewer)
+    budget: int  # the last step of the recipe's step axis: its most student epochs
     seconds: float
     device: str
-    student: GroupedModel = field(repr=False)  # the best stage's model (the teacher itself if nothing beat it)
-    models: dict = field(default_factory=dict, repr=False)  # stage -> model
+    student: GroupedModel = field(repr=False)  # the delivered model
+    models: dict = field(default_factory=dict, repr=False)  # stage -> model (the teacher included, for reference)
 
     def to_dict(self) -> dict:
         """The JSON form printed by `trial run --json` (models left out)."""
         return {
-            "value": self.value, "best_stage": self.best_stage,
+            "value": self.value, "best_stage": self.best_stage, "select": self.select, "recipe": self.recipe,
             "stages": {k: asdict(v) for k, v in self.stages.items()},
             "params": self.params, "layer_map": self.layer_map, "student_params": self.student_params,
             "teacher_params": self.teacher_params, "teacher_cache": self.teacher.cache, "teacher_key": self.teacher.key,
             "donor_cache": self.donor.cache if self.donor else None, "epochs_to_threshold": self.epochs_to_threshold,
-            "total_epochs": self.total_epochs, "seconds": self.seconds, "device": self.device,
+            "total_epochs": self.total_epochs, "budget": self.budget, "seconds": self.seconds, "device": self.device,
         }
 
 
@@ -93,11 +103,16 @@ def get_task(options: TaskOptions, seed: int, device: torch.device) -> TaskData:
         return _task_cache[key]
 
 
-def preflight(task: TaskData, model: ModelSettings, pipeline: PipelineSettings, choices: TrialChoices) -> None:
-    """Reject impossible layer choices (unknown groups/actions, shapes that do not fit) before any training."""
+def preflight(task: TaskData, model: ModelSettings, pipeline: PipelineSettings, choices: TrialChoices) -> list[Stage]:
+    """Reject impossible choices before any training: unknown groups/actions, shapes that do not fit, a stage
+    with nothing to train on. Returns the recipe's stages."""
+    stages = plan_stages(pipeline, choices)
+    check_stage_data(stages, task, pipeline, choices)
     teacher = create_model(model.arch, task.num_classes, task.image_shape[0], width=model.width)
     donor = _fresh_donor(task, model) if _needs_donor(pipeline, choices) else None
-    build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor, task.image_shape)
+    build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor, task.image_shape,
+                  init_seed=pipeline.seed)
+    return stages
 
 
 def _needs_donor(pipeline: PipelineSettings, choices: TrialChoices) -> bool:
@@ -121,7 +136,7 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
     if device.type == "cpu" and pipeline.cpu_threads > 0:
         torch.set_num_threads(pipeline.cpu_threads)
     task = get_task(task_options, pipeline.seed, device)
-    preflight(task, model, pipeline, choices)
+    stages = preflight(task, model, pipeline, choices)
     bs, workers = pipeline.eval_batch_size, pipeline.num_workers
 
     teacher, teacher_info = get_teacher("teacher", model.arch, model.width, task, model, pipeline, device)
@@ -133,102 +148,95 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
                       allow_flip=task.allow_flip, target_val=task.target_val,
                       generator=torch.Generator(device=device), report=report, on_epoch=on_epoch,
                       num_workers=workers)
-    models: dict[str, GroupedModel] = {"teacher": teacher}
-    runs: dict[str, StageRun] = {"teacher": StageRun(epochs=teacher_info.epochs, seconds=teacher_info.seconds)}
-    val: dict[str, float] = {"teacher": accuracy(teacher, task.target_val, bs, workers)}
-    # Step 0 is the teacher, identical for every trial of a study; student epochs are steps 1, 2, ...
-    if report:
-        report(0, val["teacher"], "teacher")
+    teacher_val = accuracy(teacher, task.target_val, bs, workers)
+    if on_epoch:  # the teacher's point on the curves (step 0); never reported to the pruner: it is no candidate
+        on_epoch("teacher", 0, {"target_val_acc": teacher_val})
 
-    def reseed(stage_index: int) -> None:
-        # Each stage draws from its own seed, so a cached teacher or a resumed checkpoint changes nothing.
-        torch.manual_seed(pipeline.seed * 1009 + stage_index)
-        ctx.generator.manual_seed(pipeline.seed * 1009 + stage_index)
+    def fresh_student(generation: int) -> tuple[GroupedModel, dict]:
+        # Generation 0 is the finetune stage's student; each born-again generation starts from a fresh one.
+        student, layer_map = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width,
+                                           donor, task.image_shape, init_seed=derive_seed(pipeline.seed, "student", generation))
+        return place(student, device), layer_map
 
-    reseed(0)
-    student, layer_map = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor,
-                                       task.image_shape)
-    student = place(student, device)
-
-    def finetune() -> StageRun:
-        spec = StageSpec(name="finetune", epochs=pipeline.finetune_epochs, frozen=frozen_groups(layer_map),
-                         params=trainable_parameters(student, layer_map), lr=choices.lr, augment=choices.augment,
-                         weight_decay=pipeline.weight_decay, compile=pipeline.compile,
-                         sources=[DataSource("target_labeled", task.target_labeled, 1.0),
-                                  DataSource("source", task.source_train, choices.source_weight)])
-        return train_stage(student, spec, ctx)
-
-    def distill() -> StageRun:
-        kd_teacher = _best(models, val)[1] if pipeline.distill_teacher == "best" else teacher
-        return _distill("distill", student, kd_teacher, layer_map, pipeline.distill_epochs,
-                        _target_sources(task, choices), task, pipeline, choices, ctx)
-
-    def retrain(name: str) -> StageRun:
-        better = _best(models, val)[1]
-        redraw_replaced(student, better, layer_map)
-        sources = {"source": [DataSource("source", task.source_train, 1.0)],
-                   "target": _target_sources(task, choices, with_source=False),
-                   "both": _target_sources(task, choices)}[pipeline.retrain_on]
-        return _distill(name, student, better, layer_map, pipeline.retrain_epochs, sources, task, pipeline,
-                        choices, ctx)
-
-    stage_fns = [("finetune", finetune), ("distill", distill)]
-    stage_fns += [(f"retrain-{g}", lambda g=g: retrain(f"retrain-{g}")) for g in range(1, choices.generations + 1)]
+    layer_map = fresh_student(0)[1]
+    anchors = l2sp_anchors(teacher, layer_map) if pipeline.layer_term == "params" and choices.beta > 0 else {}
+    models: dict[str, GroupedModel] = {}
+    runs: dict[str, StageRun] = {}
+    val: dict[str, float] = {}
     if checkpoints is not None:
-        _resume(checkpoints.load(), student, models, runs, val, ctx, report)
-    for index, (name, fn) in enumerate(stage_fns, start=1):
-        if name in runs:  # restored from a checkpoint
+        _resume(checkpoints.load(), lambda: fresh_student(0)[0], models, runs, val, report)
+
+    for index, stage in enumerate(stages):
+        if stage.name in runs:  # restored from a checkpoint
             continue
-        reseed(index)
-        runs[name] = fn()
-        _snapshot(name, student, models, val, task, bs, workers)
+        # Each stage draws from its own seed, so a cached teacher or a resumed checkpoint changes nothing.
+        ctx.generator.manual_seed(derive_seed(pipeline.seed, "batches", stage.name))
+        ctx.step = stage.first_step - 1
+        previous = stages[index - 1].name if index > 0 else None
+        if stage.kind == "distill" and previous is not None:
+            student = copy.deepcopy(models[previous])  # distill continues the finetuned student
+        else:
+            student = fresh_student(stage.generation)[0]
+        kd_name, kd_model = _kd_teacher(stage, previous, teacher, teacher_val, models, val, pipeline)
+        sources = stage_sources(stage, task, pipeline, choices)
+        if kd_model is None:
+            spec = StageSpec(name=stage.name, epochs=stage.epochs, sources=sources,
+                             params=trainable_parameters(student, layer_map), lr=choices.lr, augment=choices.augment,
+                             frozen=frozen_groups(layer_map), weight_decay=pipeline.weight_decay,
+                             compile=pipeline.compile)
+            runs[stage.name] = train_stage(student, spec, ctx)
+        else:
+            runs[stage.name] = _distill(stage, student, kd_model, layer_map, sources, anchors, task, pipeline,
+                                        choices, ctx)
+        runs[stage.name].kd_teacher = kd_name
+        runs[stage.name].sources = {s.name: s.weight for s in sources}
+        models[stage.name] = student
+        val[stage.name] = accuracy(student, task.target_val, bs, workers)
         if checkpoints is not None:
-            checkpoints.save(_checkpoint_state(student, models, runs, val, ctx))
+            checkpoints.save(_checkpoint_state(models, runs, val))
 
-    stages = {name: _evaluate(models[name], runs[name], task, bs, workers) for name in models}
-    best_stage, best_model = _best(models, val)
-    threshold_epochs = [r.threshold_epoch for r in runs.values() if r.threshold_epoch is not None]
+    delivered = select_stage(val, pipeline.select)
+    results = {"teacher": _evaluate(teacher, StageRun(epochs=teacher_info.epochs, seconds=teacher_info.seconds),
+                                    task, bs, workers)}
+    results.update({name: _evaluate(models[name], runs[name], task, bs, workers) for name in models})
+    threshold_steps = [r.threshold_epoch for r in runs.values() if r.threshold_epoch is not None]
     return TrialResult(
-        value=stages[best_stage].target_val_acc, best_stage=best_stage, stages=stages, params=choices.flat(),
-        layer_map=layer_map, student_params=_count(student), teacher_params=_count(teacher), teacher=teacher_info,
-        donor=donor_info, epochs_to_threshold=min(threshold_epochs) if threshold_epochs else None,
-        total_epochs=ctx.step, seconds=time.perf_counter() - started, device=str(device), student=best_model,
-        models=models)
+        value=results[delivered].target_val_acc, best_stage=delivered, select=pipeline.select, recipe=choices.recipe,
+        stages=results, params=choices.flat(), layer_map=layer_map, student_params=_count(models[delivered]),
+        teacher_params=_count(teacher), teacher=teacher_info, donor=donor_info,
+        epochs_to_threshold=min(threshold_steps) if threshold_steps else None,
+        total_epochs=sum(r.epochs for r in runs.values()), budget=stages[-1].first_step + stages[-1].epochs - 1,
+        seconds=time.perf_counter() - started, device=str(device), student=models[delivered],
+        models={"teacher": teacher, **models})
 
 
-def _checkpoint_state(student, models, runs, val, ctx) -> dict:
-    return {"student": student.state_dict(), "step": ctx.step, "val": dict(val),
-            "models": {k: m.state_dict() for k, m in models.items() if k != "teacher"},
-            "runs": {k: asdict(r) for k, r in runs.items() if k != "teacher"}}
+def select_stage(val: dict[str, float], rule: str) -> str:
+    """The delivered stage among the student stages (in stage order; the teacher is never one): `best` = the
+    highest target validation accuracy, the earliest of equals (fewer epochs, like early stopping); `last` = the
+    last stage. Selection looks only at target *validation* accuracy, never at test data."""
+    names = list(val)
+    if rule == "last":
+        return names[-1]
+    return max(names, key=lambda k: (val[k], -names.index(k)))
 
 
-def _resume(state: dict | None, student, models, runs, val, ctx, report) -> None:
-    if not state:
-        return
-    student.load_state_dict(state["student"])
-    step = 1
-    for name, run in state["runs"].items():  # insertion order = stage order
-        runs[name] = StageRun(**run)
-        models[name] = copy.deepcopy(student)
-        models[name].load_state_dict(state["models"][name])
-        val[name] = state["val"][name]
-        for value in runs[name].val_curve:
-            if report:
-                report(step, value, name)
-            step += 1
-    ctx.step = state["step"]
+def _kd_teacher(stage: Stage, previous: str | None, teacher: GroupedModel, teacher_val: float, models: dict,
+                val: dict, pipeline: PipelineSettings) -> tuple[str | None, GroupedModel | None]:
+    """The model a stage distils from. finetune: none. distill: the source teacher, or with `distill_teacher:
+    best` the better of it and the finetuned student by target val acc (the teacher on ties). A born-again
+    generation: the previous stage's model (generation g - 1), as in Furlanello et al. (2018)."""
+    if stage.kind == "finetune":
+        return None, None
+    if stage.kind == "generation" and previous is not None:
+        return previous, models[previous]
+    if stage.kind == "distill" and pipeline.distill_teacher == "best" and previous is not None \
+            and val[previous] > teacher_val:
+        return previous, models[previous]
+    return "teacher", teacher
 
 
-def _target_sources(task: TaskData, choices: TrialChoices, with_source: bool = True) -> list[DataSource]:
-    sources = [DataSource("target_labeled", task.target_labeled, 1.0),
-               DataSource("target_unlabeled", task.target_unlabeled, 1.0, labeled=False)]
-    if with_source:
-        sources.append(DataSource("source", task.source_train, choices.source_weight))
-    return sources
-
-
-def _distill(name: str, student: GroupedModel, teacher: GroupedModel, layer_map: dict, epochs: int,
-             sources: list[DataSource], task: TaskData, pipeline: PipelineSettings, choices: TrialChoices,
+def _distill(stage: Stage, student: GroupedModel, teacher: GroupedModel, layer_map: dict, sources: list,
+             anchors: dict, task: TaskData, pipeline: PipelineSettings, choices: TrialChoices,
              ctx: LoopContext) -> StageRun:
     """Distill `teacher` (a frozen copy) into the student's trainable groups."""
     teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
@@ -236,17 +244,15 @@ def _distill(name: str, student: GroupedModel, teacher: GroupedModel, layer_map:
     trained = [g for g, m in layer_map.items() if m["action"] != "freeze"]
     term, cleanup = None, None
     if choices.beta > 0 and pipeline.layer_term == "feature":
-        adapters = make_adapters(group_output_shapes(student, task.image_shape),
-                                 group_output_shapes(teacher, task.image_shape), trained).to(ctx.device)
+        with seeded_init(derive_seed(pipeline.seed, "adapters", stage.name)):
+            adapters = make_adapters(group_output_shapes(student, task.image_shape),
+                                     group_output_shapes(teacher, task.image_shape), trained)
+        adapters = adapters.to(ctx.device)
         term, cleanup = feature_term(student, teacher, trained, adapters)
         params += list(adapters.parameters())
     elif choices.beta > 0:
-        # L2-SP anchors only weights inherited from the teacher (finetuned groups), at their values now.
-        inherited = tuple(f"groups.{g}." for g, m in layer_map.items() if m["action"] == "finetune")
-        start = {n: p.detach().clone() for n, p in student.named_parameters()
-                 if p.requires_grad and n.startswith(inherited)}
-        term = l2sp_term(student, start)
-    spec = StageSpec(name=name, epochs=epochs, sources=sources, params=params, lr=choices.lr,
+        term = l2sp_term(student, anchors)
+    spec = StageSpec(name=stage.name, epochs=stage.epochs, sources=sources, params=params, lr=choices.lr,
                      frozen=frozen_groups(layer_map), teacher=teacher, alpha=choices.alpha,
                      temperature=choices.temperature, beta=choices.beta, layer_term=term,
                      threshold=choices.threshold, augment=choices.augment, weight_decay=pipeline.weight_decay,
@@ -258,16 +264,22 @@ def _distill(name: str, student: GroupedModel, teacher: GroupedModel, layer_map:
             cleanup()
 
 
-def _snapshot(name: str, student: GroupedModel, models: dict, val: dict, task: TaskData, bs: int,
-              workers: int) -> None:
-    models[name] = copy.deepcopy(student)
-    val[name] = accuracy(student, task.target_val, bs, workers)
+def _checkpoint_state(models: dict, runs: dict, val: dict) -> dict:
+    return {"val": dict(val), "models": {k: m.state_dict() for k, m in models.items()},
+            "runs": {k: asdict(r) for k, r in runs.items()}}
 
 
-def _best(models: dict, val: dict) -> tuple[str, GroupedModel]:
-    # Selection looks only at target *validation* accuracy; the first of equals wins (fewer epochs).
-    name = max(models, key=lambda k: (val[k], -list(models).index(k)))
-    return name, models[name]
+def _resume(state: dict | None, new_student, models: dict, runs: dict, val: dict, report: ReportFn | None) -> None:
+    if not state:
+        return
+    for name, run in state["runs"].items():  # insertion order = stage order
+        runs[name] = StageRun(**run)
+        models[name] = new_student()
+        models[name].load_state_dict(state["models"][name])
+        val[name] = state["val"][name]
+        for offset, value in enumerate(runs[name].val_curve):
+            if report:
+                report(runs[name].first_step + offset, value, name)
 
 
 def _evaluate(model: GroupedModel, run: StageRun, task: TaskData, bs: int, workers: int) -> StageResult:
@@ -275,7 +287,8 @@ def _evaluate(model: GroupedModel, run: StageRun, task: TaskData, bs: int, worke
                        source_test_acc=accuracy(model, task.source_test, bs, workers),
                        target_val_acc=accuracy(model, task.target_val, bs, workers),
                        target_test_acc=accuracy(model, task.target_test, bs, workers),
-                       epochs=run.epochs, seconds=run.seconds, threshold_epoch=run.threshold_epoch)
+                       epochs=run.epochs, seconds=run.seconds, threshold_epoch=run.threshold_epoch,
+                       first_step=run.first_step, kd_teacher=run.kd_teacher, sources=dict(run.sources))
 
 
 def _count(model: torch.nn.Module) -> int:

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ACTIONS = ("freeze", "finetune", "replace")
+# distill: finetune -> distill -> born-again generations; finetune: one cross-entropy stage for the same epoch budget,
+# no teacher signal (the recipe of the finetune-all and head-only baselines).
+RECIPES = ("distill", "finetune")
 
 
 def _choices(*values):
@@ -57,7 +60,10 @@ class PipelineSettings:
     replace_with: str = _choices("reinit", "slim", "donor")
     layer_term: str = _choices("feature", "params")  # beta's term: feature MSE or L2-SP to the starting weights
     retrain_on: str = _choices("both", "source", "target")
-    distill_teacher: str = _choices("best", "source")  # teacher in distill: best model so far, or the source one
+    distill_teacher: str = _choices("best", "source")  # teacher in distill: better of teacher/finetune, or the source one
+    # The model a trial delivers (and every figure it reports): the student stage with the best target validation
+    # accuracy (like early stopping; first of equals) or the last student stage. The teacher is never delivered.
+    select: str = _choices("best", "last")
     weight_decay: float = _range(0.0, 0.0, 1.0)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     cache_dir: str = ".distillstudy/cache"  # teacher/donor cache (a shared directory for cluster workers)
@@ -74,13 +80,14 @@ class TrialChoices:
     """One trial's choices: what the study searches over (the config's `search` section, resolved)."""
 
     layers: dict[str, str]  # layer group -> freeze | finetune | replace
+    recipe: str = "distill"  # one of RECIPES
     temperature: float = 4.0
-    alpha: float = 0.5  # weight of the KD term (1 - alpha on the label term)
+    alpha: float = 0.5  # weight of the KD term (1 - alpha on the label term); 0 = no KD, unlabelled pool unused
     beta: float = 0.0  # weight of the layer term
     threshold: float = 0.95  # distillation stops once target validation accuracy reaches this
     lr: float = 3e-3
     source_weight: float = 0.5  # weight of the source data's loss terms (0 = target only)
-    generations: int = 1  # born-again re-distillation rounds
+    generations: int = 1  # born-again generations (recipe finetune: only sets the epoch budget)
     slim_width: float = 0.5  # width factor of slim replacements
     augment: bool = False
 

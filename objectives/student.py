@@ -6,7 +6,8 @@ import copy
 
 import torch
 
-from models import GroupedModel, UserError, create_model, group_output_shapes
+from models import (GroupedModel, InvalidChoice, create_model, derive_seed, group_output_shapes,
+                    seeded_init)
 from models.errors import did_you_mean
 
 from .settings import ACTIONS
@@ -16,16 +17,16 @@ def check_layer_actions(group_names: list[str], layers: dict[str, str]) -> None:
     """Reject unknown groups or actions and assignments where nothing would train."""
     for group, action in layers.items():
         if group not in group_names:
-            raise UserError(f"unknown layer group '{group}'{did_you_mean(group, group_names)}; "
-                            f"groups: {', '.join(group_names)}")
+            raise InvalidChoice(f"unknown layer group '{group}'{did_you_mean(group, group_names)}; "
+                                f"groups: {', '.join(group_names)}")
         if action not in ACTIONS:
-            raise UserError(f"unknown action '{action}' for layer group '{group}'{did_you_mean(action, ACTIONS)}; "
-                            f"choose from: {', '.join(ACTIONS)}")
+            raise InvalidChoice(f"unknown action '{action}' for layer group '{group}'"
+                                f"{did_you_mean(action, ACTIONS)}; choose from: {', '.join(ACTIONS)}")
     missing = [g for g in group_names if g not in layers]
     if missing:
-        raise UserError(f"no action for layer group(s) {', '.join(missing)}")
+        raise InvalidChoice(f"no action for layer group(s) {', '.join(missing)}")
     if all(layers[g] == "freeze" for g in group_names):
-        raise UserError("every layer group is 'freeze': nothing would train")
+        raise InvalidChoice("every layer group is 'freeze': nothing would train")
 
 
 def replacement(teacher: GroupedModel, group: str, replace_with: str, slim_width: float,
@@ -38,10 +39,10 @@ def replacement(teacher: GroupedModel, group: str, replace_with: str, slim_width
         width = teacher.group_widths[group] * slim_width
         return teacher.new_group(group, width), width, f"slim x{slim_width:g}"
     if donor is None:
-        raise UserError("replace_with: donor needs a donor model (model.donor_arch)")
+        raise InvalidChoice("replace_with: donor needs a donor model (model.donor_arch)")
     if group not in donor.groups:
-        raise UserError(f"replace_with: donor {donor.arch} has no layer group '{group}' to replace it with; "
-                        f"its groups: {', '.join(donor.group_names)}")
+        raise InvalidChoice(f"replace_with: donor {donor.arch} has no layer group '{group}' to replace it with; "
+                            f"its groups: {', '.join(donor.group_names)}")
     return copy.deepcopy(donor.groups[group]), donor.group_widths[group], f"donor {donor.arch} x{donor.group_widths[group]:g}"
 
 
@@ -51,17 +52,20 @@ def check_shapes(student: GroupedModel, teacher: GroupedModel, input_shape: tupl
     try:
         got = group_output_shapes(student, input_shape)
     except RuntimeError as exc:  # a group that cannot even take its input
-        raise UserError(f"replaced layer groups do not fit the {teacher.arch} architecture: "
-                        f"{str(exc).splitlines()[0]}") from None
+        raise InvalidChoice(f"replaced layer groups do not fit the {teacher.arch} architecture: "
+                            f"{str(exc).splitlines()[0]}") from None
     for g in want:
         if got[g] != want[g]:
-            raise UserError(f"replaced layer group '{g}' gives shape {got[g]}, {teacher.arch} expects {want[g]}")
+            raise InvalidChoice(f"replaced layer group '{g}' gives shape {got[g]}, "
+                                f"{teacher.arch} expects {want[g]}")
 
 
 def build_student(teacher: GroupedModel, layers: dict[str, str], replace_with: str, slim_width: float,
-                  donor: GroupedModel | None, input_shape: tuple[int, ...]) -> tuple[GroupedModel, dict]:
+                  donor: GroupedModel | None, input_shape: tuple[int, ...],
+                  init_seed: int) -> tuple[GroupedModel, dict]:
     """Copy the teacher and apply the actions. Returns the student and its layer map
-    (group -> {action, weights, width}); frozen groups have requires_grad off."""
+    (group -> {action, weights, width}); frozen groups have requires_grad off. Each replaced group is initialised
+    from `init_seed` and its own name alone (thread-safe; replacing another group does not change its weights)."""
     check_layer_actions(teacher.group_names, layers)
     student = copy.deepcopy(teacher)
     layer_map = {}
@@ -69,7 +73,8 @@ def build_student(teacher: GroupedModel, layers: dict[str, str], replace_with: s
         action = layers[group]
         weights, width = "teacher", student.group_widths[group]
         if action == "replace":
-            module, width, weights = replacement(teacher, group, replace_with, slim_width, donor)
+            with seeded_init(derive_seed(init_seed, group)):
+                module, width, weights = replacement(teacher, group, replace_with, slim_width, donor)
             student.replace_group(group, module.to(next(teacher.parameters()).device), width)
         for p in student.groups[group].parameters():
             p.requires_grad_(action != "freeze")
@@ -86,20 +91,6 @@ def frozen_groups(layer_map: dict) -> set[str]:
 def trainable_parameters(model: GroupedModel, layer_map: dict) -> list[torch.nn.Parameter]:
     """Parameters of the non-frozen groups."""
     return [p for g in model.group_names if layer_map[g]["action"] != "freeze" for p in model.groups[g].parameters()]
-
-
-def redraw_replaced(student: GroupedModel, better: GroupedModel, layer_map: dict) -> list[str]:
-    """Born-again step: copy the better model's weights into the student's replaced groups where every tensor's
-    shape matches. Returns the groups re-drawn."""
-    redrawn = []
-    for g, m in layer_map.items():
-        if m["action"] != "replace" or better is student:
-            continue
-        src, dst = better.groups[g].state_dict(), student.groups[g].state_dict()
-        if src.keys() == dst.keys() and all(src[k].shape == dst[k].shape for k in src):
-            student.groups[g].load_state_dict(src)
-            redrawn.append(g)
-    return redrawn
 
 
 def empty_model_like(model: GroupedModel, num_classes: int, in_channels: int) -> GroupedModel:

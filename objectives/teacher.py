@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from models import GroupedModel, UserError, create_model
+from models import GroupedModel, UserError, create_model, derive_seed, seeded_init
 
 from .device import place
 from .settings import ModelSettings, PipelineSettings
@@ -61,9 +61,9 @@ def get_teacher(role: str, arch: str, width: float, task: TaskData, model: Model
     cache_dir.mkdir(parents=True, exist_ok=True)
     weights, meta = cache_dir / f"{role}-{key}.pt", cache_dir / f"{role}-{key}.json"
     # Seed the initialisation as well as the training: a teacher must depend on its key alone, not on what this
-    # process drew before (earlier trials), or the same key would give different teachers in different workers.
-    torch.manual_seed(pipeline.seed)
-    net = _fresh(role, arch, width, task, model)
+    # process or its other trial threads drew, or the same key would give different teachers in different workers.
+    with seeded_init(derive_seed(pipeline.seed, role, "init")):
+        net = _fresh(role, arch, width, task, model)
     with open(cache_dir / f"{role}-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per key; the rest block here, then find the file
         if weights.exists() and meta.exists():
@@ -110,10 +110,9 @@ def _train(role, net, key, task: TaskData, model: ModelSettings, pipeline: Pipel
     started = time.perf_counter()
     # A checkpoint is used as given; trained and pretrained teachers learn the source.
     epochs = 0 if (role == "teacher" and model.teacher == "checkpoint") else pipeline.teacher_epochs
-    torch.manual_seed(pipeline.seed)
     ctx = LoopContext(device=device, batch_size=pipeline.batch_size, eval_batch_size=pipeline.eval_batch_size,
                       augment=pipeline.augment, allow_flip=task.allow_flip, target_val=task.source_val,
-                      generator=torch.Generator(device=device).manual_seed(pipeline.seed),
+                      generator=torch.Generator(device=device).manual_seed(derive_seed(pipeline.seed, role, "batches")),
                       num_workers=pipeline.num_workers)
     spec = StageSpec(name=role, epochs=epochs, sources=[DataSource("source", task.source_train, 1.0)],
                      params=list(net.parameters()), lr=pipeline.teacher_lr, weight_decay=pipeline.weight_decay)

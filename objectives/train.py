@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.seeding import dropout_generator
+
 from .augment import augment_batch
 from .losses import distill_loss, params_l2
 from .settings import AugmentSettings
@@ -69,12 +71,17 @@ class StageSpec:
 
 @dataclass
 class StageRun:
-    """What a stage did: epochs trained, whether/when it reached the threshold, per-epoch accuracy, seconds."""
+    """What a stage did: its first step on the step axis, epochs trained, whether/when it reached the threshold,
+    per-epoch target validation accuracy (steps first_step, first_step + 1, ...), seconds; and, set by the
+    pipeline, which model it distilled from and the weight of each data source it trained on."""
 
+    first_step: int = 0
     epochs: int = 0
     threshold_epoch: int | None = None  # global step at which the threshold was reached
     val_curve: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    kd_teacher: str | None = None  # the stage whose model taught this one (None: no teacher signal)
+    sources: dict[str, float] = field(default_factory=dict)  # data source -> weight of its loss terms
 
 
 @dataclass
@@ -90,7 +97,7 @@ class LoopContext:
     generator: torch.Generator
     report: ReportFn | None = None
     on_epoch: EpochFn | None = None
-    step: int = 0  # the global epoch counter: one step per epoch of any stage
+    step: int = 0  # the step axis: the last step trained (a stage's first epoch is step + 1)
     num_workers: int = 0  # DataLoader workers for folder data (in-memory data never uses them)
 
 
@@ -172,46 +179,54 @@ def _stream(data: Images, ctx: "LoopContext"):
 
 
 def train_stage(model: nn.Module, spec: StageSpec, ctx: LoopContext) -> StageRun:
-    """Train `spec.params` of `model` for up to `spec.epochs` epochs; one epoch is one pass over the largest
-    source (smaller ones are cycled). Reports target validation accuracy after every epoch."""
-    run, started = StageRun(), time.perf_counter()
-    sources = [s for s in spec.sources if s.weight > 0 and len(s.data) > 0]
-    if not sources or not spec.params or spec.epochs == 0:
-        run.seconds = time.perf_counter() - started
+    """Train `spec.params` of `model` for up to `spec.epochs` epochs, on steps `ctx.step + 1` onwards; one epoch is
+    one pass over the largest source (smaller ones are cycled). Reports target validation accuracy after every
+    epoch. A stage with epochs but nothing to train on is a bug of the caller (choices are checked before)."""
+    run, started = StageRun(first_step=ctx.step + 1), time.perf_counter()
+    if spec.epochs == 0:
         return run
+    sources = [s for s in spec.sources if s.weight > 0 and len(s.data) > 0]
+    if not sources or not spec.params:
+        raise ValueError(f"stage '{spec.name}' has {'no data' if not sources else 'no trainable parameters'}")
     optimizer = torch.optim.Adam(spec.params, lr=spec.lr, weight_decay=spec.weight_decay)
     streams = [_stream(s.data, ctx) for s in sources]
-    steps = math.ceil(max(len(s.data) for s in sources) / ctx.batch_size)
     forward = torch.compile(model) if spec.compile and ctx.device.type == "cuda" else model
     try:
-        for _ in range(spec.epochs):
-            set_train_mode(model, spec.frozen)
-            sums = torch.zeros(3, device=ctx.device)  # loss, distill/CE term, layer term: summed on the device
-            for _ in range(steps):
-                sums += _train_step(forward, spec, ctx, sources, streams, optimizer)
-            ctx.step += 1
-            run.epochs += 1
-            val = accuracy(model, ctx.target_val, ctx.eval_batch_size, ctx.num_workers)
-            loss, main, layer = (sums / steps).tolist()  # the epoch's one host-device sync for losses
-            if not all(math.isfinite(v) for v in (loss, main, layer)):
-                raise TrainingDiverged(f"loss became {loss} in stage '{spec.name}' at step {ctx.step}")
-            run.val_curve.append(val)
-            if ctx.on_epoch:
-                metrics = {"loss": loss, "target_val_acc": val}
-                metrics["kd_loss" if spec.teacher is not None else "ce_loss"] = main
-                if spec.layer_term is not None:
-                    metrics["layer_term"] = layer
-                ctx.on_epoch(spec.name, ctx.step, metrics)
-            if ctx.report:
-                ctx.report(ctx.step, val, spec.name)
-            if spec.threshold is not None and val >= spec.threshold:
-                run.threshold_epoch = ctx.step
-                break
+        with dropout_generator(model, ctx.generator):
+            _train_epochs(model, forward, spec, ctx, sources, streams, optimizer, run)
     finally:
         for stream in streams:
             stream.close()
     run.seconds = time.perf_counter() - started
     return run
+
+
+def _train_epochs(model, forward, spec: StageSpec, ctx: LoopContext, sources, streams, optimizer,
+                  run: StageRun) -> None:
+    steps = math.ceil(max(len(s.data) for s in sources) / ctx.batch_size)
+    for _ in range(spec.epochs):
+        set_train_mode(model, spec.frozen)
+        sums = torch.zeros(3, device=ctx.device)  # loss, distill/CE term, layer term: summed on the device
+        for _ in range(steps):
+            sums += _train_step(forward, spec, ctx, sources, streams, optimizer)
+        ctx.step += 1
+        run.epochs += 1
+        val = accuracy(model, ctx.target_val, ctx.eval_batch_size, ctx.num_workers)
+        loss, main, layer = (sums / steps).tolist()  # the epoch's one host-device sync for losses
+        if not all(math.isfinite(v) for v in (loss, main, layer)):
+            raise TrainingDiverged(f"loss became {loss} in stage '{spec.name}' at step {ctx.step}")
+        run.val_curve.append(val)
+        if ctx.on_epoch:
+            metrics = {"loss": loss, "target_val_acc": val}
+            metrics["kd_loss" if spec.teacher is not None else "ce_loss"] = main
+            if spec.layer_term is not None:
+                metrics["layer_term"] = layer
+            ctx.on_epoch(spec.name, ctx.step, metrics)
+        if ctx.report:
+            ctx.report(ctx.step, val, spec.name)
+        if spec.threshold is not None and val >= spec.threshold:
+            run.threshold_epoch = ctx.step
+            break
 
 
 def _train_step(model, spec: StageSpec, ctx: LoopContext, sources, streams, optimizer) -> torch.Tensor:
@@ -291,6 +306,15 @@ def _capture(store: dict, name: str):
     return hook
 
 
-def l2sp_term(model: nn.Module, start: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """The `params` layer term: L2 distance of the trainable inherited weights to their values at stage start."""
-    return lambda: params_l2(model, start)
+def l2sp_term(model: nn.Module, anchors: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """The `params` layer term: squared L2 distance of the trainable inherited weights to `anchors` (the teacher's
+    source-trained values, see `l2sp_anchors`)."""
+    return lambda: params_l2(model, anchors)
+
+
+def l2sp_anchors(teacher: nn.Module, layer_map: dict) -> dict[str, torch.Tensor]:
+    """L2-SP's starting point (Li, Grandvalet & Davoine, 2018): the teacher's source-trained weights of the groups
+    the student inherits and trains (action finetune), under the student's parameter names. Replaced groups have
+    no source weights to stay near; frozen ones cannot move."""
+    inherited = tuple(f"groups.{g}." for g, m in layer_map.items() if m["action"] == "finetune")
+    return {n: p.detach().clone() for n, p in teacher.named_parameters() if n.startswith(inherited)}

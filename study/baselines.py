@@ -8,23 +8,27 @@ from objectives.settings import TrialChoices
 
 from .search import SearchSpace
 
+# Each baseline's recipe, at the same epoch budget as a default trial (the default number of generations).
 BASELINES = {
-    "finetune-all": "every group fine-tuned, no distillation (alpha 0)",
-    "head-only": "only the head trained, every other group frozen, default distillation",
-    "finetune-all-kd": "every group fine-tuned with the config's default distillation",
+    "finetune-all": "every group fine-tuned with cross-entropy on the labelled target subset plus the source "
+                    "(by source_weight) for the whole budget; no teacher signal, no unlabelled pool",
+    "head-only": "the same recipe with only the last group trained, every other group frozen (a linear probe)",
+    "finetune-all-kd": "every group fine-tuned, then distilled and re-distilled with the config's default alpha, "
+                       "T and generations (the default recipe)",
 }
 
 
 def baseline_choices(name: str, space: SearchSpace) -> TrialChoices:
-    """The choices of baseline `name`: the space's defaults with the baseline's layer actions (and alpha)."""
-    base = space.defaults()
+    """The choices of baseline `name`: the space's defaults with the baseline's recipe and layer actions."""
     groups = space.groups
+    finetune_all = {g: "finetune" for g in groups}
+    head_only = {g: ("finetune" if g == groups[-1] else "freeze") for g in groups}
     if name == "finetune-all":
-        return replace(base, layers={g: "finetune" for g in groups}, alpha=0.0, generations=0)
+        return replace(space.defaults(recipe="finetune"), layers=finetune_all)
     if name == "head-only":
-        return replace(base, layers={g: ("finetune" if g == groups[-1] else "freeze") for g in groups})
+        return replace(space.defaults(recipe="finetune"), layers=head_only)
     if name == "finetune-all-kd":
-        return replace(base, layers={g: "finetune" for g in groups})
+        return replace(space.defaults(recipe="distill"), layers=finetune_all)
     raise KeyError(name)
 
 

@@ -108,6 +108,8 @@ def format_trial_line(trial: optuna.trial.FrozenTrial) -> str:
     if choices.get("search.alpha"):  # the temperature only matters with a KD term
         shown.insert(1, ("search.temperature", "T"))
     extra = " ".join(f"{short}={choices[key]:.3g}" for key, short in shown if key in choices)
+    if choices.get("search.recipe", "distill") != "distill" and not attrs.get("baseline"):
+        extra = f"recipe={choices['search.recipe']} {extra}"
     tag = f" [{attrs['baseline']}]" if attrs.get("baseline") else ""
     why = f"  ({attrs['failure']})" if attrs.get("failure") else ""
     seconds = f"{attrs['seconds']:.1f}s" if attrs.get("seconds") is not None else ""
@@ -162,7 +164,7 @@ def format_best(data: dict) -> str:
         stage = row.get("best_stage", "")
         acc = {k: row.get(f"{stage}.{k}") for k in ("source_val_acc", "target_val_acc", "target_test_acc")}
         accs = "  ".join(f"{k} {v:.4f}" for k, v in acc.items() if v is not None)
-        return [f"{label} trial {row['number']} (best stage {stage}): {accs}",
+        return [f"{label} trial {row['number']} (delivers stage {stage}): {accs}",
                 f"    layers: {layers}", f"    {hyper}", f"    student params {row.get('student_params')}, "
                 f"epochs to threshold {row.get('epochs_to_threshold')}"]
 

@@ -168,6 +168,10 @@ def config_from_dict(raw: dict) -> Config:
         raise UserError("study.objective: give at least one objective")
     _check_names(cfg)
     cfg.search = parse_search(raw.get("search"), cfg)
+    if "epochs_to_threshold" in cfg.study.objective and cfg.search.params["threshold"].mode != "fixed":
+        # A sampled threshold would reward sampling a low one: the objective compares epochs to one bar.
+        raise UserError("study.objective epochs_to_threshold needs a pinned threshold (a sampled one rewards "
+                        "sampling a low one): set search.threshold to one number, e.g. --set search.threshold=0.9")
     return cfg
 
 

@@ -289,10 +289,9 @@ class MlflowTracker:
             best = self.study.best_value  # this trial is not told yet, so this is the best of the others
         except ValueError:
             return True
-        from .objective import objective_value, max_epochs
+        from .objective import objective_value
 
-        value = objective_value(result, self.config.study.objective[0],
-                                max_epochs(self.config, int(result.params["search.generations"])))
+        value = objective_value(result, self.config.study.objective[0])
         return value > best if direction == "maximize" else value < best
 
     def _log_state_dict(self, run_id: str, state: dict, artifact_dir: str) -> None:

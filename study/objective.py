@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from models.errors import UserError
+from models.errors import InvalidChoice, UserError
 from objectives.checkpoints import StageCheckpoints, checkpoint_key
 from objectives.pipeline import TrialResult, run_trial
 from objectives.settings import TrialChoices
@@ -32,21 +32,16 @@ class StudyFull(Exception):
     """The study already has its total of trials: this one is abandoned (FAIL, tagged `skipped`)."""
 
 
-def objective_value(result: TrialResult, name: str, max_epochs: int) -> float:
-    """One objective of a finished trial. A trial that never reached the threshold counts as max_epochs + 1."""
+def objective_value(result: TrialResult, name: str) -> float:
+    """One objective of a finished trial, of its delivered model. A trial that never reached the (pinned)
+    threshold counts as its epoch budget + 1."""
     if name == "target_val_acc":
         return result.value
     if name == "source_val_acc":
         return result.stages[result.best_stage].source_val_acc
     if name == "student_params":
         return float(result.student_params)
-    return float(result.epochs_to_threshold if result.epochs_to_threshold is not None else max_epochs + 1)
-
-
-def max_epochs(config: Config, generations: int) -> int:
-    """The largest global step a trial can reach (its epochs budget)."""
-    p = config.pipeline
-    return p.finetune_epochs + p.distill_epochs + generations * p.retrain_epochs
+    return float(result.epochs_to_threshold if result.epochs_to_threshold is not None else result.budget + 1)
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -64,9 +59,12 @@ def describe_failure(exc: BaseException) -> str:
 
 
 def record_result(trial: optuna.Trial, result: TrialResult) -> None:
-    """Store what the study commands and reports read back: per-stage accuracies, best stage, sizes, seconds."""
+    """Store what the study commands and reports read back: per-stage accuracies, the delivered stage and the
+    rule that chose it, sizes, epochs trained and the budget, seconds."""
     trial.set_user_attr("stages", {k: vars(v) for k, v in result.stages.items()})
     trial.set_user_attr("best_stage", result.best_stage)
+    trial.set_user_attr("select", result.select)
+    trial.set_user_attr("budget", result.budget)
     trial.set_user_attr("epochs_to_threshold", result.epochs_to_threshold)
     trial.set_user_attr("student_params", result.student_params)
     trial.set_user_attr("total_epochs", result.total_epochs)
@@ -109,11 +107,6 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
         run_id = tracker.start_trial(trial, choices)
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
-        if all(a == "freeze" for a in choices.layers.values()):
-            reason = "every layer group frozen: nothing to train"
-            trial.set_user_attr("failure", reason)
-            tracker.end_trial(run_id, trial, "PRUNED", reason=reason)
-            raise optuna.TrialPruned(reason)
         checkpoints = StageCheckpoints(Path(config.study.checkpoint_dir) / study.study_name /
                                        checkpoint_key(study.study_name, choices.flat(), pipeline.seed))
 
@@ -123,7 +116,8 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             if multi:  # Optuna has no pruning for multi-objective studies
                 return
             trial.report(value, step)
-            if can_prune and trial.should_prune():
+            # A baseline is the reference every verdict is read against: it reports its curve but always finishes.
+            if can_prune and not baseline and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step} ({stage}, target val acc {value:.4f})")
 
         def on_epoch(stage: str, step: int, metrics: dict) -> None:
@@ -143,6 +137,8 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             _requeue(study, trial)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends this trial only; the study goes on
+            if isinstance(exc, InvalidChoice):  # the choice's fault, not the worker's (see worker.py)
+                trial.set_user_attr("invalid_choice", True)
             _fail(trial, tracker, run_id, exc, "FAIL")
             raise
         checkpoints.clear()
@@ -150,8 +146,7 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
         tracker.log_teacher(result.teacher, result.models.get("teacher"))
         if result.donor is not None:  # replace_with: donor; its weights are the cached file its run names
             tracker.log_teacher(result.donor, None)
-        budget = max_epochs(config, choices.generations)
-        values = [objective_value(result, name, budget) for name in config.study.objective]
+        values = [objective_value(result, name) for name in config.study.objective]
         tracker.end_trial(run_id, trial, "COMPLETE", result=result)
         return values if multi else values[0]
 

@@ -27,7 +27,7 @@ FEW_TRIALS = "fewer than two completed trials"
 
 
 def trial_summary(t: optuna.trial.FrozenTrial, objective: list[str]) -> dict:
-    """A trial's layer action per group, hyperparameters, accuracies (best stage), size and speed."""
+    """A trial's layer action per group, hyperparameters, accuracies (of its delivered model), size and speed."""
     choices = t.user_attrs.get("choices") or {f"search.{k}": v for k, v in t.params.items()}
     return {"number": t.number, "state": t.state.name, "baseline": t.user_attrs.get("baseline", ""),
             "values": t.values,
@@ -73,7 +73,7 @@ def build_report(name: str, url: str):
     data["groups"] = group_effects(trials, config.search.groups, objective)
     data["bootstrap"] = {"method": "percentile bootstrap of the mean", "resamples": BOOTSTRAP_RESAMPLES,
                          "seed": BOOTSTRAP_SEED, "level": BOOTSTRAP_LEVEL,
-                         "value": "target val acc of completed trials (best stage)"}
+                         "value": "target val acc of completed trials (delivered model)"}
     effective = effective_study(study, trials) if len(complete) >= 2 else None
     data["importance"] = (importances(effective, objective) if effective
                           else {"skipped": f"{FEW_TRIALS} ({len(complete)})"})

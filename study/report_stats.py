@@ -30,7 +30,7 @@ def _finite(x) -> bool:
 
 
 def best_stage_acc(t: optuna.trial.FrozenTrial) -> dict:
-    """The best stage's four accuracies (None where the trial did not record them)."""
+    """The four accuracies of the trial's delivered model, stage `best_stage` (None where not recorded)."""
     stages = t.user_attrs.get("stages") or {}
     acc = stages.get(t.user_attrs.get("best_stage"), {})
     return {k: acc.get(k) for k in ACCURACIES}
@@ -38,7 +38,7 @@ def best_stage_acc(t: optuna.trial.FrozenTrial) -> dict:
 
 def target_val_acc(t: optuna.trial.FrozenTrial, objective: list[str]) -> float | None:
     """A finished trial's target validation accuracy: its value when that is the only objective, else the best
-    stage's recorded `target_val_acc`. None when unknown."""
+    stage's recorded `target_val_acc` (the delivered model's). None when unknown."""
     if objective == ["target_val_acc"] and t.values and _finite(t.values[0]):
         return float(t.values[0])
     value = best_stage_acc(t)["target_val_acc"]

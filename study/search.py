@@ -10,11 +10,11 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from models import create_model
 from models.errors import UserError, did_you_mean
-from objectives.settings import ACTIONS, TrialChoices
+from objectives.settings import ACTIONS, RECIPES, TrialChoices
 
 
 @dataclass(frozen=True)
@@ -26,19 +26,22 @@ class ParamSpec:
     high: float
     default: Any
     help: str
+    values: tuple = ()  # the allowed values of a str choice
 
 
 # One line per parameter: type, hard bounds, default search. (Order = sampling order.)
 PARAMS: dict[str, ParamSpec] = {
+    "recipe": ParamSpec(str, 0, 0, "distill", "distill (finetune, distill, born-again generations) or finetune "
+                        "(cross-entropy only, for the same epoch budget)", values=RECIPES),
     "alpha": ParamSpec(float, 0.0, 1.0, {"low": 0.0, "high": 1.0, "default": 0.5}, "weight of the KD term"),
     "temperature": ParamSpec(float, 0.05, 100.0, {"low": 1.0, "high": 8.0, "default": 4.0},
                              "KD temperature T (sampled only when alpha > 0)"),
     "beta": ParamSpec(float, 0.0, 1000.0, {"low": 0.0, "high": 1.0, "default": 0.0}, "weight of the layer term"),
     "threshold": ParamSpec(float, 0.0, 1.0, {"low": 0.8, "high": 1.0, "default": 0.95},
-                           "distillation stops at this target validation accuracy"),
+                           "a distill stage stops at this target validation accuracy"),
     "lr": ParamSpec(float, 1e-7, 10.0, {"low": 3e-4, "high": 1e-2, "log": True, "default": 3e-3}, "learning rate"),
     "source_weight": ParamSpec(float, 0.0, 100.0, [0.5, 0.0, 1.0], "weight of the source data's loss terms"),
-    "generations": ParamSpec(int, 0, 20, {"low": 0, "high": 2, "default": 1}, "born-again re-distillation rounds"),
+    "generations": ParamSpec(int, 0, 20, {"low": 0, "high": 2, "default": 1}, "born-again generations"),
     "slim_width": ParamSpec(float, 0.01, 1.0, [0.5, 0.25],
                             "width of slim replacements (sampled only when a group is replaced with slim)"),
     "augment": ParamSpec(bool, 0, 1, [False, True], "augment training batches"),
@@ -110,10 +113,13 @@ class SearchSpace:
         return all(p.mode == "fixed" for p in self.params.values()) and \
             all(len(a) == 1 for a in self.group_actions().values())
 
-    def defaults(self) -> TrialChoices:
-        """The fixed choices `trial run` uses: pins, range defaults, first list elements."""
-        layers = {g: acts[0] for g, acts in self.group_actions().items()}
-        return TrialChoices(layers=layers, **{n: p.default() for n, p in self.params.items()})
+    def defaults(self, recipe: str | None = None) -> TrialChoices:
+        """The fixed choices `trial run` uses: pins, range defaults, first list elements (the finetune recipe's
+        unused KD choices at 0, as in a study); `recipe` overrides the configured one."""
+        def pick(name: str):
+            return recipe if name == "recipe" and recipe else self.params[name].default()
+
+        return resolve_choices(self, "", pick, lambda g, acts: acts[0])
 
     def to_dict(self) -> dict:
         return copy.deepcopy(self.raw)
@@ -171,6 +177,8 @@ def _parse_param(name: str, spec: ParamSpec, value) -> Param:
                                 f"a range takes {', '.join(allowed)}")
         if spec.kind is bool:
             raise UserError(f"{where}: a yes/no choice takes true, false or [false, true], not a range")
+        if spec.kind is str:
+            raise UserError(f"{where}: takes one of {', '.join(spec.values)} or a list of them, not a range")
         if "low" not in value or "high" not in value:
             raise UserError(f"{where}: a range needs both low and high")
         low, high = _check_value(f"{where}.low", spec, value["low"]), _check_value(f"{where}.high", spec, value["high"])
@@ -196,6 +204,11 @@ def _parse_param(name: str, spec: ParamSpec, value) -> Param:
 
 
 def _check_value(where: str, spec: ParamSpec, value):
+    if spec.kind is str:
+        if value not in spec.values:
+            raise UserError(f"{where}: unknown value {value!r}{did_you_mean(str(value), spec.values)}; "
+                            f"choose from: {', '.join(spec.values)}")
+        return value
     if spec.kind is bool:
         if not isinstance(value, bool):
             raise UserError(f"{where}: expected true or false, got {value!r}")
@@ -211,23 +224,38 @@ def _check_value(where: str, spec: ParamSpec, value):
 
 
 def suggest_choices(trial, space: SearchSpace, replace_with: str) -> TrialChoices:
-    """Sample one trial's choices. Conditional parameters are sampled only when they matter: the temperature only
-    when alpha > 0, the slim width only when some group is replaced with slim replacements."""
+    """Sample one trial's choices with `trial.suggest_*` (see `resolve_choices` for which are sampled when)."""
+    return resolve_choices(space, replace_with, lambda name: space.params[name].suggest(trial),
+                           lambda g, acts: trial.suggest_categorical(f"layers.{g}", acts) if len(acts) > 1 else acts[0])
+
+
+def resolve_choices(space: SearchSpace, replace_with: str, pick: Callable[[str], Any],
+                    pick_layer: Callable[[str, list], str]) -> TrialChoices:
+    """One trial's choices, each parameter taken with `pick(name)` and each layer group's action with
+    `pick_layer(group, actions)` only when it matters (else its default): the KD and distill-stage choices
+    (alpha, temperature, beta, threshold, generations) only for the distill recipe, the temperature only when
+    alpha > 0, the slim width only when some group is replaced with slim replacements. The finetune recipe has no
+    teacher signal (alpha 0, beta 0) and trains the epoch budget of the default number of generations."""
     p = space.params
-    layers = {g: (trial.suggest_categorical(f"layers.{g}", acts) if len(acts) > 1 else acts[0])
-              for g, acts in space.group_actions().items()}
-    alpha = p["alpha"].suggest(trial)
-    temperature = p["temperature"].suggest(trial) if alpha > 0 else p["temperature"].default()
-    beta = p["beta"].suggest(trial)
-    threshold = p["threshold"].suggest(trial)
-    lr = p["lr"].suggest(trial)
-    source_weight = p["source_weight"].suggest(trial)
-    generations = p["generations"].suggest(trial)
-    uses_slim = replace_with == "slim" and "replace" in layers.values()
-    slim_width = p["slim_width"].suggest(trial) if uses_slim else p["slim_width"].default()
-    augment = p["augment"].suggest(trial)
-    return TrialChoices(layers=layers, temperature=temperature, alpha=alpha, beta=beta, threshold=threshold, lr=lr,
-                        source_weight=source_weight, generations=generations, slim_width=slim_width, augment=augment)
+    recipe = pick("recipe")
+    layers = {g: pick_layer(g, acts) for g, acts in space.group_actions().items()}
+    distills = recipe == "distill"
+
+    def conditional(name: str, when: bool, otherwise=None):
+        return pick(name) if when else (p[name].default() if otherwise is None else otherwise)
+
+    alpha = conditional("alpha", distills, 0.0)
+    temperature = conditional("temperature", alpha > 0)
+    beta = conditional("beta", distills, 0.0)
+    threshold = conditional("threshold", distills)
+    lr = pick("lr")
+    source_weight = pick("source_weight")
+    generations = conditional("generations", distills)
+    slim_width = conditional("slim_width", replace_with == "slim" and "replace" in layers.values())
+    augment = pick("augment")
+    return TrialChoices(layers=layers, recipe=recipe, temperature=temperature, alpha=alpha, beta=beta,
+                        threshold=threshold, lr=lr, source_weight=source_weight, generations=generations,
+                        slim_width=slim_width, augment=augment)
 
 
 def grid_space(space: SearchSpace) -> dict[str, list]:

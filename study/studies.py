@@ -165,6 +165,7 @@ def trial_row(t: optuna.trial.FrozenTrial) -> dict:
     row = {"number": t.number, "state": t.state.name, "values": t.values,
            "baseline": t.user_attrs.get("baseline", ""), "best_stage": t.user_attrs.get("best_stage", ""),
            "epochs": t.user_attrs.get("total_epochs", (max(t.intermediate_values) if t.intermediate_values else 0)),
+           "budget": t.user_attrs.get("budget"),
            "epochs_to_threshold": t.user_attrs.get("epochs_to_threshold"),
            "student_params": t.user_attrs.get("student_params"), "seconds": t.user_attrs.get("seconds"),
            "failure": t.user_attrs.get("failure", t.user_attrs.get("skipped", "")),

@@ -13,15 +13,21 @@ def run_fixed_trial(config: Config, on_epoch=None) -> TrialResult:
 
 
 def format_trial(result: TrialResult) -> str:
-    """A per-stage table of source and target accuracy, then the trial's value and choices."""
-    lines = [f"{'stage':<12}{'epochs':>7}{'seconds':>9}{'src val':>9}{'src test':>9}{'tgt val':>9}{'tgt test':>9}"]
+    """A per-stage table of source and target accuracy (the delivered stage starred, the teacher for reference),
+    then the trial's value and choices."""
+    lines = [f"{'stage':<12}{'steps':>8}{'epochs':>7}{'seconds':>9}{'src val':>9}{'src test':>9}{'tgt val':>9}"
+             f"{'tgt test':>9}  taught by"]
     for name, s in result.stages.items():
         mark = " *" if name == result.best_stage else ""
-        lines.append(f"{name:<12}{s.epochs:>7}{s.seconds:>9.2f}{s.source_val_acc:>9.3f}{s.source_test_acc:>9.3f}"
-                     f"{s.target_val_acc:>9.3f}{s.target_test_acc:>9.3f}{mark}")
-    lines.append(f"value (target val acc of best stage '{result.best_stage}'): {result.value:.4f}")
+        steps = "0" if name == "teacher" else f"{s.first_step}-{s.first_step + s.epochs - 1}"
+        teacher = "(reference)" if name == "teacher" else (s.kd_teacher or "-")
+        lines.append(f"{name:<12}{steps:>8}{s.epochs:>7}{s.seconds:>9.2f}{s.source_val_acc:>9.3f}"
+                     f"{s.source_test_acc:>9.3f}{s.target_val_acc:>9.3f}{s.target_test_acc:>9.3f}  {teacher}{mark}")
+    lines.append(f"value: target val acc of the delivered model, stage '{result.best_stage}' "
+                 f"(select: {result.select}; recipe {result.recipe}): {result.value:.4f}")
     lines.append("layers: " + ", ".join(f"{g}={m['action']}" for g, m in result.layer_map.items()))
     lines.append(f"student params: {result.student_params:,} (teacher {result.teacher_params:,}); "
-                 f"teacher cache: {result.teacher.cache}; epochs to threshold: {result.epochs_to_threshold}; "
+                 f"teacher cache: {result.teacher.cache}; epochs trained: {result.total_epochs} of {result.budget}; "
+                 f"epochs to threshold: {result.epochs_to_threshold}; "
                  f"{result.seconds:.1f} s on {result.device}")
     return "\n".join(lines)

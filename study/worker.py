@@ -25,6 +25,9 @@ from .studies import load_study
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # A worker stops after this many FAIL trials in a row: something is wrong with it, not with the trials.
 MAX_CONSECUTIVE_FAILURES = 5
+# Sampled choices that cannot run (a stage with no data, say) are the search space's fault, and a few are expected
+# where only some values of a choice are impossible; this many in a row means the space can hardly produce any.
+MAX_CONSECUTIVE_INVALID = 20
 # How often a worker with nothing left to start checks whether a running trial died and was re-queued.
 _POLL_SECONDS = 1.0
 
@@ -63,17 +66,23 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
     deadline = time.monotonic() + timeout if timeout else None
 
     failures: list[str] = []  # reasons of the consecutive FAIL trials of this worker
+    invalid: list[str] = []  # reasons of the consecutive trials whose choices could not run
 
     def callback(study_, trial):
         if trial.user_attrs.get("skipped"):
             return
         if on_trial:
             on_trial(study_, trial)
-        if trial.state == optuna.trial.TrialState.FAIL and not interrupted.is_set():
+        if trial.user_attrs.get("invalid_choice"):  # says nothing about this worker
+            invalid.append(trial.user_attrs["failure"])
+        elif trial.state == optuna.trial.TrialState.FAIL and not interrupted.is_set():
             failures.append(trial.user_attrs.get("failure", "unknown reason"))
+            invalid.clear()
         else:
             failures.clear()
-        if _count(study_, FINISHED) >= total or len(failures) >= MAX_CONSECUTIVE_FAILURES:
+            invalid.clear()
+        if _count(study_, FINISHED) >= total or len(failures) >= MAX_CONSECUTIVE_FAILURES \
+                or len(invalid) >= MAX_CONSECUTIVE_INVALID:
             stop.set()
 
     def loop():
@@ -116,6 +125,9 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
     if len(failures) >= MAX_CONSECUTIVE_FAILURES:
         raise UserError(f"{len(failures)} trials in a row failed on this worker (last: {failures[-1]}); "
                         f"stopping it so it does not burn through the study")
+    if len(invalid) >= MAX_CONSECUTIVE_INVALID:
+        raise UserError(f"{len(invalid)} trials in a row had choices that cannot run (last: {invalid[-1]}); "
+                        f"narrow the search space or fix the config")
     return study
 
 

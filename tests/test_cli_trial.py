@@ -78,9 +78,11 @@ def test_trial_run_table_and_set_overrides(quickstart, tiny_sets):
                     "--set", "search.layers.head=replace")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["stage", "epochs", "seconds", "src", "val", "src", "test", "tgt", "val", "tgt", "test"]
-    assert [line.split()[0] for line in lines[1:4]] == ["teacher", "finetune", "distill"]  # generations=0
-    assert sum(line.endswith(" *") for line in lines[1:4]) == 1  # the best stage is marked
+    assert lines[0].split() == ["stage", "steps", "epochs", "seconds", "src", "val", "src", "test", "tgt", "val",
+                                "tgt", "test", "taught", "by"]
+    assert [line.split()[:2] for line in lines[1:4]] == [["teacher", "0"], ["finetune", "1-1"], ["distill", "2-2"]]
+    assert sum(line.endswith(" *") for line in lines[1:4]) == 1  # the delivered stage is marked
+    assert not lines[1].endswith(" *") and lines[1].endswith("(reference)")  # never the teacher
     assert "layers: stem=freeze, block1=finetune, block2=finetune, head=replace" in result.stdout
     assert "teacher cache: miss" in result.stdout
 

@@ -307,3 +307,24 @@ def test_defaults_round_trip():
     cfg = load_config(None)
     assert config_from_dict(cfg.to_dict()) == cfg
     assert isinstance(cfg.search, SearchSpace) and cfg.to_dict()["search"] == {}
+
+
+def test_epochs_to_threshold_needs_a_pinned_threshold(quickstart):
+    with pytest.raises(UserError, match="^study.objective epochs_to_threshold needs a pinned threshold"):
+        load_config(quickstart, ["study.objective=epochs_to_threshold"])
+    with pytest.raises(UserError, match="needs a pinned threshold"):
+        load_config(quickstart, ["study.objective=[target_val_acc, epochs_to_threshold]", "search.threshold=[0.8, 0.9]"])
+    cfg = load_config(quickstart, ["study.objective=epochs_to_threshold", "search.threshold=0.9"])
+    assert cfg.search.params["threshold"].value == 0.9
+
+
+def test_recipe_is_a_pinned_or_listed_choice(quickstart):
+    assert load_config(quickstart).search.defaults().recipe == "distill"
+    finetune = load_config(quickstart, ["search.recipe=finetune"]).search.defaults()
+    assert (finetune.recipe, finetune.alpha, finetune.beta) == ("finetune", 0.0, 0.0)
+    assert load_config(quickstart, ["search.recipe=[distill, finetune]"]).search.params["recipe"].choices == \
+        ["distill", "finetune"]
+    with pytest.raises(UserError, match=r"^search.recipe: unknown value 'finetun' \(did you mean 'finetune'\?\)"):
+        load_config(quickstart, ["search.recipe=finetun"])
+    with pytest.raises(UserError, match="^search.recipe: takes one of distill, finetune"):
+        load_config(quickstart, ["search.recipe={low: 0, high: 1}"])

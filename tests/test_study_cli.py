@@ -135,23 +135,30 @@ def test_stored_trial_attributes(t1):
     teacher_vals = set()
     for t in complete:
         a = t.user_attrs
-        assert set(a["choices"]) >= {"search.layers.stem", "search.layers.head", "search.alpha", "search.lr"}
-        assert {"teacher", "finetune", "distill"} <= set(a["stages"])
+        assert set(a["choices"]) >= {"search.layers.stem", "search.layers.head", "search.alpha", "search.lr",
+                                     "search.recipe"}
+        want = {"finetune": {"teacher", "finetune"}, "distill": {"teacher", "finetune", "distill"}}
+        assert want[a["choices"]["search.recipe"]] <= set(a["stages"])
         for stage in a["stages"].values():
             for key in ("source_val_acc", "target_val_acc", "target_test_acc"):
                 assert 0.0 <= stage[key] <= 1.0
-        assert a["best_stage"] in a["stages"]
+        assert a["best_stage"] in a["stages"] and a["best_stage"] != "teacher" and a["select"] == "best"
         assert t.value == a["stages"][a["best_stage"]]["target_val_acc"]
         assert isinstance(a["student_params"], int) and a["student_params"] > 0
         assert a["seconds"] > 0
-        # Step 0 is the teacher, then one step per student epoch: 1, 2, ... up to the trial's epoch count.
-        steps = sorted(t.intermediate_values)
-        assert steps == list(range(len(steps))) and steps[-1] == a["total_epochs"] >= 2
-        assert t.intermediate_values[0] == a["stages"]["teacher"]["target_val_acc"]
-        teacher_vals.add(t.intermediate_values[0])
+        # One step per student epoch, each stage on its own block of steps; the teacher (step 0) is not reported.
+        steps = [s for name, st in a["stages"].items() if name != "teacher"
+                 for s in range(st["first_step"], st["first_step"] + st["epochs"])]
+        assert sorted(t.intermediate_values) == steps and steps[-1] <= a["budget"]
+        assert len(steps) == a["total_epochs"] >= 2
+        teacher_vals.add(a["stages"]["teacher"]["target_val_acc"])
     assert len(teacher_vals) == 1  # the same teacher for every trial
     baseline = {t.user_attrs["baseline"]: t for t in complete if "baseline" in t.user_attrs}
-    assert baseline["finetune-all"].user_attrs["choices"]["search.alpha"] == 0.0
+    ft = baseline["finetune-all"].user_attrs
+    assert (ft["choices"]["search.alpha"], ft["choices"]["search.recipe"]) == (0.0, "finetune")
+    assert set(ft["stages"]) == {"teacher", "finetune"}
+    assert ft["stages"]["finetune"]["epochs"] == ft["total_epochs"] == ft["budget"] == \
+        baseline["finetune-all-kd"].user_attrs["budget"]
     head = baseline["head-only"].user_attrs["choices"]
     assert [head[f"search.layers.{g}"] for g in ("stem", "block1", "block2", "head")] == \
            ["freeze", "freeze", "freeze", "finetune"]
@@ -187,8 +194,9 @@ def test_export_csv_and_json(t1, tmp_path):
     assert result.exit_code == 0
     rows = list(csv.DictReader(io.StringIO(result.output)))
     assert len(rows) == n_trials
-    for col in ("number", "state", "values", "baseline", "best_stage", "choice.layers.head", "choice.alpha",
-                "teacher.target_val_acc", "finetune.source_val_acc", "distill.target_test_acc"):
+    for col in ("number", "state", "values", "baseline", "best_stage", "epochs", "budget", "choice.layers.head",
+                "choice.alpha", "choice.recipe", "teacher.target_val_acc", "finetune.source_val_acc",
+                "distill.target_test_acc"):
         assert col in rows[0], col
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     assert complete and all(json.loads(r["values"])[0] == float(r[f"{r['best_stage']}.target_val_acc"])
@@ -196,7 +204,12 @@ def test_export_csv_and_json(t1, tmp_path):
     data = json.loads(cli("study", "export", "t1", "--storage", storage, "--format", "json").output)
     assert [r["number"] for r in data] == list(range(n_trials))
     assert {r["state"] for r in data} <= {"COMPLETE", "PRUNED", "FAIL"}
-    assert all(isinstance(r["distill.target_val_acc"], float) for r in data if r["state"] == "COMPLETE")
+    assert all(isinstance(r["distill.target_val_acc"], float) for r in data
+               if r["state"] == "COMPLETE" and r["choice.recipe"] == "distill")
+    # The finetune-all baseline: no distill or retrain stage, the epoch budget of a default trial.
+    ft = next(r for r in data if r["baseline"] == "finetune-all")
+    assert not any(k.startswith(("distill.", "retrain-")) for k in ft)
+    assert ft["epochs"] == ft["budget"] == next(r for r in data if r["baseline"] == "finetune-all-kd")["budget"]
     out = tmp_path / "trials.json"
     assert cli("study", "export", "t1", "--storage", storage, "--format", "json", "--out", out).exit_code == 0
     assert json.loads(out.read_text()) == data
@@ -343,3 +356,37 @@ def test_interrupt_marks_fail_requeues_and_resumes(tmp_path, teacher_cache_dir):
     done = [t for t in trials if t.state in FINISHED]
     assert len(done) == 1 and done[0].number == retry[0].number and done[0].params == failed.params
     assert [t.state for t in trials].count(optuna.trial.TrialState.FAIL) == 1
+
+
+def test_every_trial_of_a_two_thread_study_replays_exactly(tmp_path, teacher_cache_dir):
+    """Trial threads share one process: each trial's randomness (initialisation of replaced groups, batch order,
+    augmentation) must come from its own seeds alone, so a replay gives the stored value bit for bit."""
+    storage = url(tmp_path / "s.db")
+    run = cli("study", "run", "mt", "--config", QUICKSTART, "--storage", storage,
+              *tiny(teacher_cache_dir, tmp_path), "--set", "search.generations=[0, 1]", "--set", "study.pruner.name=none",
+              "--set", "study.pruner.kwargs={}", "--set", "pipeline.replace_with=slim",
+              "--n-trials", 8, "--n-jobs", 2, "--quiet")
+    assert run.exit_code == 0, run.output
+    complete = load("mt", storage).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 8
+    assert any("replace" in t.user_attrs["choices"].values() for t in complete)  # replaced groups were drawn
+    for t in complete:
+        replayed = json.loads(cli("trial", "replay", "mt", t.number, "--storage", storage, "--json").output)
+        assert replayed["value"] == replayed["stored_value"] == t.value, t.number
+
+
+def test_a_choice_that_leaves_a_stage_without_data_fails_with_the_reason(tmp_path, teacher_cache_dir):
+    storage = url(tmp_path / "s.db")
+    run = cli("study", "run", "nodata", "--config", QUICKSTART, "--storage", storage,
+              *tiny(teacher_cache_dir, tmp_path), "--set", "task.target_labeled_per_class=0",
+              "--set", "search.source_weight=[0.0, 0.5]", "--set", "study.baselines=false", "--n-trials", 3)
+    assert run.exit_code == 0, run.output
+    trials = load("nodata", storage).get_trials()
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed and all(t.params["source_weight"] == 0.0 for t in failed)
+    for t in failed:
+        assert t.user_attrs["failure"] == ("invalid input: stage 'finetune' would train on no data: no labelled "
+                                           "target images (task.target_labeled_per_class is 0); "
+                                           "search.source_weight is 0")
+        assert "stages" not in t.user_attrs
+    assert len([t for t in trials if t.state in FINISHED]) == 3  # the study went on to its total
