@@ -154,8 +154,9 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
 
     def fresh_student(generation: int) -> tuple[GroupedModel, dict]:
         # Generation 0 is the finetune stage's student; each born-again generation starts from a fresh one.
-        student, layer_map = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width,
-                                           donor, task.image_shape, init_seed=derive_seed(pipeline.seed, "student", generation))
+        seed = derive_seed(pipeline.seed, "student", generation)
+        student, layer_map = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor,
+                                           task.image_shape, init_seed=seed)
         return place(student, device), layer_map
 
     layer_map = fresh_student(0)[1]

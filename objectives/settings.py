@@ -60,7 +60,7 @@ class PipelineSettings:
     replace_with: str = _choices("reinit", "slim", "donor")
     layer_term: str = _choices("feature", "params")  # beta's term: feature MSE or L2-SP to the starting weights
     retrain_on: str = _choices("both", "source", "target")
-    distill_teacher: str = _choices("best", "source")  # teacher in distill: better of teacher/finetune, or the source one
+    distill_teacher: str = _choices("best", "source")  # distill's teacher: better of teacher/finetune, or the source
     # The model a trial delivers (and every figure it reports): the student stage with the best target validation
     # accuracy (like early stopping; first of equals) or the last student stage. The teacher is never delivered.
     select: str = _choices("best", "last")

@@ -313,7 +313,8 @@ def test_epochs_to_threshold_needs_a_pinned_threshold(quickstart):
     with pytest.raises(UserError, match="^study.objective epochs_to_threshold needs a pinned threshold"):
         load_config(quickstart, ["study.objective=epochs_to_threshold"])
     with pytest.raises(UserError, match="needs a pinned threshold"):
-        load_config(quickstart, ["study.objective=[target_val_acc, epochs_to_threshold]", "search.threshold=[0.8, 0.9]"])
+        load_config(quickstart, ["study.objective=[target_val_acc, epochs_to_threshold]",
+                                 "search.threshold=[0.8, 0.9]"])
     cfg = load_config(quickstart, ["study.objective=epochs_to_threshold", "search.threshold=0.9"])
     assert cfg.search.params["threshold"].value == 0.9
 

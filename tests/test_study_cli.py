@@ -363,8 +363,9 @@ def test_every_trial_of_a_two_thread_study_replays_exactly(tmp_path, teacher_cac
     augmentation) must come from its own seeds alone, so a replay gives the stored value bit for bit."""
     storage = url(tmp_path / "s.db")
     run = cli("study", "run", "mt", "--config", QUICKSTART, "--storage", storage,
-              *tiny(teacher_cache_dir, tmp_path), "--set", "search.generations=[0, 1]", "--set", "study.pruner.name=none",
-              "--set", "study.pruner.kwargs={}", "--set", "pipeline.replace_with=slim",
+              *tiny(teacher_cache_dir, tmp_path), "--set", "search.generations=[0, 1]",
+              "--set", "study.pruner.name=none", "--set", "study.pruner.kwargs={}",
+              "--set", "pipeline.replace_with=slim",
               "--n-trials", 8, "--n-jobs", 2, "--quiet")
     assert run.exit_code == 0, run.output
     complete = load("mt", storage).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -390,3 +391,18 @@ def test_a_choice_that_leaves_a_stage_without_data_fails_with_the_reason(tmp_pat
                                            "search.source_weight is 0")
         assert "stages" not in t.user_attrs
     assert len([t for t in trials if t.state in FINISHED]) == 3  # the study went on to its total
+
+
+def test_baselines_are_never_pruned(tmp_path, teacher_cache_dir):
+    # A pruner with no start-up trials and no warm-up would stop head-only (a linear probe, far below finetune-all)
+    # at its first step; a baseline is the reference every winner is read against, so it always finishes.
+    storage = url(tmp_path / "s.db")
+    run = cli("study", "run", "ref", "--config", QUICKSTART, "--storage", storage, *tiny(teacher_cache_dir, tmp_path),
+              "--set", "pipeline.teacher_epochs=10", "--set", "pipeline.finetune_epochs=3",
+              "--set", "study.pruner.name=median",
+              "--set", "study.pruner.kwargs={n_startup_trials: 0, n_warmup_steps: 0}", "--n-trials", 3)
+    assert run.exit_code == 0, run.output
+    trials = {t.user_attrs["baseline"]: t for t in load("ref", storage).get_trials()}
+    assert {b: t.state.name for b, t in trials.items()} == dict.fromkeys(trials, "COMPLETE")
+    assert trials["head-only"].value < trials["finetune-all"].value
+    assert all(len(t.intermediate_values) == t.user_attrs["total_epochs"] for t in trials.values())
