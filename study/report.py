@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from .report_stats import (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, best_stage_acc, effective_study,
                            group_effects, importances, target_val_acc)
+from .baselines import BASELINES
 from .storage import mask_url
 from .studies import load_study
 
@@ -70,6 +71,7 @@ def build_report(name: str, url: str):
     if len(complete) < 2:
         notes.append(f"{FEW_TRIALS} ({len(complete)}): importances and plots need at least two")
     data.update(winners(study, trials, objective))
+    data["baseline_recipes"] = dict(BASELINES)
     data["groups"] = group_effects(trials, config.search.groups, objective)
     data["bootstrap"] = {"method": "percentile bootstrap of the mean", "resamples": BOOTSTRAP_RESAMPLES,
                          "seed": BOOTSTRAP_SEED, "level": BOOTSTRAP_LEVEL,

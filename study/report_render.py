@@ -39,9 +39,11 @@ def _winner_table(data: dict) -> Table:
     head = ["trial", "role", "state", *groups, *[h for _, h in ACC_COLUMNS], "student params",
             "epochs to threshold", *hypers]
     title = "Pareto front vs baselines" if multi else "Winner vs baselines"
+    recipes = " ".join(f"{name}: {recipe}." for name, recipe in data.get("baseline_recipes", {}).items())
     intro = (f"The winner is {data['winner_rule']}. Accuracies are those of the model each trial delivers "
              f"(its student stage chosen by pipeline.select, never the teacher; validation and test, target and source "
-             f"domain). Baselines are the enqueued trials tagged 'baseline', in any state.")
+             f"domain). Baselines are the enqueued trials tagged 'baseline', in any state, each at the epoch budget of "
+             f"a default trial. {recipes}").strip()
     table = Table(title, intro, head)
     for i, (role, r) in enumerate(rows):
         if data["winner"] and r["number"] == data["winner"]["number"] and not role.startswith("baseline"):

@@ -270,6 +270,8 @@ def test_md_report_multi_objective_with_pinned_group(env):
     out, stdout = report(env, "B", "md")
     md = (out / "report.md").read_text()
     assert "## Pareto front vs baselines" in md and "| group | action |" in md
+    # Each baseline's recipe is stated where the baselines are shown.
+    assert "finetune-all: every group fine-tuned with cross-entropy" in md and "head-only: the same recipe" in md
     for key in ("history", "importance", "parallel", "heatmap", "pareto"):
         assert f"]({key}.png)" in md and (out / f"{key}.png").read_bytes().startswith(PNG_MAGIC)
     assert "**stem**" in md  # the pinned group's only action is its best (highlighted)
