@@ -176,6 +176,24 @@ def study_run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, 
     sys.exit(code)
 
 
+@study.command("confirm")
+@click.argument("name")
+@storage_option
+@click.option("--top", type=click.IntRange(min=1), default=None,
+              help="Distinct top configurations to confirm (default: the config's study.confirm.top, else 3).")
+@click.option("--seeds", type=click.IntRange(min=2), default=None,
+              help="Fresh run seeds per configuration (default: the config's study.confirm.seeds).")
+@click.option("--n-jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Runs on threads.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's pipeline.device).")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings.")
+def study_confirm(name, storage, top, seeds, n_jobs, device, quiet):
+    """Re-run study NAME's top configurations and its baselines on fresh seeds (companion study NAME-confirm), then
+    print each one's mean target test accuracy with a 95% interval and the verdict. Resumes where it stopped."""
+    from study.commands import confirm
+
+    sys.exit(confirm(name, storage, top, seeds, n_jobs, device, quiet, click.echo))
+
+
 @study.command("list")
 @storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -13,6 +13,7 @@ the result (value, accuracies, `student_params`, `student`) describes that model
 from __future__ import annotations
 
 import copy
+import hashlib
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,8 @@ class TrialResult:
     budget: int  # the last step of the recipe's step axis: its most student epochs
     seconds: float
     device: str
+    run_seed: int  # seeded the students' initialisation and batch order
+    model_hash: str  # fingerprint of the delivered weights: two trials that deliver the same model share it
     student: GroupedModel = field(repr=False)  # the delivered model
     models: dict = field(default_factory=dict, repr=False)  # stage -> model (the teacher included, for reference)
 
@@ -82,6 +85,7 @@ class TrialResult:
             "teacher_params": self.teacher_params, "teacher_cache": self.teacher.cache, "teacher_key": self.teacher.key,
             "donor_cache": self.donor.cache if self.donor else None, "epochs_to_threshold": self.epochs_to_threshold,
             "total_epochs": self.total_epochs, "budget": self.budget, "seconds": self.seconds, "device": self.device,
+            "run_seed": self.run_seed, "model_hash": self.model_hash,
         }
 
 
@@ -125,9 +129,13 @@ def _fresh_donor(task: TaskData, model: ModelSettings) -> GroupedModel:
 
 def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: PipelineSettings, choices: TrialChoices,
               report: ReportFn | None = None, on_epoch: EpochFn | None = None,
-              checkpoints: StageCheckpoints | None = None) -> TrialResult:
+              checkpoints: StageCheckpoints | None = None, run_seed: int | None = None) -> TrialResult:
     """Run the whole pipeline once with fixed choices. Raises UserError for impossible input,
     TrainingDiverged for a NaN/inf loss, and whatever `report` raises (pruning).
+
+    `run_seed` (default `pipeline.seed`) seeds the students' initialisation and batch order; the data splits and
+    the teacher always come from `pipeline.seed`, so a trial re-run on fresh run seeds (a confirmation) varies
+    only its own training, never what it is selected and tested on.
 
     With `checkpoints`, every finished stage is saved and a saved trial resumes after its last finished stage
     (its earlier per-epoch values are reported again, so the pruner sees the whole curve)."""
@@ -138,6 +146,7 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
     task = get_task(task_options, pipeline.seed, device)
     stages = preflight(task, model, pipeline, choices)
     bs, workers = pipeline.eval_batch_size, pipeline.num_workers
+    seed = pipeline.seed if run_seed is None else run_seed
 
     teacher, teacher_info = get_teacher("teacher", model.arch, model.width, task, model, pipeline, device)
     donor, donor_info = None, None
@@ -154,9 +163,8 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
 
     def fresh_student(generation: int) -> tuple[GroupedModel, dict]:
         # Generation 0 is the finetune stage's student; each born-again generation starts from a fresh one.
-        seed = derive_seed(pipeline.seed, "student", generation)
         student, layer_map = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor,
-                                           task.image_shape, init_seed=seed)
+                                           task.image_shape, init_seed=derive_seed(seed, "student", generation))
         return place(student, device), layer_map
 
     layer_map = fresh_student(0)[1]
@@ -171,7 +179,7 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
         if stage.name in runs:  # restored from a checkpoint
             continue
         # Each stage draws from its own seed, so a cached teacher or a resumed checkpoint changes nothing.
-        ctx.generator.manual_seed(derive_seed(pipeline.seed, "batches", stage.name))
+        ctx.generator.manual_seed(derive_seed(seed, "batches", stage.name))
         ctx.step = stage.first_step - 1
         previous = stages[index - 1].name if index > 0 else None
         if stage.kind == "distill" and previous is not None:
@@ -188,7 +196,7 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
             runs[stage.name] = train_stage(student, spec, ctx)
         else:
             runs[stage.name] = _distill(stage, student, kd_model, layer_map, sources, anchors, task, pipeline,
-                                        choices, ctx)
+                                        choices, ctx, seed)
         runs[stage.name].kd_teacher = kd_name
         runs[stage.name].sources = {s.name: s.weight for s in sources}
         models[stage.name] = student
@@ -207,8 +215,19 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
         teacher_params=_count(teacher), teacher=teacher_info, donor=donor_info,
         epochs_to_threshold=min(threshold_steps) if threshold_steps else None,
         total_epochs=sum(r.epochs for r in runs.values()), budget=stages[-1].first_step + stages[-1].epochs - 1,
-        seconds=time.perf_counter() - started, device=str(device), student=models[delivered],
+        seconds=time.perf_counter() - started, device=str(device), run_seed=seed,
+        model_hash=weights_hash(models[delivered]), student=models[delivered],
         models={"teacher": teacher, **models})
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of a model's state: names, dtypes, shapes and bytes of every tensor."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def select_stage(val: dict[str, float], rule: str) -> str:
@@ -238,14 +257,14 @@ def _kd_teacher(stage: Stage, previous: str | None, teacher: GroupedModel, teach
 
 def _distill(stage: Stage, student: GroupedModel, teacher: GroupedModel, layer_map: dict, sources: list,
              anchors: dict, task: TaskData, pipeline: PipelineSettings, choices: TrialChoices,
-             ctx: LoopContext) -> StageRun:
+             ctx: LoopContext, seed: int) -> StageRun:
     """Distill `teacher` (a frozen copy) into the student's trainable groups."""
     teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
     params = trainable_parameters(student, layer_map)
     trained = [g for g, m in layer_map.items() if m["action"] != "freeze"]
     term, cleanup = None, None
     if choices.beta > 0 and pipeline.layer_term == "feature":
-        with seeded_init(derive_seed(pipeline.seed, "adapters", stage.name)):
+        with seeded_init(derive_seed(seed, "adapters", stage.name)):
             adapters = make_adapters(group_output_shapes(student, task.image_shape),
                                      group_output_shapes(teacher, task.image_shape), trained)
         adapters = adapters.to(ctx.device)

@@ -84,7 +84,54 @@ def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device
         return 130
     if not quiet:
         echo(_closing(name, url, config))
+    c = config.study.confirm
+    if c.top > 0 and len(config.study.objective) == 1 and \
+            len(study.get_trials(deepcopy=False, states=finished_states)) >= total:
+        return confirm(name, url, c.top, c.seeds, n_jobs, device, quiet, echo)
     return 0
+
+
+def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, n_jobs: int, device: str | None,
+            quiet: bool, echo) -> int:
+    """`study confirm` (and the end of `study run`): re-run the top configurations and the baselines on fresh
+    seeds in the companion study `<name>-confirm`, then print the confirmation table and the verdict."""
+    from .confirm import confirm_name, prepare, summarize
+    from .worker import run_worker
+
+    url = resolve_storage_url(storage)
+    study, config = load_study(name, url)
+    top, seeds = top or config.study.confirm.top or 3, seeds or config.study.confirm.seeds
+    companion, total = prepare(study, config, top, seeds)
+    if not quiet:
+        echo(f"confirming on fresh seeds: {total} runs in study '{companion.study_name}' (the top {top} distinct "
+             f"configurations and the baselines, {seeds} seeds each)")
+
+    def on_trial(_study, trial):
+        if not quiet and trial.state != optuna.trial.TrialState.WAITING:
+            a = trial.user_attrs
+            echo(f"  {a.get('confirm_role', '?'):<16} seed {a.get('seed')}: {format_trial_line(trial)}")
+
+    try:
+        run_worker(confirm_name(name), url, n_trials=total, n_jobs=n_jobs, device=device, on_trial=on_trial)
+    except KeyboardInterrupt:
+        echo("interrupted: rerun `distillstudy study confirm` to finish the confirmation")
+        return 130
+    if not quiet:
+        echo(format_confirmation(summarize(companion)))
+    return 0
+
+
+def format_confirmation(summary: dict) -> str:
+    """The confirmation table (mean target test accuracy with its 95% interval over seeds) and the verdict."""
+    lines = [f"confirmation ({summary['study']}):",
+             f"  {'configuration':<16}{'trial':>6}{'seeds':>6}  {'target test (95% CI)':<28}{'target val':>10}"]
+    for c in summary["configs"]:
+        ci = c["target_test_ci"]
+        test = f"{c['target_test_mean']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+        lines.append(f"  {c['role']:<16}{c['trial']:>6}{len(c['seeds']):>6}  {test:<28}{c['target_val_mean']:>10.4f}")
+    verdict = summary["verdict"]
+    lines.append(f"verdict: {verdict['text']}" if verdict else "verdict: too few confirmation runs completed")
+    return "\n".join(lines)
 
 
 def _best_value(study: optuna.Study) -> float | None:
@@ -189,8 +236,9 @@ def replay(name: str, number: int, storage: str | None):
     if not trials or "choices" not in trials[0].user_attrs:
         raise UserError(f"study '{name}' has no trial {number} with stored choices")
     t = trials[0]
-    config.pipeline.seed = t.user_attrs.get("seed", config.pipeline.seed)
-    result = run_trial(config.task, config.model, config.pipeline, choices_from_attrs(t.user_attrs))
+    # The stored seed is the trial's run seed (a confirmation run's fresh one); splits and teacher stay the study's.
+    result = run_trial(config.task, config.model, config.pipeline, choices_from_attrs(t.user_attrs),
+                       run_seed=t.user_attrs.get("seed"))
     stored = t.values[0] if t.values else None
     if stored is not None and len(config.study.objective) == 1 and config.study.objective[0] != "target_val_acc":
         stored = t.user_attrs.get("stages", {}).get(t.user_attrs.get("best_stage"), {}).get("target_val_acc")

@@ -58,6 +58,18 @@ class PrunerSettings:
     name: str = "median"
     kwargs: dict = field(default_factory=dict)
     patience: int = -1  # >= 0 wraps the pruner in PatientPruner(patience=...)
+    # The pruner is asked only after this many epochs of each stage, and at each stage's last step (see
+    # study.pruning); 0 = after every epoch.
+    stage_warmup: int = field(default=0, metadata={"range": (0, 10**6)})
+
+
+@dataclass
+class ConfirmSettings:
+    """`study.confirm`: once the study is at its total, re-run its top configurations and the baselines on fresh
+    seeds (see study.confirm)."""
+
+    top: int = field(default=3, metadata={"range": (0, 100)})  # distinct top configurations; 0 = no confirmation
+    seeds: int = field(default=5, metadata={"range": (2, 1000)})  # fresh run seeds each (an interval needs two)
 
 
 @dataclass
@@ -75,6 +87,7 @@ class StudySettings:
     grace_period: int = field(default=60, metadata={"range": (2, 86400)})  # a silent RUNNING trial is stale after
     max_retry: int = field(default=2, metadata={"range": (0, 100)})  # re-runs of a trial whose worker died
     checkpoint_dir: str = ".distillstudy/checkpoints"  # per-stage checkpoints for retried trials (shared FS)
+    confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
 
 
 @dataclass

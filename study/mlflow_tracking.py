@@ -153,6 +153,9 @@ class MlflowTracker:
                 "distillstudy.code_version": code_version(), "distillstudy.role": "trial"}
         if trial.user_attrs.get("baseline"):
             tags["distillstudy.baseline"] = trial.user_attrs["baseline"]
+        if trial.user_attrs.get("confirm_role"):  # a confirmation run: which configuration, of which trial
+            tags["distillstudy.confirm"] = trial.user_attrs["confirm_role"]
+            tags["distillstudy.confirm_of_trial"] = str(trial.user_attrs["confirm_of_trial"])
         try:
             run = self.client.create_run(self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
         except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail the trial: it runs untracked
@@ -161,7 +164,7 @@ class MlflowTracker:
                   file=sys.stderr, flush=True)
             return None
         self.writer.submit(self._log_params, run.info.run_id,
-                           trial_params(choices, self.config.pipeline.seed, trial.number))
+                           trial_params(choices, trial.user_attrs.get("seed", self.config.pipeline.seed), trial.number))
         return run.info.run_id
 
     def log_epoch(self, run_id, stage: str, step: int, metrics: dict) -> None:

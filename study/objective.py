@@ -16,10 +16,12 @@ from models.errors import InvalidChoice, UserError
 from objectives.checkpoints import StageCheckpoints, checkpoint_key
 from objectives.pipeline import TrialResult, run_trial
 from objectives.settings import TrialChoices
+from objectives.stages import plan_stages
 from objectives.train import TrainingDiverged
 
 from .baselines import baseline_choices
 from .config import Config
+from .pruning import is_decision_step
 from .search import suggest_choices
 from .tracking import NullTracker
 
@@ -65,6 +67,7 @@ def record_result(trial: optuna.Trial, result: TrialResult) -> None:
     trial.set_user_attr("best_stage", result.best_stage)
     trial.set_user_attr("select", result.select)
     trial.set_user_attr("budget", result.budget)
+    trial.set_user_attr("model_hash", result.model_hash)
     trial.set_user_attr("epochs_to_threshold", result.epochs_to_threshold)
     trial.set_user_attr("student_params", result.student_params)
     trial.set_user_attr("total_epochs", result.total_epochs)
@@ -89,6 +92,7 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
     multi = len(config.study.objective) > 1
     # should_prune reads the study's trials from the storage; with no pruner it would only ever say no.
     can_prune = not multi and not isinstance(study.pruner, optuna.pruners.NopPruner)
+    confirming = "confirm_of" in study.user_attrs  # a companion `<name>-confirm` study (see confirm.py)
 
     def objective(trial: optuna.Trial):
         # Trials numbered before this one that finished or are running: if they already make the total, stop.
@@ -97,18 +101,27 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             study.stop()
             raise StudyFull(f"study has {n_trials} trials")
         started = time.perf_counter()
-        choices = suggest_choices(trial, space, pipeline.replace_with)
-        baseline = trial.user_attrs.get("baseline")
-        if baseline:
+        choices = suggest_choices(trial, space, pipeline.replace_with)  # enqueued values, for Optuna's record
+        baseline, confirm = trial.user_attrs.get("baseline"), trial.user_attrs.get("confirm_choices")
+        run_seed = pipeline.seed
+        if confirm:  # a confirmation run: the enqueued choices on a fresh run seed
+            choices, run_seed = choices_from_attrs({"choices": confirm}), int(trial.user_attrs["seed"])
+        elif confirming:
+            trial.set_user_attr("skipped", "a confirmation study runs only its enqueued trials")
+            study.stop()
+            raise StudyFull("confirmation queue is empty")
+        elif baseline:
             choices = baseline_choices(baseline, space)
         trial.set_user_attr("choices", choices.flat())
-        trial.set_user_attr("seed", pipeline.seed)
+        trial.set_user_attr("seed", run_seed)
         _close_stale_run(trial, tracker)
         run_id = tracker.start_trial(trial, choices)
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
         checkpoints = StageCheckpoints(Path(config.study.checkpoint_dir) / study.study_name /
-                                       checkpoint_key(study.study_name, choices.flat(), pipeline.seed))
+                                       checkpoint_key(study.study_name, choices.flat(), run_seed))
+
+        stages: dict = {}  # stage name -> its block on the step axis (filled once run_trial has validated choices)
 
         def report(step: int, value: float, stage: str) -> None:
             if interrupted is not None and interrupted.is_set():
@@ -116,8 +129,13 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             if multi:  # Optuna has no pruning for multi-objective studies
                 return
             trial.report(value, step)
-            # A baseline is the reference every verdict is read against: it reports its curve but always finishes.
-            if can_prune and not baseline and trial.should_prune():
+            # A baseline is the reference every verdict is read against, and a confirmation run measures a
+            # configuration: both report their curves but always finish.
+            if not can_prune or baseline or confirm:
+                return
+            if not stages:
+                stages.update({s.name: s for s in plan_stages(pipeline, choices)})
+            if is_decision_step(stages[stage], step, config.study.pruner.stage_warmup) and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step} ({stage}, target val acc {value:.4f})")
 
         def on_epoch(stage: str, step: int, metrics: dict) -> None:
@@ -125,7 +143,7 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
 
         try:
             result = run_trial(config.task, config.model, pipeline, choices, report=report, on_epoch=on_epoch,
-                               checkpoints=checkpoints)
+                               checkpoints=checkpoints, run_seed=run_seed)
         except optuna.TrialPruned as exc:
             checkpoints.clear()
             trial.set_user_attr("pruned_at", str(exc))
@@ -177,8 +195,10 @@ def _close_stale_run(trial: optuna.Trial, tracker) -> None:
 def _requeue(study: optuna.Study, trial: optuna.Trial) -> None:
     # An interrupted trial is not the trial's fault: queue the same parameters so a later run retries it.
     attrs = {"retry_of": trial.number}
-    if trial.user_attrs.get("baseline"):
-        attrs["baseline"] = trial.user_attrs["baseline"]
+    # What makes a queued trial what it is: a baseline, a confirmation run (its choices and run seed).
+    for key in ("baseline", "confirm_role", "confirm_of_trial", "confirm_choices", "seed"):
+        if key in trial.user_attrs and (key != "seed" or "confirm_role" in trial.user_attrs):
+            attrs[key] = trial.user_attrs[key]
     study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
 
 

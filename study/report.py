@@ -17,8 +17,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from .report_stats import (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, best_stage_acc, effective_study,
-                           group_effects, importances, target_val_acc)
+from .report_stats import (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, MIN_INTERVAL_TRIALS, best_stage_acc,
+                           effective_study, group_effects, importances, target_val_acc)
 from .baselines import BASELINES
 from .storage import mask_url
 from .studies import load_study
@@ -73,8 +73,9 @@ def build_report(name: str, url: str):
     data.update(winners(study, trials, objective))
     data["baseline_recipes"] = dict(BASELINES)
     data["groups"] = group_effects(trials, config.search.groups, objective)
+    data["confirmation"] = confirmation(study)
     data["bootstrap"] = {"method": "percentile bootstrap of the mean", "resamples": BOOTSTRAP_RESAMPLES,
-                         "seed": BOOTSTRAP_SEED, "level": BOOTSTRAP_LEVEL,
+                         "seed": BOOTSTRAP_SEED, "level": BOOTSTRAP_LEVEL, "min_trials": MIN_INTERVAL_TRIALS,
                          "value": "target val acc of completed trials (delivered model)"}
     effective = effective_study(study, trials) if len(complete) >= 2 else None
     data["importance"] = (importances(effective, objective) if effective
@@ -86,6 +87,17 @@ def build_report(name: str, url: str):
                      f"outside its parameter's distribution, or no finite value)")
     data["plots"] = {}
     return data, study, config, trials, effective[0] if effective else None
+
+
+def confirmation(study: optuna.Study) -> dict | None:
+    """The confirmation table and verdict of the study's companion `<name>-confirm` (None when it has none)."""
+    from .confirm import confirm_name, summarize
+
+    try:
+        companion = optuna.load_study(study_name=confirm_name(study.study_name), storage=study._storage)
+    except KeyError:  # Optuna's answer for a study that does not exist
+        return None
+    return summarize(companion)
 
 
 def write_report(name: str, url: str, fmt: str = "html", out: str | None = None) -> list[str]:

@@ -58,15 +58,16 @@ def _group_table(data: dict) -> Table:
     b = data["bootstrap"]
     intro = (f"Completed trials per layer group and action (from each trial's recorded choices, so pinned groups "
              f"and baselines count), their mean and best target val acc, and a {b['level']:.0%} {b['method']} "
-             f"({b['resamples']} resamples, seed {b['seed']}; none below two trials). Pruned trials are counted "
-             f"apart. The action with the best mean per group is marked *.")
+             f"({b['resamples']} resamples, seed {b['seed']}; none below {b['min_trials']} trials). Trials that "
+             f"delivered identical models count once. Pruned trials are counted apart. The action with the best "
+             f"mean per group is marked *.")
     table = Table("Per-group effect", intro, ["group", "action", "completed", "pruned", "mean", "95% interval",
                                               "best", "best trial"])
     for g, cell in data["groups"].items():
         for a, r in cell["actions"].items():
             if a == cell["best_action"]:
                 table.highlight.add(len(table.rows))
-            ci = f"[{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]" if r["ci95"] else "-"
+            ci = f"[{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]" if r["ci95"] else ("too few trials" if r["n"] else "-")
             table.rows.append([g, a + (" *" if a == cell["best_action"] else ""), str(r["n"]), str(r["pruned"]),
                                _num(r["mean"]), ci, _num(r["best"]), _num(r["best_trial"])])
     return table
@@ -88,8 +89,33 @@ def _importance_table(data: dict) -> Table | None:
     return table
 
 
+def _confirmation_table(data: dict) -> Table | None:
+    conf = data.get("confirmation")
+    if not conf:
+        return None
+    verdict = conf["verdict"]["text"] if conf["verdict"] else "too few confirmation runs completed for a verdict"
+    intro = (f"Verdict: {verdict}. The top distinct configurations and the baselines re-run on fresh seeds (new "
+             f"initialisation and batch order; the study's data splits and teacher) in study {conf['study']}: mean "
+             f"target test and val accuracy over the seeds with a 95% Student-t interval; the verdict compares the "
+             f"best configuration by mean target val with the best baseline by the same rule, on target test "
+             f"accuracy seed by seed (paired difference, 95% t interval).")
+    table = Table("Verdict and confirmation", intro, ["configuration", "trial", "seeds", "target test",
+                                                      "95% interval", "target val", "95% interval "])
+    best = conf["verdict"]["best_trial"] if conf["verdict"] else None
+    for c in conf["configs"]:
+        if c["trial"] == best and c["role"].startswith("top-"):
+            table.highlight.add(len(table.rows))
+        table.rows.append([c["role"], str(c["trial"]), str(len(c["seeds"])), _num(c["target_test_mean"]), _ci(
+            c["target_test_ci"]), _num(c["target_val_mean"]), _ci(c["target_val_ci"])])
+    return table
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"
+
+
 def tables(data: dict) -> list[Table]:
-    out = [_winner_table(data), _group_table(data), _importance_table(data)]
+    out = [_confirmation_table(data), _winner_table(data), _group_table(data), _importance_table(data)]
     return [t for t in out if t is not None]
 
 

@@ -4,7 +4,11 @@ bootstrap intervals, and parameter importances (PED-ANOVA and fANOVA).
 Bootstrap: a percentile bootstrap of the mean. For a cell with n >= 2 values x, draw `BOOTSTRAP_RESAMPLES` index
 sets of size n with replacement from `numpy.random.default_rng(BOOTSTRAP_SEED)` (a fresh generator per cell, so
 each cell's interval is reproducible on its own), take each resample's mean, and report the 2.5th and 97.5th
-percentiles (numpy's default linear interpolation). A cell with one value has no interval (None).
+percentiles (numpy's default linear interpolation). The effect table shows an interval only from
+`MIN_INTERVAL_TRIALS` trials on (a percentile bootstrap of two values is not an interval worth reading), and counts
+a delivered model once: trials whose delivered weights are identical (the same `model_hash`) are one sample.
+Importances are computed only from `MIN_IMPORTANCE_TRIALS` completed trials on: below that fANOVA and PED-ANOVA
+disagree with each other and with themselves under a new seed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_LEVEL = 0.95
 FANOVA_SEED = 0
+MIN_INTERVAL_TRIALS = 3
+MIN_IMPORTANCE_TRIALS = 20
 ACCURACIES = ("source_val_acc", "source_test_acc", "target_val_acc", "target_test_acc")
 
 
@@ -60,11 +66,18 @@ def bootstrap_ci(values, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTS
 
 def group_effects(trials, groups: list[str], objective: list[str]) -> dict:
     """For every layer group and action: completed trials, pruned trials, mean and best target val acc, the
-    bootstrap interval of the mean, the best trial; per group the action with the best mean. Actions come from
-    the trial's `choices` user attribute, so pinned groups and baselines count."""
+    bootstrap interval of the mean (from MIN_INTERVAL_TRIALS on), the best trial; per group the action with the
+    best mean. Actions come from the trial's `choices` user attribute, so pinned groups and baselines count; a
+    completed trial whose delivered model is identical to an earlier one's (`model_hash`) is not counted again."""
     cells: dict[str, dict[str, list]] = {g: {} for g in groups}
     pruned: dict[str, dict[str, int]] = {g: {} for g in groups}
-    for t in trials:
+    seen: set[str] = set()
+    for t in sorted(trials, key=lambda t: t.number):
+        model = t.user_attrs.get("model_hash")
+        if t.state == TrialState.COMPLETE and model is not None:
+            if model in seen:
+                continue
+            seen.add(model)
         choices = t.user_attrs.get("choices") or {}
         for key, action in choices.items():
             if not key.startswith("search.layers."):
@@ -90,7 +103,7 @@ def group_effects(trials, groups: list[str], objective: list[str]) -> dict:
             rows[a] = {"n": len(vals), "pruned": pruned[g].get(a, 0),
                        "mean": float(np.mean(vals)) if vals else None,
                        "best": best[0] if best else None, "best_trial": best[1] if best else None,
-                       "ci95": bootstrap_ci(vals)}
+                       "ci95": bootstrap_ci(vals) if len(vals) >= MIN_INTERVAL_TRIALS else None}
         ranked = [a for a in rows if rows[a]["mean"] is not None]
         best_action = max(ranked, key=lambda a: rows[a]["mean"]) if ranked else None  # ties: the first
         out[g] = {"actions": rows, "best_action": best_action}
@@ -154,6 +167,9 @@ def importances(effective, objective: list[str]) -> dict:
     info = {"target": objective[0], "n_trials": n, "dropped_trials": dropped, "params": params}
     if not params:
         return {**info, "skipped": "no sampled parameters"}
+    if n < MIN_IMPORTANCE_TRIALS:
+        return {**info, "skipped": f"{n} completed trials: importances need at least {MIN_IMPORTANCE_TRIALS} to "
+                                   f"mean anything (below that fANOVA and PED-ANOVA disagree)"}
     if n < 2:
         return {**info, "skipped": f"importances need at least two completed trials with all parameters ({n})"}
     if len({t.value for t in copy.trials}) == 1:

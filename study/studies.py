@@ -28,7 +28,8 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)
 def config_hash(config: Config) -> str:
     """Identifies a config: `--load-if-exists` refuses a different one."""
     data = config.to_dict()
-    data["study"] = {k: v for k, v in data["study"].items() if k not in ("name", "storage", "n_trials")}
+    # Run-time settings, not the study's identity: how far to run it and how to confirm it.
+    data["study"] = {k: v for k, v in data["study"].items() if k not in ("name", "storage", "n_trials", "confirm")}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

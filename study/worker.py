@@ -85,18 +85,23 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
                 or len(invalid) >= MAX_CONSECUTIVE_INVALID:
             stop.set()
 
+    # A confirmation study runs its enqueued trials and nothing else: it ends when its queue is empty.
+    queue_only = "confirm_of" in study.user_attrs
+
     def loop():
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
             finished = _count(study, FINISHED)
             if finished >= total:
                 break
             running = _count(study, (optuna.trial.TrialState.RUNNING,))
-            if finished + running >= total:
+            if queue_only or finished + running >= total:
                 # Others are running the last trials; stay until they end, in case one dies and is re-queued.
                 if _heartbeat(study):
                     optuna.storages.fail_stale_trials(study)
                 waiting = _count(study, (optuna.trial.TrialState.WAITING,))
                 if not waiting:
+                    if queue_only and not running:
+                        break
                     time.sleep(_POLL_SECONDS)
                     continue
             study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[callback])

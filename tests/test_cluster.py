@@ -40,7 +40,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalW
 # The smallest pipeline: a trial of about a second on one core, 300 images per domain, no born-again rounds.
 TINY = ["tracking.enabled=false", "pipeline.device=cpu", "pipeline.cpu_threads=1", "task.max_per_domain=300",
         "pipeline.teacher_epochs=2", "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1",
-        "pipeline.retrain_epochs=1", "search.generations=0"]
+        "pipeline.retrain_epochs=1", "search.generations=0", "study.confirm.top=0"]
 # Trials of a few seconds, for killing one in the middle: finetune (checkpointed), then a longer distill stage.
 SLOW = [*TINY, "pipeline.finetune_epochs=2", "pipeline.distill_epochs=6", "study.pruner.name=none",
         "study.pruner.kwargs={}"]

@@ -42,7 +42,7 @@ CHOICES = ("temperature", "alpha", "beta", "threshold", "lr", "source_weight", "
            "augment")
 # Small, seconds-long trials; the same teacher settings everywhere, so the teacher is trained once and cached.
 TINY = ["--set", "pipeline.device=cpu", "--set", "pipeline.teacher_epochs=2", "--set", "pipeline.finetune_epochs=2",
-        "--set", "pipeline.distill_epochs=3", "--set", "pipeline.retrain_epochs=1"]
+        "--set", "pipeline.distill_epochs=3", "--set", "pipeline.retrain_epochs=1", "--set", "study.confirm.top=0"]
 
 
 def _free_port() -> int:

@@ -30,7 +30,8 @@ def tiny(cache_dir, workdir) -> list[str]:
     """`--set` options for a trial of about a second, with every file under the test's directories."""
     sets = ["tracking.enabled=false", "task.max_per_domain=300", "pipeline.device=cpu", "pipeline.cpu_threads=1",
             "pipeline.teacher_epochs=1", "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1",
-            "pipeline.retrain_epochs=1", "search.generations=0", f"pipeline.cache_dir={cache_dir}",
+            "pipeline.retrain_epochs=1", "search.generations=0", "study.confirm.top=0",
+            f"pipeline.cache_dir={cache_dir}",
             f"study.checkpoint_dir={Path(workdir) / 'checkpoints'}"]
     return [arg for s in sets for arg in ("--set", s)]
 

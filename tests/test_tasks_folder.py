@@ -117,7 +117,7 @@ def test_trial_replays_identically(folders, tmp_path, monkeypatch):
         "pipeline": {"device": "cpu", "cpu_threads": 1, "batch_size": 4, "teacher_epochs": 1, "finetune_epochs": 1,
                      "distill_epochs": 1, "retrain_epochs": 1, "num_workers": 2, "cache_dir": str(tmp_path / "c")},
         "search": {"layers": {"actions": ["finetune", "replace"]}, "augment": [True], "generations": [1]},
-        "study": {"baselines": False, "checkpoint_dir": str(tmp_path / "checkpoints")},
+        "study": {"baselines": False, "checkpoint_dir": str(tmp_path / "checkpoints"), "confirm": {"top": 0}},
         "tracking": {"enabled": False},
     }
     (tmp_path / "folder.yaml").write_text(json.dumps(config))  # JSON is YAML

@@ -1,0 +1,178 @@
+"""Confirmation: the study's top configurations and the three baselines re-run on fresh seeds, and the verdict.
+
+A search picks its winner on one seed and a small validation split, so the winner's margin is partly luck. The
+confirmation re-runs the top K distinct configurations (distinct layer actions and hyperparameters, baselines
+excluded) and the three baselines on S fresh run seeds (`pipeline.seed + 1 .. + S`): new initialisation of the
+students and new batch order, while the data splits and the teacher stay the study's, so selection never touches
+the test split. The runs are ordinary trials of a companion Optuna study `<name>-confirm` in the same storage
+(fixed choices enqueued, the run seed a user attribute), so any number of workers share them, with the heartbeat,
+retry and checkpoint machinery, and each is an MLflow child run tagged `distillstudy.confirm`.
+
+Statistics: per configuration, the mean target test and val accuracy over its seeds with a 95% Student-t interval
+(mean +- t(0.975, n-1) * sd / sqrt(n); none below two seeds). The winner is the confirmed configuration with the best
+mean target *val* accuracy, the best baseline likewise; the verdict compares their target *test* accuracy seed by
+seed: the paired difference (same seeds) with its 95% t interval. "Beats" means that interval lies above 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from models.errors import UserError
+
+from .baselines import BASELINES, baseline_choices, enqueue_params
+from .config import Config
+from .objective import choices_from_attrs
+
+SUFFIX = "-confirm"
+LEVEL = 0.95
+
+
+def confirm_name(name: str) -> str:
+    """The companion study of study `name`."""
+    return f"{name}{SUFFIX}"
+
+
+def run_seeds(config: Config, seeds: int) -> list[int]:
+    """The fresh run seeds: never the study's own."""
+    return [config.pipeline.seed + 1 + i for i in range(seeds)]
+
+
+def top_configurations(study: optuna.Study, top: int) -> list[tuple[str, int, dict]]:
+    """(role, trial number, flat choices) of the `top` best distinct non-baseline configurations by value (ties:
+    the earlier trial), then the three baselines. Single-objective studies only."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.values and math.isfinite(t.values[0]) and "choices" in t.user_attrs]
+    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+    ranked = sorted((t for t in complete if not t.user_attrs.get("baseline")),
+                    key=lambda t: (-sign * t.values[0], t.number))
+    seen, picked = set(), []
+    for t in ranked:
+        key = json.dumps(t.user_attrs["choices"], sort_keys=True)
+        if key not in seen and len(picked) < top:
+            seen.add(key)
+            picked.append((f"top-{len(picked) + 1}", t.number, t.user_attrs["choices"]))
+    baselines = {t.user_attrs["baseline"]: t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")}
+    for name in BASELINES:
+        t = baselines.get(name)
+        picked.append((name, t.number if t else -1, t.user_attrs["choices"] if t and "choices" in t.user_attrs
+                       else None))
+    return picked
+
+
+def prepare(study: optuna.Study, config: Config, top: int, seeds: int) -> tuple[optuna.Study, int]:
+    """Create the companion study and enqueue its trials (once: a worker that finds it loads it, waiting for
+    the creator to finish enqueuing). Returns (companion, its total of trials)."""
+    if len(study.directions) > 1:
+        raise UserError("confirmation needs a single-objective study (a Pareto front has no one winner)")
+    name, storage = confirm_name(study.study_name), study._storage
+    try:
+        companion = optuna.create_study(study_name=name, storage=storage, direction=study.direction)
+    except optuna.exceptions.DuplicatedStudyError:
+        return _wait_ready(optuna.load_study(study_name=name, storage=storage))
+    configs = top_configurations(study, top)
+    if not any(role.startswith("top-") for role, _, _ in configs):
+        raise UserError(f"study '{study.study_name}' has no completed non-baseline trial to confirm")
+    stored = json.loads(json.dumps(study.user_attrs["config"]))
+    # Its runs belong in the study's own MLflow experiment, beside the trials they confirm.
+    stored["tracking"]["experiment"] = config.tracking.experiment or study.study_name
+    companion.set_user_attr("config", stored)
+    companion.set_user_attr("confirm_of", study.study_name)
+    for role, number, flat in configs:
+        choices = choices_from_attrs({"choices": flat}) if flat else baseline_choices(role, config.search)
+        for seed in run_seeds(config, seeds):
+            companion.enqueue_trial(enqueue_params(choices, config.search), skip_if_exists=False, user_attrs={
+                "confirm_role": role, "confirm_of_trial": number, "confirm_choices": choices.flat(), "seed": seed,
+                **({"baseline": role} if role in BASELINES else {})})
+    total = len(configs) * seeds
+    companion.set_user_attr("confirm_total", total)  # written last: the companion is ready
+    return companion, total
+
+
+def _wait_ready(companion: optuna.Study, wait_seconds: float = 60.0) -> tuple[optuna.Study, int]:
+    deadline = time.monotonic() + wait_seconds
+    while "confirm_total" not in companion.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if "confirm_total" not in companion.user_attrs:
+        raise UserError(f"study '{companion.study_name}' exists but was never filled (its creator died?): delete it "
+                        f"with `study delete {companion.study_name} --yes` and confirm again")
+    return companion, companion.user_attrs["confirm_total"]
+
+
+def t_interval(values: list[float]) -> list[float] | None:
+    """The 95% Student-t interval of the mean (None below two values)."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.5 + LEVEL / 2, n - 1) * sd / math.sqrt(n)
+    return [mean - half, mean + half]
+
+
+def summarize(companion: optuna.Study) -> dict:
+    """The confirmation table and the verdict, from the companion's completed trials."""
+    runs: dict[str, dict] = {}
+    for t in companion.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        a = t.user_attrs
+        stage = a["stages"][a["best_stage"]]
+        cell = runs.setdefault(a["confirm_role"], {"trial": a["confirm_of_trial"], "choices": a["confirm_choices"],
+                                                   "test": {}, "val": {}})
+        cell["test"][a["seed"]], cell["val"][a["seed"]] = stage["target_test_acc"], stage["target_val_acc"]
+    configs = []
+    for role, c in runs.items():
+        test, val = list(c["test"].values()), list(c["val"].values())
+        configs.append({"trial": c["trial"], "role": role, "seeds": sorted(c["test"]), "choices": c["choices"],
+                        "target_test_mean": _mean(test), "target_test_ci": t_interval(test),
+                        "target_val_mean": _mean(val), "target_val_ci": t_interval(val)})
+    return {"study": companion.study_name, "configs": configs, "verdict": verdict(configs, runs)}
+
+
+def verdict(configs: list[dict], runs: dict) -> dict | None:
+    """The winner (best mean target val among the confirmed top configurations) against the best baseline (the
+    same rule), on target test accuracy, seed by seed."""
+    tops = [c for c in configs if c["role"].startswith("top-")]
+    bases = [c for c in configs if c["role"] in BASELINES]
+    if not tops or not bases:
+        return None
+    winner = max(tops, key=lambda c: (c["target_val_mean"], -c["trial"]))
+    base = max(bases, key=lambda c: (c["target_val_mean"], -list(BASELINES).index(c["role"])))
+    seeds = sorted(set(runs[winner["role"]]["test"]) & set(runs[base["role"]]["test"]))
+    diffs = [runs[winner["role"]]["test"][s] - runs[base["role"]]["test"][s] for s in seeds]
+    diff_mean, diff_ci = (_mean(diffs), t_interval(diffs)) if diffs else (None, None)
+    beats = winner["target_val_mean"] > base["target_val_mean"] and diff_ci is not None and diff_ci[0] > 0
+    if beats:
+        text = (f"{describe(winner['choices'])} beats {base['role']} by {100 * diff_mean:+.1f} points target test "
+                f"accuracy (95% CI [{100 * diff_ci[0]:+.1f}, {100 * diff_ci[1]:+.1f}], {len(seeds)} seeds)")
+    else:
+        detail = "" if diff_mean is None else (
+            f" (best configuration, trial {winner['trial']}: {100 * diff_mean:+.1f} points"
+            + (f", 95% CI [{100 * diff_ci[0]:+.1f}, {100 * diff_ci[1]:+.1f}]" if diff_ci else "")
+            + f", {len(seeds)} seeds)")
+        text = f"no configuration beats {base['role']} on fresh seeds: use {base['role']}{detail}"
+    return {"text": text, "winner_trial": winner["trial"] if beats else None, "best_trial": winner["trial"],
+            "baseline": base["role"], "beats": beats, "seeds": seeds, "diff_mean": diff_mean, "diff_ci": diff_ci}
+
+
+def describe(flat: dict) -> str:
+    """`stem=finetune block1=replace ..., alpha 0.7, T 3.2` for a configuration's choices."""
+    layers = " ".join(f"{k.split('.', 2)[2]}={v}" for k, v in flat.items() if k.startswith("search.layers."))
+    parts = [layers]
+    if flat.get("search.recipe", "distill") != "distill":
+        parts.append(f"recipe {flat['search.recipe']}")
+    elif flat.get("search.alpha", 0) > 0:
+        parts.append(f"alpha {flat['search.alpha']:.2g}, T {flat['search.temperature']:.2g}")
+    else:
+        parts.append("alpha 0")
+    return ", ".join(parts)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

@@ -1,0 +1,140 @@
+"""Confirmation: the top configurations and the baselines re-run on fresh seeds in a companion study, the interval
+arithmetic, and the verdict (picked on validation accuracy, judged on test accuracy seed by seed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from cli import main
+from study.confirm import t_interval, verdict
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+# ---- the arithmetic -----------------------------------------------------------------------------------------------
+def test_t_interval_is_students_t_interval_of_the_mean():
+    values = [0.71, 0.74, 0.69, 0.77, 0.72]
+    want = stats.t.interval(0.95, len(values) - 1, loc=stats.tmean(values), scale=stats.sem(values))
+    assert t_interval(values) == pytest.approx(list(want), rel=1e-12)
+    assert t_interval([0.5]) is None
+
+
+def _runs(test: dict, val: dict) -> tuple[list[dict], dict]:
+    """configs and runs as `summarize` builds them, from role -> per-seed target test / val accuracy."""
+    runs = {role: {"test": dict(enumerate(test[role], 1)), "val": dict(enumerate(val[role], 1))} for role in test}
+    configs = [{"role": role, "trial": i, "target_val_mean": sum(val[role]) / len(val[role]),
+                "choices": {"search.layers.stem": "finetune", "search.layers.head": "replace", "search.alpha": 0.7,
+                            "search.temperature": 3.2, "search.recipe": "distill"}}
+               for i, role in enumerate(test)]
+    return configs, runs
+
+
+def test_verdict_names_a_winner_only_when_the_paired_interval_is_above_zero():
+    base = [0.70, 0.72, 0.69, 0.71, 0.73]
+    configs, runs = _runs({"top-1": [b + d for b, d in zip(base, [0.04, 0.05, 0.03, 0.045, 0.04])],
+                           "finetune-all": base, "head-only": [0.3] * 5},
+                          {"top-1": [0.8] * 5, "finetune-all": [0.75] * 5, "head-only": [0.3] * 5})
+    v = verdict(configs, runs)
+    assert v["beats"] and v["winner_trial"] == 0 and v["baseline"] == "finetune-all"
+    assert v["diff_mean"] == pytest.approx(0.041)
+    assert v["text"].startswith("stem=finetune head=replace, alpha 0.7, T 3.2 beats finetune-all by +4.1 points "
+                                "target test accuracy (95% CI [+3.2, +5.0], 5 seeds)")
+    # The same margin on average, but noisy: the interval crosses 0, so no winner.
+    configs, runs = _runs({"top-1": [b + d for b, d in zip(base, [0.15, -0.08, 0.12, -0.06, 0.075])],
+                           "finetune-all": base},
+                          {"top-1": [0.8] * 5, "finetune-all": [0.75] * 5})
+    v = verdict(configs, runs)
+    assert not v["beats"] and v["winner_trial"] is None
+    assert v["text"].startswith("no configuration beats finetune-all on fresh seeds: use finetune-all")
+
+
+def test_the_verdict_picks_its_configurations_on_validation_never_on_test():
+    # top-1 has the better test accuracy but the worse validation accuracy: the verdict must be about top-2.
+    configs, runs = _runs({"top-1": [0.95] * 3, "top-2": [0.80, 0.81, 0.82], "finetune-all": [0.70, 0.70, 0.71],
+                           "head-only": [0.99] * 3},
+                          {"top-1": [0.70] * 3, "top-2": [0.90] * 3, "finetune-all": [0.75] * 3,
+                           "head-only": [0.10] * 3})
+    v = verdict(configs, runs)
+    assert (v["best_trial"], v["baseline"]) == (1, "finetune-all")
+
+
+# ---- end to end -------------------------------------------------------------------------------------------------
+def test_study_run_confirms_on_fresh_seeds_and_ends_with_the_verdict(tmp_path, teacher_cache_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = ["task.max_per_domain=300", "pipeline.device=cpu", "pipeline.teacher_epochs=5", "pipeline.finetune_epochs=1",
+            "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1", "search.generations=0", "search.threshold=1.0",
+            "study.pruner.name=none", "study.pruner.kwargs={}", f"pipeline.cache_dir={teacher_cache_dir}",
+            f"study.checkpoint_dir={tmp_path / 'ck'}", f"tracking.mlflow_uri={mlflow_uri}",
+            "tracking.log_weights=none", "tracking.register_best=false",
+            "study.confirm.top=2", "study.confirm.seeds=3"]
+    run = cli("study", "run", "c", "--config", QUICKSTART, "--storage", storage,
+              *[a for s in sets for a in ("--set", s)], "--n-trials", 6)
+    assert run.exit_code == 0, run.output
+    last = run.output.strip().splitlines()[-1]
+    assert last.startswith("verdict: ") and ("beats" in last), last
+
+    main_study = optuna.load_study(study_name="c", storage=storage)
+    companion = optuna.load_study(study_name="c-confirm", storage=storage)
+    runs = companion.get_trials()
+    assert len(runs) == 15 and all(t.state.name == "COMPLETE" for t in runs)  # (2 top + 3 baselines) x 3 seeds
+    by_number = {t.number: t for t in main_study.get_trials()}
+    teacher = {t.user_attrs["teacher_key"] for t in main_study.get_trials() if "teacher_key" in t.user_attrs}
+    for t in runs:
+        a = t.user_attrs
+        assert a["seed"] in (1, 2, 3)  # fresh: never the study's seed 0
+        assert a["choices"] == a["confirm_choices"] == by_number[a["confirm_of_trial"]].user_attrs["choices"]
+        assert a["teacher_key"] in teacher  # the study's teacher (and so its data splits)
+    tops = [n for n, t in sorted(by_number.items()) if not t.user_attrs.get("baseline")]
+    ranked = sorted(tops, key=lambda n: (-by_number[n].value, n))[:2]
+    assert {t.user_attrs["confirm_of_trial"] for t in runs if t.user_attrs["confirm_role"].startswith("top-")} == \
+        set(ranked)
+
+    out = tmp_path / "r"
+    assert cli("study", "report", "c", "--storage", storage, "--format", "json", "--out", out).exit_code == 0
+    conf = json.loads((out / "report.json").read_text())["confirmation"]
+    assert [c["role"] for c in conf["configs"]] == ["top-1", "top-2", "finetune-all", "head-only", "finetune-all-kd"]
+    for c in conf["configs"]:
+        assert c["seeds"] == [1, 2, 3] and len(c["target_test_ci"]) == 2
+        assert c["target_test_ci"][0] <= c["target_test_mean"] <= c["target_test_ci"][1]
+        assert set(c) >= {"trial", "role", "seeds", "target_test_mean", "target_test_ci", "target_val_mean"}
+    assert set(conf["verdict"]) >= {"text", "winner_trial", "baseline", "diff_mean", "diff_ci"}
+    assert last == f"verdict: {conf['verdict']['text']}"
+    md = cli("study", "report", "c", "--storage", storage, "--format", "md", "--out", tmp_path / "m")
+    assert md.exit_code == 0
+    text = (tmp_path / "m" / "report.md").read_text()
+    assert text.index("## Verdict and confirmation") < text.index("## Winner vs baselines")
+
+    # Optuna's own tools see the companion study in the same storage.
+    optuna_bin = Path(sys.executable).with_name("optuna")
+    listed = subprocess.run([str(optuna_bin), "studies", "--storage", storage], capture_output=True, text=True)
+    assert listed.returncode == 0 and "c-confirm" in listed.stdout
+    # A confirmation run replays exactly (its fresh run seed, the study's splits and teacher).
+    replay = json.loads(cli("trial", "replay", "c-confirm", 4, "--storage", storage, "--json").output)
+    assert replay["value"] == replay["stored_value"] and replay["run_seed"] == runs[4].user_attrs["seed"]
+    # Confirming again resumes: nothing left to run, the same verdict.
+    again = cli("study", "confirm", "c", "--storage", storage)
+    assert again.exit_code == 0 and again.output.strip().splitlines()[-1] == last
+    assert len(optuna.load_study(study_name="c-confirm", storage=storage).trials) == 15
+    # Each run is an MLflow child run tagged distillstudy.confirm, in the study's own experiment.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("c")
+    tagged = client.search_runs([experiment.experiment_id], "tags.`distillstudy.confirm` != ''", max_results=100)
+    assert len(tagged) == 15 and {r.data.tags["distillstudy.confirm"] for r in tagged} == \
+        {"top-1", "top-2", "finetune-all", "head-only", "finetune-all-kd"}
