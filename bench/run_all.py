@@ -1,7 +1,7 @@
 """Run every benchmark, print every figure, write bench/RESULTS.md (`make bench`).
 
-    .venv/bin/python bench/run_all.py                 # full run (~10 min on 2 idle CPU cores)
-    .venv/bin/python bench/run_all.py --quick         # smoke run (~2-3 min)
+    .venv/bin/python bench/run_all.py                 # full run (~13 min on 2 idle CPU cores)
+    .venv/bin/python bench/run_all.py --quick         # smoke run (~3-4 min)
     .venv/bin/python bench/run_all.py --device cuda --only throughput,overhead --results bench/out/RESULTS.md
 """
 
@@ -13,12 +13,13 @@ import time
 import common
 import overhead
 import pruning
+import pruning_regret
 import teacher_reuse
 import throughput
 import workers
 
 BENCHMARKS = {"overhead": overhead, "teacher_reuse": teacher_reuse, "pruning": pruning, "workers": workers,
-              "throughput": throughput}
+              "throughput": throughput, "pruning_regret": pruning_regret}
 
 
 def main() -> None:

@@ -317,7 +317,7 @@ def test_multi_objective_pareto_front(tmp_path, teacher_cache_dir):
 # ---- interrupt ---------------------------------------------------------------------------------------------------
 def test_interrupt_marks_fail_requeues_and_resumes(tmp_path, teacher_cache_dir):
     storage = url(tmp_path / "int.db")
-    sets = [*tiny(teacher_cache_dir, tmp_path), "--set", "pipeline.finetune_epochs=10", "--set",
+    sets = [*tiny(teacher_cache_dir, tmp_path), "--set", "pipeline.finetune_epochs=40", "--set",
             "study.baselines=false", "--set", "search.layers.head=finetune", "--set", "search.alpha=0.5"]
     assert cli("study", "create", QUICKSTART, "--name", "i", "--storage", storage, *sets).exit_code == 0
     cmd = [sys.executable, str(REPO / "cli.py"), "study", "run", "i", "--storage", storage, "--n-trials", "1"]
