@@ -101,7 +101,7 @@ def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, 
     url = resolve_storage_url(storage)
     study, config = load_study(name, url)
     top, seeds = top or config.study.confirm.top or 3, seeds or config.study.confirm.seeds
-    companion, total = prepare(study, config, top, seeds)
+    companion, total = prepare(study, config, url, top, seeds)
     if not quiet:
         echo(f"confirming on fresh seeds: {total} runs in study '{companion.study_name}' (the top {top} distinct "
              f"configurations and the baselines, {seeds} seeds each)")

@@ -28,6 +28,7 @@ from models.errors import UserError
 from .baselines import BASELINES, baseline_choices, enqueue_params
 from .config import Config
 from .objective import choices_from_attrs
+from .studies import storage_for
 
 SUFFIX = "-confirm"
 LEVEL = 0.95
@@ -65,19 +66,21 @@ def top_configurations(study: optuna.Study, top: int) -> list[tuple[str, int, di
     return picked
 
 
-def prepare(study: optuna.Study, config: Config, top: int, seeds: int) -> tuple[optuna.Study, int]:
+def prepare(study: optuna.Study, config: Config, url: str, top: int, seeds: int) -> tuple[optuna.Study, int]:
     """Create the companion study and enqueue its trials (once: a worker that finds it loads it, waiting for
     the creator to finish enqueuing). Returns (companion, its total of trials)."""
     if len(study.directions) > 1:
         raise UserError("confirmation needs a single-objective study (a Pareto front has no one winner)")
-    name, storage = confirm_name(study.study_name), study._storage
-    try:
-        companion = optuna.create_study(study_name=name, storage=storage, direction=study.direction)
-    except optuna.exceptions.DuplicatedStudyError:
+    name, storage = confirm_name(study.study_name), storage_for(url, config)
+    if name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}:
         return _wait_ready(optuna.load_study(study_name=name, storage=storage))
     configs = top_configurations(study, top)
-    if not any(role.startswith("top-") for role, _, _ in configs):
+    if not any(role.startswith("top-") for role, _, _ in configs):  # checked before anything is written
         raise UserError(f"study '{study.study_name}' has no completed non-baseline trial to confirm")
+    try:
+        companion = optuna.create_study(study_name=name, storage=storage, direction=study.direction)
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago
+        return _wait_ready(optuna.load_study(study_name=name, storage=storage))
     stored = json.loads(json.dumps(study.user_attrs["config"]))
     # Its runs belong in the study's own MLflow experiment, beside the trials they confirm.
     stored["tracking"]["experiment"] = config.tracking.experiment or study.study_name

@@ -73,7 +73,7 @@ def build_report(name: str, url: str):
     data.update(winners(study, trials, objective))
     data["baseline_recipes"] = dict(BASELINES)
     data["groups"] = group_effects(trials, config.search.groups, objective)
-    data["confirmation"] = confirmation(study)
+    data["confirmation"] = confirmation(name, url)
     data["bootstrap"] = {"method": "percentile bootstrap of the mean", "resamples": BOOTSTRAP_RESAMPLES,
                          "seed": BOOTSTRAP_SEED, "level": BOOTSTRAP_LEVEL, "min_trials": MIN_INTERVAL_TRIALS,
                          "value": "target val acc of completed trials (delivered model)"}
@@ -89,12 +89,13 @@ def build_report(name: str, url: str):
     return data, study, config, trials, effective[0] if effective else None
 
 
-def confirmation(study: optuna.Study) -> dict | None:
-    """The confirmation table and verdict of the study's companion `<name>-confirm` (None when it has none)."""
+def confirmation(name: str, url: str) -> dict | None:
+    """The confirmation table and verdict of study `name`'s companion `<name>-confirm` (None when it has none)."""
     from .confirm import confirm_name, summarize
+    from .studies import storage_for
 
     try:
-        companion = optuna.load_study(study_name=confirm_name(study.study_name), storage=study._storage)
+        companion = optuna.load_study(study_name=confirm_name(name), storage=storage_for(url, create=False))
     except KeyError:  # Optuna's answer for a study that does not exist
         return None
     return summarize(companion)

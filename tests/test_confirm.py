@@ -138,3 +138,13 @@ def test_study_run_confirms_on_fresh_seeds_and_ends_with_the_verdict(tmp_path, t
     tagged = client.search_runs([experiment.experiment_id], "tags.`distillstudy.confirm` != ''", max_results=100)
     assert len(tagged) == 15 and {r.data.tags["distillstudy.confirm"] for r in tagged} == \
         {"top-1", "top-2", "finetune-all", "head-only", "finetune-all-kd"}
+
+
+def test_confirming_a_study_without_a_completed_trial_is_a_one_line_error(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    assert cli("study", "create", QUICKSTART, "--name", "empty", "--storage", storage).exit_code == 0
+    result = cli("study", "confirm", "empty", "--storage", storage)
+    assert result.exit_code == 2 and result.stderr.strip() == \
+        "error: study 'empty' has no completed non-baseline trial to confirm"
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    assert names == ["empty"]  # no companion left half-written
