@@ -121,7 +121,7 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
         checkpoints = StageCheckpoints(Path(config.study.checkpoint_dir) / study.study_name /
                                        checkpoint_key(study.study_name, choices.flat(), run_seed))
 
-        stages: dict = {}  # stage name -> its block on the step axis (filled once run_trial has validated choices)
+        stages: list = []  # the recipe's blocks on the step axis (filled once run_trial has validated choices)
 
         def report(step: int, value: float, stage: str) -> None:
             if interrupted is not None and interrupted.is_set():
@@ -134,8 +134,8 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             if not can_prune or baseline or confirm:
                 return
             if not stages:
-                stages.update({s.name: s for s in plan_stages(pipeline, choices)})
-            if is_decision_step(stages[stage], step, config.study.pruner.stage_warmup) and trial.should_prune():
+                stages.extend(plan_stages(pipeline, choices))
+            if is_decision_step(stages, step, config.study.pruner.stage_warmup) and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step} ({stage}, target val acc {value:.4f})")
 
         def on_epoch(stage: str, step: int, metrics: dict) -> None:

@@ -3,10 +3,10 @@
 Every student epoch is reported to Optuna (the curves are whole), but the pruner is asked only at a stage's
 decision points: after `stage_warmup` epochs of the stage, and always at the stage's last step. A freshly
 initialised group (a `replace` action, a born-again generation) starts every stage far behind and catches up within
-it; asking the pruner in a stage's first epochs compares it with students that had a head start, which is what
-made early pruning unfair to `replace`. `stage_warmup: 0` asks after every epoch; a warm-up at least as long as
-the longest stage asks only at stage ends. Comparisons stay at the same step, i.e. the same point of the same
-stage in every trial (see `objectives.stages`).
+it; asking the pruner in a stage's first epochs compares it with students that had a head start. `stage_warmup: 0`
+asks after every epoch; a warm-up at least as long as the longest stage asks only at stage ends. The recipe's final
+step is never a decision point: stopping there saves nothing and throws a finished result away. Comparisons stay
+at the same step, i.e. the same point of the same stage in every trial (see `objectives.stages`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,17 @@ from __future__ import annotations
 from objectives.stages import Stage
 
 
-def is_decision_step(stage: Stage, step: int, stage_warmup: int) -> bool:
-    """True when the pruner may stop a trial after reporting `step` of `stage`."""
-    last = stage.first_step + stage.epochs - 1
-    return step == last or step - stage.first_step + 1 > stage_warmup
+def is_decision_step(stages: list[Stage], step: int, stage_warmup: int) -> bool:
+    """True when the pruner may stop a trial of recipe `stages` after it reported `step`."""
+    final = stages[-1].first_step + stages[-1].epochs - 1
+    for stage in stages:
+        last = stage.first_step + stage.epochs - 1
+        if stage.first_step <= step <= last:
+            return step != final and (step == last or step - stage.first_step + 1 > stage_warmup)
+    return False
 
 
 def decision_steps(stages: list[Stage], stage_warmup: int) -> list[int]:
-    """Every decision point of a recipe's stages, in order (for benchmarks and plots)."""
+    """Every decision point of a recipe's stages, in order."""
     return [s for st in stages for s in range(st.first_step, st.first_step + st.epochs)
-            if is_decision_step(st, s, stage_warmup)]
+            if is_decision_step(stages, s, stage_warmup)]

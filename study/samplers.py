@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import optuna
 
 from models.errors import UserError, unknown
@@ -51,7 +53,9 @@ def make_pruner(settings: PrunerSettings) -> optuna.pruners.BasePruner:
     kwargs = {} if settings.name == "none" else dict(settings.kwargs)
     pruner = _construct("study.pruner", PRUNERS[settings.name], kwargs)
     if settings.patience >= 0:
-        pruner = optuna.pruners.PatientPruner(pruner, patience=settings.patience)
+        with warnings.catch_warnings():  # "experimental since v2.8": years old, and a warning on every worker start
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            pruner = optuna.pruners.PatientPruner(pruner, patience=settings.patience)
     return pruner
 
 

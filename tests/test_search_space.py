@@ -267,3 +267,15 @@ def test_multi_objective_study_cannot_prune():
     trial = study.ask()
     with pytest.raises(NotImplementedError):
         trial.report(0.5, 0)
+
+
+def test_pruning_decision_points_skip_stage_warmups_and_the_final_step():
+    from objectives.stages import Stage
+    from study.pruning import decision_steps, is_decision_step
+
+    stages = [Stage("finetune", "finetune", 1, 3), Stage("distill", "distill", 4, 6),
+              Stage("retrain-1", "generation", 10, 3)]
+    assert decision_steps(stages, 0) == list(range(1, 12))  # every epoch but the recipe's last (12)
+    assert decision_steps(stages, 2) == [3, 6, 7, 8, 9]  # a stage's third epoch on, and its last; never 12
+    assert decision_steps(stages, 1000) == [3, 9]  # stage ends only
+    assert not is_decision_step(stages, 12, 0) and not is_decision_step(stages, 13, 0)
