@@ -100,7 +100,7 @@ def _confirmation_table(data: dict) -> Table | None:
              f"best configuration by mean target val with the best baseline by the same rule, on target test "
              f"accuracy seed by seed (paired difference, 95% t interval).")
     table = Table("Verdict and confirmation", intro, ["configuration", "trial", "seeds", "target test",
-                                                      "95% interval", "target val", "95% interval "])
+                                                      "test 95% CI", "target val", "val 95% CI"])
     best = conf["verdict"]["best_trial"] if conf["verdict"] else None
     for c in conf["configs"]:
         if c["trial"] == best and c["role"].startswith("top-"):
