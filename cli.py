@@ -33,8 +33,12 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
-def _echo_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+def _show(data, as_json: bool, text) -> None:
+    """Print `data` as JSON (`--json`) or as `text(data)` (a formatter of study.output)."""
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text(data))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,7 +64,8 @@ def trial():
 def trial_run(config_path, overrides, as_json):
     """Run ONE pipeline with fixed choices (range defaults, first list elements, pins) and print per-stage accuracy."""
     from study.config import load_config
-    from study.trial import format_trial, run_fixed_trial
+    from study.commands import run_fixed_trial
+    from study.output import format_trial
 
     from study.commands import QUICKSTART
 
@@ -74,55 +79,40 @@ def tasks():
     """Built-in and torchvision-backed tasks."""
 
 
-@tasks.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def tasks_list(as_json):
-    """List tasks with shift type, sizes and image shape (sizes for the offline tasks)."""
-    from study.catalog import tasks_catalog
-
-    rows = tasks_catalog()
-    if as_json:
-        return _echo_json(rows)
-    for r in rows:
-        shape = "x".join(map(str, r["image_shape"])) if "image_shape" in r else "-"
-        sizes = "/".join(str(r["sizes"][k]) for k in ("source_train", "target_labeled", "target_unlabeled",
-                                                         "target_val", "target_test")) if "sizes" in r else "(your data)"
-        click.echo(f"{r['name']:<15} {r['shift']:<8} {shape:<8} {sizes:<22} {r['description']}")
-
-
 @main.group(cls=_Group)
 def models():
     """Architectures and their layer groups."""
 
 
-@models.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def models_list(as_json):
-    """List architectures with their layer groups."""
-    from study.catalog import models_catalog
+def _catalog_list(group, view: str, text: str, doc: str):
+    """`GROUP list [--json]`: prints `study.catalog.<view>()` as JSON or through `study.output.<text>`."""
 
-    rows = models_catalog()
-    if as_json:
-        return _echo_json(rows)
-    for r in rows:
-        click.echo(f"{r['arch']:<20} {r['params']:>11,}  " + " -> ".join(g["name"] for g in r["groups"]))
+    @group.command("list", help=doc)
+    @json_option
+    def show(as_json):
+        from study import catalog, output
+
+        _show(getattr(catalog, view)(), as_json, getattr(output, text))
+
+    return show
+
+
+tasks_list = _catalog_list(tasks, "tasks_catalog", "format_tasks",
+                           "List tasks with shift type, sizes and image shape (sizes for the offline tasks).")
+models_list = _catalog_list(models, "models_catalog", "format_models", "List architectures with their layer groups.")
 
 
 @models.command("show")
 @click.argument("arch")
 @click.option("--num-classes", default=10, show_default=True)
 @click.option("--in-channels", default=3, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 def models_show(arch, num_classes, in_channels, as_json):
     """Layer groups of ARCH in order, with parameters per group."""
     from study.catalog import model_info
+    from study.output import format_model_info
 
-    info = model_info(arch, num_classes, in_channels)
-    if as_json:
-        return _echo_json(info)
-    for g in info["groups"]:
-        click.echo(f"{g['name']:<12} {g['params']:>11,}")
-    click.echo(f"{'total':<12} {info['params']:>11,}")
+    _show(model_info(arch, num_classes, in_channels), as_json, format_model_info)
 
 
 # ---- study -------------------------------------------------------------------------------------------------------
@@ -196,43 +186,37 @@ def study_confirm(name, storage, top, seeds, n_jobs, device, quiet):
 
 @study.command("list")
 @storage_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 def study_list(storage, as_json):
     """Studies in the storage with trial counts and best value."""
-    from study.commands import format_list
+    from study.output import format_list
     from study.storage import resolve_storage_url
     from study.studies import list_studies
 
-    rows = list_studies(resolve_storage_url(storage))
-    click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_list(rows))
+    _show(list_studies(resolve_storage_url(storage)), as_json, format_list)
 
 
-@study.command("status")
-@click.argument("name")
-@storage_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def study_status(name, storage, as_json):
-    """Counts by state, best so far, running trials and their age."""
-    from study.commands import format_status
-    from study.storage import resolve_storage_url
-    from study.studies import study_status as status
+def _study_view(command: str, view: str, text: str, doc: str):
+    """`study COMMAND NAME [--storage URL] [--json]`: prints `study.studies.<view>(name, url)` as JSON or through
+    `study.output.<text>` (imported when the command runs: the CLI starts fast)."""
 
-    data = status(name, resolve_storage_url(storage))
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else format_status(data))
+    @study.command(command, help=doc)
+    @click.argument("name")
+    @storage_option
+    @json_option
+    def show(name, storage, as_json):
+        from study import output, studies
+        from study.storage import resolve_storage_url
+
+        _show(getattr(studies, view)(name, resolve_storage_url(storage)), as_json, getattr(output, text))
+
+    return show
 
 
-@study.command("best")
-@click.argument("name")
-@storage_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def study_best(name, storage, as_json):
-    """The winning layer actions and hyperparameters, with source/target accuracy, beside the baselines."""
-    from study.commands import format_best
-    from study.storage import resolve_storage_url
-    from study.studies import best_summary
-
-    data = best_summary(name, resolve_storage_url(storage))
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else format_best(data))
+study_status = _study_view("status", "study_status", "format_status",
+                           "Counts by state, best so far, running trials and their age.")
+study_best = _study_view("best", "best_summary", "format_best", "The winning layer actions and hyperparameters, "
+                         "with source/target accuracy, beside the baselines.")
 
 
 @study.command("export")
@@ -274,7 +258,7 @@ def study_delete(name, storage, yes):
 def trial_replay(name, number, storage, as_json):
     """Rerun trial NUMBER of study NAME with its stored choices and seed; compares with the stored accuracy."""
     from study.commands import replay
-    from study.trial import format_trial
+    from study.output import format_trial
 
     result, stored = replay(name, number, storage)
     if as_json:
@@ -318,7 +302,8 @@ def study_report(name, out, fmt, storage):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def study_compare(names, storage, as_json):
     """One table across studies NAMES: task, the winner's action per group, winner vs best baseline accuracy."""
-    from study.report import compare_studies, format_compare
+    from study.output import format_compare
+    from study.report import compare_studies
     from study.storage import resolve_storage_url
 
     data = compare_studies(names, resolve_storage_url(storage))

@@ -83,10 +83,10 @@ def trial_seconds(trial) -> float:
 
 
 def trial_epochs(trial) -> int:
-    """Student epochs a trial spent: its `total_epochs` attribute, else its last reported step (pruned)."""
-    if "total_epochs" in trial.user_attrs:
-        return int(trial.user_attrs["total_epochs"])
-    return max(trial.intermediate_values) if trial.intermediate_values else 0
+    """Student epochs a trial spent: recorded for a finished trial, else its reported epochs (pruned)."""
+    from study.record import TrialRecord
+
+    return int(TrialRecord(trial).epochs)
 
 
 def index_batches(n: int, batch: int, g, device):

@@ -40,6 +40,7 @@ def make_config(work, device: str, quick: bool, tracking: bool):
 
 def study_trial(config, url: str, device: str, counter: list) -> dict:
     """Create a fresh study and run one trial through run_worker; the trial's and the call's seconds."""
+    from study.record import TrialRecord
     from study.studies import create_study
     from study.worker import run_worker
 
@@ -51,9 +52,9 @@ def study_trial(config, url: str, device: str, counter: list) -> dict:
     call = time.perf_counter() - started
     trial = study.trials[-1]
     if trial.state.name != "COMPLETE":
-        raise RuntimeError(f"trial ended {trial.state.name}: {trial.user_attrs.get('failure')}")
-    stages = trial.user_attrs["stages"]
-    return {"trial": common.trial_seconds(trial), "call": call, "epochs": trial.user_attrs["total_epochs"],
+        raise RuntimeError(f"trial ended {trial.state.name}: {TrialRecord(trial).failure}")
+    stages = TrialRecord(trial).stages
+    return {"trial": common.trial_seconds(trial), "call": call, "epochs": TrialRecord(trial).epochs,
             "in_loop": sum(s["seconds"] for k, s in stages.items() if k != "teacher")}
 
 
@@ -122,12 +123,12 @@ HOTSPOTS = [
     (("train.py", "train_stage"), "train_stage (all stages; includes the next three)"),
     (("train.py", "accuracy"), "accuracy(): per-epoch, snapshot and final evaluations"),
     (("objective.py", "report"), "per-epoch trial.report + should_prune (Optuna storage)"),
-    (("mlflow_tracking.py", "log_epoch"), "per-epoch MLflow batch (queued to the background writer)"),
+    (("mlflow_tracker.py", "log_epoch"), "per-epoch MLflow batch (queued to the background writer)"),
     (("objective.py", "record_result"), "record_result: 9 set_user_attr writes"),
-    (("mlflow_tracking.py", "start_trial"), "MLflow child run (params queued)"),
-    (("mlflow_tracking.py", "end_trial"), "MLflow end of trial (best check; the rest queued)"),
-    (("mlflow_tracking.py", "log_teacher"), "MLflow teacher run (queued)"),
-    (("background.py", "flush"), "worker end: waiting for the writer's queue (outside the trial)"),
+    (("mlflow_tracker.py", "start_trial"), "MLflow child run (params queued)"),
+    (("mlflow_tracker.py", "end_trial"), "MLflow end of trial (best check; the rest queued)"),
+    (("mlflow_tracker.py", "log_teacher"), "MLflow teacher run (queued)"),
+    (("writer.py", "flush"), "worker end: waiting for the writer's queue (outside the trial)"),
     (("checkpoints.py", "save"), "per-stage checkpoint save"),
     (("pipeline.py", "_evaluate"), "final evaluation of every stage's model on 4 splits"),
     (("pipeline.py", "_snapshot"), "deep copy + evaluation after each stage"),

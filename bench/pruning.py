@@ -44,7 +44,9 @@ def one_study(pruner: str, seed: int, n_trials: int, work: str, device: str, epo
 def max_budget(config, trials) -> int:
     """Epochs the trials would have spent with no pruning and no early stop (their sampled generations)."""
     p = config.pipeline
-    gens = [t.user_attrs.get("choices", {}).get("search.generations", 0) for t in trials]
+    from study.record import TrialRecord
+
+    gens = [TrialRecord(t).choices.get("generations", 0) for t in trials]
     return sum(p.finetune_epochs + p.distill_epochs + g * p.retrain_epochs for g in gens)
 
 

@@ -61,7 +61,7 @@ def record_study(task: str, n_trials: int, work: str, device: str) -> dict:
     import torch
 
     from objectives.stages import plan_stages
-    from study.objective import choices_from_attrs
+    from study.record import TrialRecord
     from study.studies import create_study
     from study.worker import run_worker
 
@@ -74,8 +74,8 @@ def record_study(task: str, n_trials: int, work: str, device: str) -> dict:
     for t in sorted(study.trials, key=lambda t: t.number):
         if t.state.name != "COMPLETE":
             continue
-        choices = choices_from_attrs(t.user_attrs)
-        trials.append({"number": t.number, "baseline": t.user_attrs.get("baseline", ""), "layers": choices.layers,
+        choices = TrialRecord(t).trial_choices()
+        trials.append({"number": t.number, "baseline": TrialRecord(t).baseline, "layers": choices.layers,
                        "value": t.value, "curve": {int(s): v for s, v in sorted(t.intermediate_values.items())},
                        "stages": [(s.name, s.first_step, s.epochs) for s in plan_stages(config.pipeline, choices)]})
     return {"task": task, "n_trials": n_trials, "states": [t.state.name for t in study.trials], "trials": trials}

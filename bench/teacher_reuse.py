@@ -29,6 +29,7 @@ def teacher_alone(config, work, counter) -> float:
 
 def study_cold(config, work, n_trials: int, device: str, counter) -> dict:
     """A fresh study of n_trials from an empty cache dir: total seconds and per-trial seconds by cache state."""
+    from study.record import TrialRecord
     from study.studies import create_study
     from study.worker import run_worker
 
@@ -40,10 +41,10 @@ def study_cold(config, work, n_trials: int, device: str, counter) -> dict:
     study = run_worker(name, url, n_trials=n_trials, device=device)
     total = time.perf_counter() - started
     trials = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    cache = [t.user_attrs.get("teacher_cache") for t in trials]
+    cache = [TrialRecord(t).get("teacher_cache") for t in trials]
     return {"total": total, "n": len(trials), "misses": cache.count("miss"), "hits": cache.count("hit"),
-            "warm": [common.trial_seconds(t) for t in trials if t.user_attrs.get("teacher_cache") == "hit"],
-            "cold": [common.trial_seconds(t) for t in trials if t.user_attrs.get("teacher_cache") == "miss"],
+            "warm": [common.trial_seconds(t) for t, c in zip(trials, cache) if c == "hit"],
+            "cold": [common.trial_seconds(t) for t, c in zip(trials, cache) if c == "miss"],
             "in_trials": sum(common.trial_seconds(t) for t in trials)}
 
 

@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from .grouped import GroupedModel
+from .grouped import GroupedModel, scaled_width
 from .registry import register_model
 
 # Channels between groups (the interfaces). Hidden channels inside a group scale with the width factor.
@@ -15,10 +15,6 @@ _STEM_OUT, _BLOCK1_OUT, _BLOCK2_OUT, _HEAD_HIDDEN = 12, 24, 48, 48
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
-def _hidden(base: int, width: float) -> int:
-    return max(1, int(round(base * width)))
 
 
 @register_model
@@ -36,16 +32,16 @@ def digitnet(num_classes: int, in_channels: int = 1, width: float = 1.0, group_w
 
     def factory(name: str, w: float) -> nn.Module:
         if name == "stem":
-            h = _hidden(8, w)
+            h = scaled_width(8, w)
             return nn.Sequential(*_conv_bn(in_channels, h), *_conv_bn(h, _STEM_OUT))
         if name == "block1":
-            h = _hidden(16, w)
+            h = scaled_width(16, w)
             return nn.Sequential(nn.MaxPool2d(2), *_conv_bn(_STEM_OUT, h), *_conv_bn(h, _BLOCK1_OUT))
         if name == "block2":
-            h = _hidden(32, w)
+            h = scaled_width(32, w)
             return nn.Sequential(nn.MaxPool2d(2), *_conv_bn(_BLOCK1_OUT, h), *_conv_bn(h, _BLOCK2_OUT))
         if name == "head":
-            h = _hidden(_HEAD_HIDDEN, w)
+            h = scaled_width(_HEAD_HIDDEN, w)
             return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(_BLOCK2_OUT, h),
                                  nn.ReLU(inplace=True), nn.Linear(h, num_classes))
         raise KeyError(name)

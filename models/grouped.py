@@ -16,6 +16,11 @@ from torch import nn
 
 from .seeding import GLOBAL_RNG
 
+def scaled_width(base: int, width: float) -> int:
+    """Hidden channels of a group built at `width` x its base width (at least one)."""
+    return max(1, int(round(base * width)))
+
+
 # Builds a fresh group: (group name, width factor) -> module with the group's fixed interface.
 GroupFactory = Callable[[str, float], nn.Module]
 

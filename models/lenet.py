@@ -6,12 +6,8 @@ from collections import OrderedDict
 
 from torch import nn
 
-from .grouped import GroupedModel
+from .grouped import GroupedModel, scaled_width
 from .registry import register_model
-
-
-def _hidden(base: int, width: float) -> int:
-    return max(1, int(round(base * width)))
 
 
 @register_model
@@ -28,16 +24,16 @@ def lenet5(num_classes: int, in_channels: int = 1, width: float = 1.0, group_wid
 
     def factory(name: str, w: float) -> nn.Module:
         if name == "stem":
-            h = _hidden(6, w)
+            h = scaled_width(6, w)
             # A 1x1 projection keeps the 6-channel interface whatever the hidden width.
             return nn.Sequential(nn.Conv2d(in_channels, h, 5, padding=2), nn.Tanh(), nn.Conv2d(h, 6, 1),
                                  nn.AvgPool2d(2, ceil_mode=True))
         if name == "features":
-            h = _hidden(16, w)
+            h = scaled_width(16, w)
             return nn.Sequential(nn.Conv2d(6, h, 5, padding=2), nn.Tanh(), nn.Conv2d(h, 16, 1),
                                  nn.AvgPool2d(2, ceil_mode=True), nn.AdaptiveAvgPool2d(4))
         if name == "classifier":
-            h = _hidden(120, w)
+            h = scaled_width(120, w)
             return nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, h), nn.Tanh(), nn.Linear(h, 84), nn.Tanh())
         if name == "head":
             return nn.Linear(84, num_classes)

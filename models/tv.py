@@ -41,15 +41,11 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 from torchvision.ops.misc import Conv2dNormActivation
 
 from .errors import UserError
-from .grouped import GroupedModel
+from .grouped import GroupedModel, scaled_width
 from .registry import register_model
 from .seeding import GeneratorDropout
 
 OFFLINE_ENV = "DISTILLSTUDY_OFFLINE"
-
-
-def _hidden(base: int, width: float) -> int:
-    return max(1, int(round(base * width)))
 
 
 def _init(module: nn.Module, linear_std: float | None = None) -> nn.Module:
@@ -89,7 +85,7 @@ def _resnet_block(block: type, inplanes: int, planes: int, stride: int, width: f
     downsample = None
     if stride != 1 or inplanes != out:  # same projection shortcut as torchvision's ResNet._make_layer
         downsample = nn.Sequential(conv1x1(inplanes, out, stride), nn.BatchNorm2d(out))
-    h = _hidden(planes, width)
+    h = scaled_width(planes, width)
     if block is Bottleneck:
         # Inner width = int(planes * base_width / 64); planes is a power of two, so this gives exactly h.
         return Bottleneck(inplanes, planes, stride, downsample, base_width=64 * h / planes)
@@ -168,7 +164,7 @@ def mobilenet_v3_small(num_classes: int, in_channels: int = 1, width: float = 1.
         return init(nn.Sequential(*(block(cnf, w) for cnf in settings[start:stop])))
 
     def head(w: float) -> nn.Module:
-        conv, hidden = _hidden(6 * settings[-1].out_channels, w), _hidden(last_channel, w)
+        conv, hidden = scaled_width(6 * settings[-1].out_channels, w), scaled_width(last_channel, w)
         return init(nn.Sequential(
             Conv2dNormActivation(settings[-1].out_channels, conv, 1, norm_layer=norm, activation_layer=nn.Hardswish),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(1),

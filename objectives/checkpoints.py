@@ -22,6 +22,14 @@ def checkpoint_key(study: str, params: dict, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def atomic_save(state: dict, path: Path) -> None:
+    """`torch.save` to a temporary name, then rename: a reader never sees half a file, and a killed writer leaves
+    no corrupt entry (for stage checkpoints and the teacher cache alike)."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 class StageCheckpoints:
     """The latest stage state of one trial, in `directory/state.pt` (loaded with weights_only=True)."""
 
@@ -41,9 +49,7 @@ class StageCheckpoints:
     def save(self, state: dict) -> None:
         """Write atomically (a killed worker never leaves half a checkpoint)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        atomic_save(state, self.path)
 
     def clear(self) -> None:
         """Remove the checkpoint once the trial has ended for good."""

@@ -2,10 +2,14 @@
 (`TrialChoices`). The study layer fills these from the YAML config; the pipeline only reads them.
 
 Field metadata drives validation in `study.config`: `choices` (allowed values) and `range` (inclusive bounds).
+The `choices` of a registry-backed key (`pipeline.layer_term`, `pipeline.replace_with`) are read from its registry
+whenever they are asked for, so a newly registered name is valid with no edit here.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 ACTIONS = ("freeze", "finetune", "replace")
@@ -20,6 +24,36 @@ def _choices(*values):
 
 def _range(default, low, high):
     return field(default=default, metadata={"range": (low, high)})
+
+
+class RegisteredNames(Sequence):
+    """The names of a registry (`lister()` of module `module`), read afresh on every use: `choices` metadata that
+    follows the registry. The module is imported on first use, not here, because it imports this one."""
+
+    def __init__(self, module: str, lister: str):
+        self.module, self.lister = module, lister
+
+    def _names(self) -> list[str]:
+        return getattr(importlib.import_module(self.module), self.lister)()
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __repr__(self) -> str:
+        return f"RegisteredNames({self.module}.{self.lister})"
+
+
+def _registered(default: str, module: str, lister: str):
+    return field(default=default, metadata={"choices": RegisteredNames(module, lister)})
 
 
 @dataclass
@@ -57,8 +91,10 @@ class PipelineSettings:
     finetune_epochs: int = _range(4, 0, 10000)
     distill_epochs: int = _range(8, 0, 10000)
     retrain_epochs: int = _range(4, 0, 10000)  # per generation
-    replace_with: str = _choices("reinit", "slim", "donor")
-    layer_term: str = _choices("feature", "params")  # beta's term: feature MSE or L2-SP to the starting weights
+    # Where a replaced group's module comes from: reinit | slim | donor (`objectives.replacements`).
+    replace_with: str = _registered("reinit", "objectives.replacements", "list_replacements")
+    # beta's term: feature MSE | params, L2-SP to the source weights (`objectives.layer_terms`).
+    layer_term: str = _registered("feature", "objectives.layer_terms", "list_layer_terms")
     retrain_on: str = _choices("both", "source", "target")
     distill_teacher: str = _choices("best", "source")  # distill's teacher: better of teacher/finetune, or the source
     # The model a trial delivers (and every figure it reports): the student stage with the best target validation
@@ -92,9 +128,15 @@ class TrialChoices:
     augment: bool = False
 
     def flat(self) -> dict:
-        """Flat `search.*` keys, as `--set` takes them (layer groups as `search.layers.<group>`)."""
-        out = {f"search.layers.{g}": a for g, a in self.layers.items()}
-        for k, v in self.__dict__.items():
-            if k != "layers":
-                out[f"search.{k}"] = v
+        """Every choice under its one name, the search parameter's (`layers.<group>` for a layer group, else the
+        field's name): the Optuna parameter, the MLflow param and the stored record use it, and `--set` takes it as
+        `search.<name>`."""
+        out = {f"layers.{g}": a for g, a in self.layers.items()}
+        out.update({k: v for k, v in self.__dict__.items() if k != "layers"})
         return out
+
+    @classmethod
+    def from_flat(cls, flat: dict) -> "TrialChoices":
+        """The inverse of `flat`."""
+        layers = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("layers.")}
+        return cls(layers=layers, **{k: v for k, v in flat.items() if not k.startswith("layers.")})

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from models import GroupedModel, UserError, create_model, derive_seed, seeded_init
+from models.errors import first_line
 
+from .checkpoints import atomic_save
 from .device import place
 from .settings import ModelSettings, PipelineSettings
 from .tasks import TaskData
@@ -73,7 +75,7 @@ def get_teacher(role: str, arch: str, width: float, task: TaskData, model: Model
         net = place(net, device)
         info = _train(role, net, key, task, model, pipeline, device)
         info.path = str(weights)
-        _atomic_save(net.state_dict(), weights)
+        atomic_save(net.state_dict(), weights)
         meta.write_text(json.dumps(asdict(info)))
     return net, info
 
@@ -95,8 +97,8 @@ def load_checkpoint(net: GroupedModel, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling/format failure is the user's file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"teacher checkpoint '{path}' cannot be loaded safely (weights_only=True): {first}") from None
+        raise UserError(f"teacher checkpoint '{path}' cannot be loaded safely (weights_only=True): "
+                        f"{first_line(exc)}") from None
     if not isinstance(state, dict):
         raise UserError(f"teacher checkpoint '{path}' is not a state_dict")
     try:
@@ -121,13 +123,6 @@ def _train(role, net, key, task: TaskData, model: ModelSettings, pipeline: Pipel
                        seconds=time.perf_counter() - started,
                        source_val_acc=accuracy(net, task.source_val, pipeline.eval_batch_size, pipeline.num_workers),
                        target_val_acc=accuracy(net, task.target_val, pipeline.eval_batch_size, pipeline.num_workers))
-
-
-def _atomic_save(state: dict, path: Path) -> None:
-    # Write then rename, so a reader never sees half a file (and a killed writer leaves no corrupt cache entry).
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def _file_hash(path: str) -> str:

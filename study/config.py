@@ -18,6 +18,7 @@ from objectives.settings import ModelSettings, PipelineSettings
 from objectives.tasks import TaskOptions
 
 from .search import SearchSpace, parse_search
+from .storage import DEFAULT_STORAGE
 
 SECTIONS = ("task", "model", "pipeline", "search", "study", "tracking")
 
@@ -39,7 +40,9 @@ _Loader.add_implicit_resolver(
 def parse_yaml(text: str):
     """yaml.safe_load with YAML 1.2 floats (`1e-3`)."""
     return yaml.load(text, Loader=_Loader)
-OBJECTIVES = ("target_val_acc", "source_val_acc", "student_params", "epochs_to_threshold")
+# Each objective a study can optimise, with its direction.
+OBJECTIVES = {"target_val_acc": "maximize", "source_val_acc": "maximize", "student_params": "minimize",
+              "epochs_to_threshold": "minimize"}
 
 
 @dataclass
@@ -77,7 +80,7 @@ class StudySettings:
     """The config's `study` section."""
 
     name: str = "quickstart"
-    storage: str = "sqlite:///distillstudy.db"  # any Optuna URL, or journal:PATH; DISTILLSTUDY_STORAGE overrides
+    storage: str = DEFAULT_STORAGE  # any Optuna URL, or journal:PATH; DISTILLSTUDY_STORAGE overrides
     objective: list = field(default_factory=lambda: ["target_val_acc"])
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     pruner: PrunerSettings = field(default_factory=PrunerSettings)
@@ -111,6 +114,11 @@ class Config:
     search: SearchSpace
     study: StudySettings
     tracking: TrackingSettings
+
+    def with_changes(self, section: str, **changes) -> "Config":
+        """A copy with `changes` to one section: a validated config is never changed in place (a worker's
+        `--device`, a study's name), so whoever holds it can trust it."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 
     def to_dict(self) -> dict:
         """Plain data (YAML/JSON-able) that `config_from_dict` turns back into the same Config."""

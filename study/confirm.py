@@ -24,10 +24,11 @@ import optuna
 from optuna.trial import TrialState
 
 from models.errors import UserError
+from objectives.settings import TrialChoices
 
 from .baselines import BASELINES, baseline_choices, enqueue_params
 from .config import Config
-from .objective import choices_from_attrs
+from .record import TrialRecord, confirm_attrs
 from .studies import storage_for
 
 SUFFIX = "-confirm"
@@ -44,25 +45,24 @@ def run_seeds(config: Config, seeds: int) -> list[int]:
     return [config.pipeline.seed + 1 + i for i in range(seeds)]
 
 
-def top_configurations(study: optuna.Study, top: int) -> list[tuple[str, int, dict]]:
-    """(role, trial number, flat choices) of the `top` best distinct non-baseline configurations by value (ties:
-    the earlier trial), then the three baselines. Single-objective studies only."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.values and math.isfinite(t.values[0]) and "choices" in t.user_attrs]
+def top_configurations(study: optuna.Study, top: int) -> list[tuple[str, int, TrialChoices | None]]:
+    """(role, trial number, choices) of the `top` best distinct non-baseline configurations by value (ties: the
+    earlier trial), then the three baselines (choices None for a baseline that never ran). One objective only."""
+    complete = [TrialRecord(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.values and math.isfinite(t.values[0])]
     sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
-    ranked = sorted((t for t in complete if not t.user_attrs.get("baseline")),
-                    key=lambda t: (-sign * t.values[0], t.number))
+    ranked = sorted((r for r in complete if not r.baseline and r.get("choices")),
+                    key=lambda r: (-sign * r.values[0], r.number))
     seen, picked = set(), []
-    for t in ranked:
-        key = json.dumps(t.user_attrs["choices"], sort_keys=True)
+    for r in ranked:
+        key = json.dumps(r.choices, sort_keys=True)
         if key not in seen and len(picked) < top:
             seen.add(key)
-            picked.append((f"top-{len(picked) + 1}", t.number, t.user_attrs["choices"]))
-    baselines = {t.user_attrs["baseline"]: t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")}
+            picked.append((f"top-{len(picked) + 1}", r.number, r.trial_choices()))
+    baselines = {r.baseline: r for r in map(TrialRecord, study.get_trials(deepcopy=False)) if r.baseline}
     for name in BASELINES:
-        t = baselines.get(name)
-        picked.append((name, t.number if t else -1, t.user_attrs["choices"] if t and "choices" in t.user_attrs
-                       else None))
+        r = baselines.get(name)
+        picked.append((name, r.number if r else -1, r.trial_choices() if r and r.get("choices") else None))
     return picked
 
 
@@ -86,12 +86,11 @@ def prepare(study: optuna.Study, config: Config, url: str, top: int, seeds: int)
     stored["tracking"]["experiment"] = config.tracking.experiment or study.study_name
     companion.set_user_attr("config", stored)
     companion.set_user_attr("confirm_of", study.study_name)
-    for role, number, flat in configs:
-        choices = choices_from_attrs({"choices": flat}) if flat else baseline_choices(role, config.search)
+    for role, number, choices in configs:
+        choices = choices or baseline_choices(role, config.search)
         for seed in run_seeds(config, seeds):
-            companion.enqueue_trial(enqueue_params(choices, config.search), skip_if_exists=False, user_attrs={
-                "confirm_role": role, "confirm_of_trial": number, "confirm_choices": choices.flat(), "seed": seed,
-                **({"baseline": role} if role in BASELINES else {})})
+            attrs = confirm_attrs(role, number, choices, seed, baseline=role if role in BASELINES else None)
+            companion.enqueue_trial(enqueue_params(choices, config.search), user_attrs=attrs, skip_if_exists=False)
     total = len(configs) * seeds
     companion.set_user_attr("confirm_total", total)  # written last: the companion is ready
     return companion, total
@@ -123,12 +122,10 @@ def t_interval(values: list[float]) -> list[float] | None:
 def summarize(companion: optuna.Study) -> dict:
     """The confirmation table and the verdict, from the companion's completed trials."""
     runs: dict[str, dict] = {}
-    for t in companion.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        a = t.user_attrs
-        stage = a["stages"][a["best_stage"]]
-        cell = runs.setdefault(a["confirm_role"], {"trial": a["confirm_of_trial"], "choices": a["confirm_choices"],
-                                                   "test": {}, "val": {}})
-        cell["test"][a["seed"]], cell["val"][a["seed"]] = stage["target_test_acc"], stage["target_val_acc"]
+    for r in map(TrialRecord, companion.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
+        cell = runs.setdefault(r.confirm_role, {"trial": r.confirm_of_trial, "choices": r.confirm_choices.flat(),
+                                                "test": {}, "val": {}})
+        cell["test"][r.seed], cell["val"][r.seed] = r.delivered["target_test_acc"], r.delivered["target_val_acc"]
     configs = []
     for role, c in runs.items():
         test, val = list(c["test"].values()), list(c["val"].values())
@@ -166,12 +163,12 @@ def verdict(configs: list[dict], runs: dict) -> dict | None:
 
 def describe(flat: dict) -> str:
     """`stem=finetune block1=replace ..., alpha 0.7, T 3.2` for a configuration's choices."""
-    layers = " ".join(f"{k.split('.', 2)[2]}={v}" for k, v in flat.items() if k.startswith("search.layers."))
+    layers = " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in flat.items() if k.startswith("layers."))
     parts = [layers]
-    if flat.get("search.recipe", "distill") != "distill":
-        parts.append(f"recipe {flat['search.recipe']}")
-    elif flat.get("search.alpha", 0) > 0:
-        parts.append(f"alpha {flat['search.alpha']:.2g}, T {flat['search.temperature']:.2g}")
+    if flat.get("recipe", "distill") != "distill":
+        parts.append(f"recipe {flat['recipe']}")
+    elif flat.get("alpha", 0) > 0:
+        parts.append(f"alpha {flat['alpha']:.2g}, T {flat['temperature']:.2g}")
     else:
         parts.append("alpha 0")
     return ", ".join(parts)

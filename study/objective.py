@@ -4,7 +4,6 @@ outcome as user attributes (and through the tracker), return the objective value
 from __future__ import annotations
 
 import gc
-import math
 import threading
 import time
 from pathlib import Path
@@ -12,22 +11,19 @@ from pathlib import Path
 import optuna
 import torch
 
-from models.errors import InvalidChoice, UserError
+from models.errors import InvalidChoice, UserError, first_line
 from objectives.checkpoints import StageCheckpoints, checkpoint_key
 from objectives.pipeline import TrialResult, run_trial
-from objectives.settings import TrialChoices
 from objectives.stages import plan_stages
 from objectives.train import TrainingDiverged
 
+from . import compat, record
 from .baselines import baseline_choices
 from .config import Config
 from .pruning import is_decision_step
+from .record import TrialRecord
 from .search import suggest_choices
 from .tracking import NullTracker
-
-# Objectives and their directions.
-DIRECTIONS = {"target_val_acc": "maximize", "source_val_acc": "maximize", "student_params": "minimize",
-              "epochs_to_threshold": "minimize"}
 
 
 class StudyFull(Exception):
@@ -49,32 +45,14 @@ def objective_value(result: TrialResult, name: str) -> float:
 def describe_failure(exc: BaseException) -> str:
     """A one-line reason for a FAIL trial."""
     if isinstance(exc, torch.OutOfMemoryError):
-        return "out of memory: " + str(exc).splitlines()[0][:200]
+        return "out of memory: " + first_line(exc, 200)
     if isinstance(exc, TrainingDiverged):
         return f"diverged: {exc}"
     if isinstance(exc, UserError):
         return f"invalid input: {exc}"  # impossible layer choices, unreadable data
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (worker stopped); retried"
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first}"[:300]
-
-
-def record_result(trial: optuna.Trial, result: TrialResult) -> None:
-    """Store what the study commands and reports read back: per-stage accuracies, the delivered stage and the
-    rule that chose it, sizes, epochs trained and the budget, seconds."""
-    trial.set_user_attr("stages", {k: vars(v) for k, v in result.stages.items()})
-    trial.set_user_attr("best_stage", result.best_stage)
-    trial.set_user_attr("select", result.select)
-    trial.set_user_attr("budget", result.budget)
-    trial.set_user_attr("model_hash", result.model_hash)
-    trial.set_user_attr("epochs_to_threshold", result.epochs_to_threshold)
-    trial.set_user_attr("student_params", result.student_params)
-    trial.set_user_attr("total_epochs", result.total_epochs)
-    trial.set_user_attr("seconds", round(result.seconds, 3))
-    trial.set_user_attr("layer_map", result.layer_map)
-    trial.set_user_attr("teacher_key", result.teacher.key)
-    trial.set_user_attr("teacher_cache", result.teacher.cache)
+    return f"{type(exc).__name__}: {first_line(exc)}"[:300]
 
 
 def _finished(study: optuna.Study, below: int | None = None) -> int:
@@ -97,27 +75,26 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
     def objective(trial: optuna.Trial):
         # Trials numbered before this one that finished or are running: if they already make the total, stop.
         if _finished(study, below=trial.number) >= n_trials:
-            trial.set_user_attr("skipped", "study already has its total of trials")
+            record.write_skipped(trial, "study already has its total of trials")
             study.stop()
             raise StudyFull(f"study has {n_trials} trials")
         started = time.perf_counter()
         choices = suggest_choices(trial, space, pipeline.replace_with)  # enqueued values, for Optuna's record
-        baseline, confirm = trial.user_attrs.get("baseline"), trial.user_attrs.get("confirm_choices")
+        queued = TrialRecord(trial)  # what an enqueued trial was queued as (a baseline, a confirmation run)
+        baseline, confirm = queued.baseline, queued.confirm_choices
         run_seed = pipeline.seed
         if confirm:  # a confirmation run: the enqueued choices on a fresh run seed
-            choices, run_seed = choices_from_attrs({"choices": confirm}), int(trial.user_attrs["seed"])
+            choices, run_seed = confirm, int(queued.seed)
         elif confirming:
-            trial.set_user_attr("skipped", "a confirmation study runs only its enqueued trials")
+            record.write_skipped(trial, "a confirmation study runs only its enqueued trials")
             study.stop()
             raise StudyFull("confirmation queue is empty")
         elif baseline:
             choices = baseline_choices(baseline, space)
-        trial.set_user_attr("choices", choices.flat())
-        trial.set_user_attr("seed", run_seed)
+        record.write_start(trial, choices, run_seed)
         _close_stale_run(trial, tracker)
         run_id = tracker.start_trial(trial, choices)
-        if run_id:
-            trial.set_user_attr("mlflow_run_id", run_id)
+        record.write_run_id(trial, run_id)
         checkpoints = StageCheckpoints(Path(config.study.checkpoint_dir) / study.study_name /
                                        checkpoint_key(study.study_name, choices.flat(), run_seed))
 
@@ -146,8 +123,7 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
                                checkpoints=checkpoints, run_seed=run_seed)
         except optuna.TrialPruned as exc:
             checkpoints.clear()
-            trial.set_user_attr("pruned_at", str(exc))
-            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
+            record.write_pruned(trial, str(exc), time.perf_counter() - started)
             tracker.end_trial(run_id, trial, "PRUNED", reason=str(exc))
             raise
         except KeyboardInterrupt as exc:
@@ -155,17 +131,15 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             _requeue(study, trial)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends this trial only; the study goes on
-            if isinstance(exc, InvalidChoice):  # the choice's fault, not the worker's (see worker.py)
-                trial.set_user_attr("invalid_choice", True)
             _fail(trial, tracker, run_id, exc, "FAIL")
             raise
         checkpoints.clear()
-        record_result(trial, result)
+        record.write_result(trial, result)
         tracker.log_teacher(result.teacher, result.models.get("teacher"))
         if result.donor is not None:  # replace_with: donor; its weights are the cached file its run names
             tracker.log_teacher(result.donor, None)
         values = [objective_value(result, name) for name in config.study.objective]
-        tracker.end_trial(run_id, trial, "COMPLETE", result=result)
+        tracker.end_trial(run_id, trial, "COMPLETE", result=result, value=values[0])
         return values if multi else values[0]
 
     return objective
@@ -173,7 +147,8 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
 
 def _fail(trial, tracker, run_id, exc: BaseException, state: str) -> None:
     reason = describe_failure(exc)
-    trial.set_user_attr("failure", reason)
+    # An impossible choice is the choice's fault, not the worker's (see worker.py).
+    record.write_failure(trial, reason, invalid_choice=isinstance(exc, InvalidChoice))
     if isinstance(exc, torch.OutOfMemoryError):
         gc.collect()  # drop the failed trial's tensors so the next trial can run
         if torch.cuda.is_available():
@@ -184,9 +159,8 @@ def _fail(trial, tracker, run_id, exc: BaseException, state: str) -> None:
 def _close_stale_run(trial: optuna.Trial, tracker) -> None:
     # A retry of a trial whose worker died (heartbeat went stale) inherits the dead trial's user attributes:
     # its MLflow run was never closed, so close it as FAILED, saying why.
-    # Optuna 5's Trial no longer exposes system attributes; the storage still has them.
-    failed = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
-    stale_run = trial.user_attrs.get("mlflow_run_id")
+    failed = compat.trial_system_attrs(trial).get("failed_trial")
+    stale_run = TrialRecord(trial).mlflow_run_id
     if failed is not None and stale_run:
         tracker.end_trial(stale_run, None, "FAIL",
                           reason=f"worker died (heartbeat stale); retried as trial {trial.number}")
@@ -194,21 +168,4 @@ def _close_stale_run(trial: optuna.Trial, tracker) -> None:
 
 def _requeue(study: optuna.Study, trial: optuna.Trial) -> None:
     # An interrupted trial is not the trial's fault: queue the same parameters so a later run retries it.
-    attrs = {"retry_of": trial.number}
-    # What makes a queued trial what it is: a baseline, a confirmation run (its choices and run seed).
-    for key in ("baseline", "confirm_role", "confirm_of_trial", "confirm_choices", "seed"):
-        if key in trial.user_attrs and (key != "seed" or "confirm_role" in trial.user_attrs):
-            attrs[key] = trial.user_attrs[key]
-    study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
-
-
-def choices_from_attrs(attrs: dict) -> TrialChoices:
-    """Rebuild a trial's choices from its `choices` user attribute (for replay)."""
-    flat = attrs["choices"]
-    layers = {k.split(".", 2)[2]: v for k, v in flat.items() if k.startswith("search.layers.")}
-    rest = {k.split(".", 1)[1]: v for k, v in flat.items() if not k.startswith("search.layers.")}
-    return TrialChoices(layers=layers, **rest)
-
-
-def is_finite(value) -> bool:
-    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
+    study.enqueue_trial(trial.params, user_attrs=record.requeue_attrs(TrialRecord(trial)), skip_if_exists=False)

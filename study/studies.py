@@ -16,8 +16,8 @@ import optuna
 from models.errors import UserError, did_you_mean
 
 from .baselines import BASELINES, baseline_choices, enqueue_params
-from .config import Config, config_from_dict
-from .objective import DIRECTIONS
+from .config import OBJECTIVES, Config, config_from_dict
+from .record import TrialRecord, baseline_attrs
 from .storage import mask_url, open_storage
 
 # Workers print their own line per trial (with the failure reason); Optuna's warnings would repeat them, with a
@@ -47,10 +47,10 @@ def create_study(config: Config, name: str, url: str, load_if_exists: bool = Fal
         raise UserError("search: every choice is pinned, so there is nothing to search (use `trial run` instead)")
     from .samplers import make_pruner, make_sampler
 
-    directions = [DIRECTIONS[o] for o in config.study.objective]
+    directions = [OBJECTIVES[o] for o in config.study.objective]
     make_sampler(config.study.sampler, config.search, len(directions))  # fail on bad sampler before creating
     make_pruner(config.study.pruner)
-    config.study.name = name
+    config = config.with_changes("study", name=name)
     storage = storage_for(url, config)
     if name in _names(storage):
         return _existing(name, url, storage, config, load_if_exists), False
@@ -66,7 +66,7 @@ def create_study(config: Config, name: str, url: str, load_if_exists: bool = Fal
     if config.study.baselines:
         for baseline in BASELINES:
             choices = baseline_choices(baseline, config.search)
-            study.enqueue_trial(enqueue_params(choices, config.search), user_attrs={"baseline": baseline})
+            study.enqueue_trial(enqueue_params(choices, config.search), user_attrs=baseline_attrs(baseline))
     # Written last: a worker that finds the hash knows the study is complete (config stored, baselines queued).
     study.set_user_attr("config_hash", config_hash(config))
     return study, True
@@ -163,29 +163,26 @@ def study_status(name: str, url: str) -> dict:
 
 def trial_row(t: optuna.trial.FrozenTrial) -> dict:
     """One trial as flat data: params, values, state, epochs, seconds, per-stage accuracies."""
-    row = {"number": t.number, "state": t.state.name, "values": t.values,
-           "baseline": t.user_attrs.get("baseline", ""), "best_stage": t.user_attrs.get("best_stage", ""),
-           "epochs": t.user_attrs.get("total_epochs", (max(t.intermediate_values) if t.intermediate_values else 0)),
-           "budget": t.user_attrs.get("budget"),
-           "epochs_to_threshold": t.user_attrs.get("epochs_to_threshold"),
-           "student_params": t.user_attrs.get("student_params"), "seconds": t.user_attrs.get("seconds"),
-           "failure": t.user_attrs.get("failure", t.user_attrs.get("skipped", "")),
-           "mlflow_run_id": t.user_attrs.get("mlflow_run_id", "")}
-    row.update({f"choice.{k.removeprefix('search.')}": v for k, v in t.user_attrs.get("choices", {}).items()})
-    for stage, acc in t.user_attrs.get("stages", {}).items():
+    r = TrialRecord(t)
+    row = {"number": t.number, "state": t.state.name, "values": t.values, "baseline": r.baseline,
+           "best_stage": r.best_stage or "", "epochs": r.epochs, "budget": r.get("budget"),
+           "epochs_to_threshold": r.get("epochs_to_threshold"), "student_params": r.get("student_params"),
+           "seconds": r.get("seconds"), "failure": r.failure or r.skipped or "", "mlflow_run_id": r.mlflow_run_id or ""}
+    row.update({f"choice.{k}": v for k, v in (r.choices if r.get("choices") else {}).items()})
+    for stage, acc in r.stages.items():
         for k in ("source_val_acc", "target_val_acc", "target_test_acc"):
             row[f"{stage}.{k}"] = acc[k]
     return row
 
 
-def best_summary(name: str, url: str) -> dict:
+def best_summary(name: str, url: str, loaded: tuple[optuna.Study, Config] | None = None) -> dict:
     """The winner (or the Pareto front) with its layer actions, hyperparameters and accuracies, beside the
-    baselines."""
-    study, config = load_study(name, url)
+    baselines. `loaded`: the study and its config, when the caller has them already."""
+    study, config = loaded or load_study(name, url)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise UserError(f"study '{name}' has no completed trial yet")
-    baselines = [trial_row(t) for t in complete if t.user_attrs.get("baseline")]
+    baselines = [trial_row(t) for t in complete if TrialRecord(t).baseline]
     if len(study.directions) > 1:
         return {"name": name, "objective": config.study.objective,
                 "pareto_front": [trial_row(t) for t in study.best_trials], "baselines": baselines}

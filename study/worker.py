@@ -17,10 +17,13 @@ import optuna
 
 from models.errors import UserError
 
+from . import compat
 from .config import Config
-from .storage import mask_url
 from .objective import make_objective
+from .record import TrialRecord
+from .storage import mask_url
 from .studies import load_study
+from .tracking import make_tracker
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # A worker stops after this many FAIL trials in a row: something is wrong with it, not with the trials.
@@ -36,28 +39,18 @@ def _count(study: optuna.Study, states) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def make_tracker(config: Config):
-    """The MLflow tracker, or a NullTracker when tracking is off."""
-    from .tracking import NullTracker
-
-    if not config.tracking.enabled:
-        return NullTracker()
-    from .mlflow_tracking import MlflowTracker
-
-    return MlflowTracker(config)
-
-
 def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float | None = None, n_jobs: int = 1,
                device: str | None = None, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
-               | None = None) -> optuna.Study:
+               | None = None, loaded: tuple[optuna.Study, Config] | None = None) -> optuna.Study:
     """Run trials of study `name` on `n_jobs` threads until it has `n_trials` finished trials (default: the
-    config's `study.n_trials`) or `timeout` seconds have passed."""
-    study, config = load_study(name, url, with_heartbeat=True)
+    config's `study.n_trials`) or `timeout` seconds have passed. `loaded`: the study (loaded with heartbeats, as
+    `load_study(..., with_heartbeat=True)` does) and its config, when the caller has them already."""
+    study, config = loaded or load_study(name, url, with_heartbeat=True)
     if device:
-        config.pipeline.device = device
+        config = config.with_changes("pipeline", device=device)
     total = n_trials or config.study.n_trials
     _preflight(config)
-    config.study.storage = mask_url(url)  # what the tracker records as the study's storage
+    config = config.with_changes("study", storage=mask_url(url))  # what the tracker records as the storage
     _lock_queue_pops(study, url)
     tracker = make_tracker(config)
     tracker.start_study(study, config)
@@ -69,14 +62,15 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
     invalid: list[str] = []  # reasons of the consecutive trials whose choices could not run
 
     def callback(study_, trial):
-        if trial.user_attrs.get("skipped"):
+        r = TrialRecord(trial)
+        if r.skipped:
             return
         if on_trial:
             on_trial(study_, trial)
-        if trial.user_attrs.get("invalid_choice"):  # says nothing about this worker
-            invalid.append(trial.user_attrs["failure"])
+        if r.invalid_choice:  # says nothing about this worker
+            invalid.append(r.failure)
         elif trial.state == optuna.trial.TrialState.FAIL and not interrupted.is_set():
-            failures.append(trial.user_attrs.get("failure", "unknown reason"))
+            failures.append(r.failure or "unknown reason")
             invalid.clear()
         else:
             failures.clear()
@@ -96,7 +90,7 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
             running = _count(study, (optuna.trial.TrialState.RUNNING,))
             if queue_only or finished + running >= total:
                 # Others are running the last trials; stay until they end, in case one dies and is re-queued.
-                if _heartbeat(study):
+                if compat.heartbeat_enabled(study):
                     optuna.storages.fail_stale_trials(study)
                 waiting = _count(study, (optuna.trial.TrialState.WAITING,))
                 if not waiting:
@@ -154,23 +148,20 @@ def _lock_queue_pops(study: optuna.Study, url: str) -> None:
 
     from .storage import _sqlite_path
 
-    pop, thread_lock, path = study._pop_waiting_trial_id, threading.Lock(), _sqlite_path(url)
+    thread_lock, path = threading.Lock(), _sqlite_path(url)
 
-    def locked_pop():
-        with thread_lock:
-            if path is None:
-                return pop()
-            with open(f"{path.expanduser()}.queue.lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                return pop()
+    def locked(pop):
+        def locked_pop():
+            with thread_lock:
+                if path is None:
+                    return pop()
+                with open(f"{path.expanduser()}.queue.lock", "a") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    return pop()
 
-    study._pop_waiting_trial_id = locked_pop
+        return locked_pop
 
-
-def _heartbeat(study: optuna.Study) -> bool:
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    return is_heartbeat_enabled(study._storage)
+    compat.wrap_queue_pop(study, locked)
 
 
 def _guard(loop, stop: threading.Event):

@@ -56,10 +56,10 @@ def test_trial_run_json_then_a_cached_teacher(quickstart, tiny_sets):
     assert data["best_stage"] in data["stages"]
     assert data["value"] == data["stages"][data["best_stage"]]["target_val_acc"]
     # Flat parameter keys, as --set takes them; the quickstart's defaults: first actions, range defaults, lists' first.
-    assert data["params"]["search.layers.head"] == "finetune"
-    assert data["params"]["search.alpha"] == 0.5 and data["params"]["search.lr"] == 0.003
-    assert data["params"]["search.source_weight"] == 0.5 and data["params"]["search.augment"] is False
-    assert set(data["params"]) >= {f"search.layers.{g}" for g in ("stem", "block1", "block2", "head")}
+    assert data["params"]["layers.head"] == "finetune"
+    assert data["params"]["alpha"] == 0.5 and data["params"]["lr"] == 0.003
+    assert data["params"]["source_weight"] == 0.5 and data["params"]["augment"] is False
+    assert set(data["params"]) >= {f"layers.{g}" for g in ("stem", "block1", "block2", "head")}
     assert data["student_params"] == data["teacher_params"] > 0
     assert data["teacher_cache"] == "miss" and data["device"] == "cpu"
 
@@ -193,4 +193,4 @@ def test_trial_run_defaults_to_the_packaged_quickstart_from_any_directory(tiny_s
     monkeypatch.chdir(tmp_path)  # no examples/ here
     result = invoke("trial", "run", *tiny_sets, "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["params"]["search.layers.stem"] == "finetune"
+    assert json.loads(result.stdout)["params"]["layers.stem"] == "finetune"

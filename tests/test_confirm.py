@@ -36,8 +36,8 @@ def _runs(test: dict, val: dict) -> tuple[list[dict], dict]:
     """configs and runs as `summarize` builds them, from role -> per-seed target test / val accuracy."""
     runs = {role: {"test": dict(enumerate(test[role], 1)), "val": dict(enumerate(val[role], 1))} for role in test}
     configs = [{"role": role, "trial": i, "target_val_mean": sum(val[role]) / len(val[role]),
-                "choices": {"search.layers.stem": "finetune", "search.layers.head": "replace", "search.alpha": 0.7,
-                            "search.temperature": 3.2, "search.recipe": "distill"}}
+                "choices": {"layers.stem": "finetune", "layers.head": "replace", "alpha": 0.7, "temperature": 3.2,
+                            "recipe": "distill"}}
                for i, role in enumerate(test)]
     return configs, runs
 

@@ -237,10 +237,12 @@ def test_one_child_run_per_trial_with_params_tags_and_status(main_study):
         assert tags["distillstudy.code_version"] == code_version
         assert params["seed"] == "0"
         choices = t.user_attrs["choices"]
+        # One name per choice: the Optuna parameter, the stored choice and the MLflow param.
+        assert set(t.params) <= set(choices)
         for g in ("stem", "block1", "block2", "head"):
-            assert params[f"layer.{g}"] == choices[f"search.layers.{g}"]
+            assert params[f"layers.{g}"] == choices[f"layers.{g}"]
         for k in CHOICES:
-            assert params[k] == str(choices[f"search.{k}"])
+            assert params[k] == str(choices[k])
         if t.user_attrs.get("baseline"):
             assert tags["distillstudy.baseline"] == t.user_attrs["baseline"]
         if t.state.name == "COMPLETE":
@@ -272,7 +274,7 @@ def test_metric_histories_follow_the_reported_curve(main_study):
             # The teacher's point (step 0) is on the curves for reference, but never reported to the pruner.
             teacher = t.user_attrs["stages"]["teacher"]["target_val_acc"]
             assert s.history(run_id, "teacher/target_val_acc") == [(0, teacher)] and 0 not in t.intermediate_values
-        if t.state.name == "COMPLETE" and t.user_attrs["choices"]["search.recipe"] == "distill":
+        if t.state.name == "COMPLETE" and t.user_attrs["choices"]["recipe"] == "distill":
             p = s.config.pipeline
             assert [st for st, _ in s.history(run_id, "finetune/target_val_acc")] == list(range(1, 1 + p.finetune_epochs))
             assert len(s.history(run_id, "finetune/loss")) == p.finetune_epochs
@@ -299,7 +301,7 @@ def test_final_metrics_and_artifacts_of_complete_trials(main_study, tmp_path):
         assert layer_map["best_stage"] == t.user_attrs["best_stage"]
         assert layer_map["groups"] == t.user_attrs["layer_map"]
         trial_config = yaml.safe_load(Path(s.client.download_artifacts(rid, "config.yaml", str(tmp_path))).read_text())
-        assert trial_config["search"]["layers"] == {g: t.user_attrs["choices"][f"search.layers.{g}"]
+        assert trial_config["search"]["layers"] == {g: t.user_attrs["choices"][f"layers.{g}"]
                                                     for g in ("stem", "block1", "block2", "head")}
 
 
@@ -362,7 +364,7 @@ def test_failed_and_pruned_runs(edge_study):
     assert run.data.tags["optuna.state"] == "FAIL"
     assert run.data.tags["distillstudy.failure"] == failed.user_attrs["failure"]
     assert run.data.tags["distillstudy.failure"].startswith("invalid input:")
-    assert run.data.params["layer.block1"] == "replace"
+    assert run.data.params["layers.block1"] == "replace"
     assert not run.data.metrics and not s.artifacts(run.info.run_id)
 
     run = runs[pruned.number]

@@ -92,8 +92,8 @@ def test_every_offline_task_and_arch_runs_the_whole_pipeline(task, arch, tiny_pi
     assert result.teacher.epochs == 1 and result.teacher.role == "teacher"
     assert result.student_params == result.teacher_params  # nothing replaced
     assert assert_frozen_groups_identical(result) == ["stem"]
-    assert set(result.params) == {f"search.layers.{g}" for g in GROUPS[arch]} | {
-        f"search.{f.name}" for f in dataclasses.fields(TrialChoices) if f.name != "layers"}
+    assert set(result.params) == {f"layers.{g}" for g in GROUPS[arch]} | {
+        f.name for f in dataclasses.fields(TrialChoices) if f.name != "layers"}
 
 
 # ---- 2. every action on every group, every replacement, both layer terms, every retrain source ------------------

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from cli import main
 from study.config import load_config
-from study.report_stats import bootstrap_ci
+from study.report.stats import bootstrap_ci
 from study.search import suggest_choices
 from study.studies import create_study
 

@@ -221,52 +221,49 @@ def test_unknown_pruner_and_bad_kwargs():
         make_pruner(PrunerSettings(name="threshold"))
 
 
-# ---- pruning on the global step axis -----------------------------------------------------------------------------
-def _curve(study, values):
-    """Run one trial through ask/tell: report values on steps 1, 2, ... (the student epochs; the teacher is never
-    reported); return the step it was pruned at."""
+# ---- pruning on the step axis, as the objective asks it -------------------------------------------------------------
+def _curve(study, stages, values, stage_warmup):
+    """One trial through ask/tell, the way the objective reports: every value on steps 1, 2, ..., the pruner asked
+    only at `is_decision_step`. Returns the step it was pruned at (None: it finished)."""
+    from study.pruning import is_decision_step
+
     trial = study.ask()
     for step, value in enumerate(values, start=1):
         trial.report(value, step)
-        if trial.should_prune():
+        if is_decision_step(stages, step, stage_warmup) and trial.should_prune():
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             return step
     study.tell(trial, values[-1])
     return None
 
 
-def test_pruning_on_global_steps():
-    study = optuna.create_study(direction="maximize",
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
-    # Startup trials are never pruned.
-    assert _curve(study, [0.80, 0.85, 0.90]) is None
-    assert _curve(study, [0.70, 0.80, 0.88]) is None
-    # A trial as good as the others runs to the end.
-    assert _curve(study, [0.78, 0.86, 0.90]) is None
-    # A clearly worse trial is pruned at step 1, the first step where it falls below the median.
-    assert _curve(study, [0.35, 0.36, 0.37]) == 1
-    # Falling behind later prunes at that later step.
-    assert _curve(study, [0.79, 0.40, 0.41]) == 2
-    pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
-    assert [max(t.intermediate_values) for t in pruned] == [1, 2]
-    assert all(0 not in t.intermediate_values for t in pruned)
+def test_the_quickstart_pruner_is_fair_to_late_and_improving_trials(cfg):
+    from objectives.stages import plan_stages
+
+    config = cfg("search.generations=0")  # quickstart: finetune 1-3, distill 4-9; median of >= 4, patience 0, warm-up 2
+    stages, settings = plan_stages(config.pipeline, config.search.defaults()), config.study.pruner
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(settings))
+    good = [0.60, 0.70, 0.75, 0.78, 0.80, 0.81, 0.82, 0.83, 0.84]
+    for shift in (0.0, 0.01, -0.01, 0.02):  # the start-up trials and the median's four
+        assert _curve(study, stages, [v + shift for v in good], settings.stage_warmup) is None
+    # A fresh group starts far behind and keeps improving: never stopped while it improves.
+    assert _curve(study, stages, [0.10, 0.30, 0.45, 0.55, 0.65, 0.72, 0.76, 0.79, 0.81], settings.stage_warmup) is None
+    # Far behind and not improving (patience 0: only a step below the trial's own best counts): stopped, but only
+    # at a decision point — the finetune stage's end (its first two epochs are its warm-up), not after epoch 1.
+    assert _curve(study, stages, [0.10, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04, 0.03, 0.02], settings.stage_warmup) == 3
+    # Behind and falling in the distill stage: stopped at its third epoch (step 6), once past that stage's warm-up.
+    assert _curve(study, stages, [0.60, 0.70, 0.75, 0.50, 0.45, 0.40, 0.40, 0.40, 0.40], settings.stage_warmup) == 6
 
 
-def test_warmup_counts_global_steps():
-    # n_warmup_steps is counted on the global axis: with 2, step 1 never prunes (Optuna skips steps < 2), step 2 can.
-    study = optuna.create_study(direction="maximize",
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2))
-    _curve(study, [0.8, 0.9, 0.95])
-    _curve(study, [0.8, 0.9, 0.95])
-    assert _curve(study, [0.31, 0.32, 0.33]) == 2
+def test_without_a_stage_warmup_a_flat_trial_is_stopped_after_its_first_epoch(cfg):
+    from objectives.stages import plan_stages
 
-
-def test_multi_objective_study_cannot_prune():
-    # Why the objective skips trial.report for several objectives: Optuna refuses it.
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    trial = study.ask()
-    with pytest.raises(NotImplementedError):
-        trial.report(0.5, 0)
+    config = cfg("search.generations=0", "study.pruner={name: median, kwargs: {n_startup_trials: 2}}")
+    stages, settings = plan_stages(config.pipeline, config.search.defaults()), config.study.pruner
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(settings))
+    for _ in range(2):
+        _curve(study, stages, [0.8] * 9, settings.stage_warmup)
+    assert _curve(study, stages, [0.1] * 9, settings.stage_warmup) == 1
 
 
 def test_pruning_decision_points_skip_stage_warmups_and_the_final_step():

@@ -136,10 +136,9 @@ def test_stored_trial_attributes(t1):
     teacher_vals = set()
     for t in complete:
         a = t.user_attrs
-        assert set(a["choices"]) >= {"search.layers.stem", "search.layers.head", "search.alpha", "search.lr",
-                                     "search.recipe"}
+        assert set(a["choices"]) >= {"layers.stem", "layers.head", "alpha", "lr", "recipe"}
         want = {"finetune": {"teacher", "finetune"}, "distill": {"teacher", "finetune", "distill"}}
-        assert want[a["choices"]["search.recipe"]] <= set(a["stages"])
+        assert want[a["choices"]["recipe"]] <= set(a["stages"])
         for stage in a["stages"].values():
             for key in ("source_val_acc", "target_val_acc", "target_test_acc"):
                 assert 0.0 <= stage[key] <= 1.0
@@ -156,12 +155,12 @@ def test_stored_trial_attributes(t1):
     assert len(teacher_vals) == 1  # the same teacher for every trial
     baseline = {t.user_attrs["baseline"]: t for t in complete if "baseline" in t.user_attrs}
     ft = baseline["finetune-all"].user_attrs
-    assert (ft["choices"]["search.alpha"], ft["choices"]["search.recipe"]) == (0.0, "finetune")
+    assert (ft["choices"]["alpha"], ft["choices"]["recipe"]) == (0.0, "finetune")
     assert set(ft["stages"]) == {"teacher", "finetune"}
     assert ft["stages"]["finetune"]["epochs"] == ft["total_epochs"] == ft["budget"] == \
         baseline["finetune-all-kd"].user_attrs["budget"]
     head = baseline["head-only"].user_attrs["choices"]
-    assert [head[f"search.layers.{g}"] for g in ("stem", "block1", "block2", "head")] == \
+    assert [head[f"layers.{g}"] for g in ("stem", "block1", "block2", "head")] == \
            ["freeze", "freeze", "freeze", "finetune"]
     for t in study.get_trials(states=(optuna.trial.TrialState.PRUNED,)):
         assert "pruned_at" in t.user_attrs or "failure" in t.user_attrs

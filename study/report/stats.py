@@ -22,24 +22,19 @@ from optuna.trial import TrialState
 
 from objectives.settings import ACTIONS
 
+from ..compat import distribution_contains
+from ..record import TrialRecord
+
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_LEVEL = 0.95
 FANOVA_SEED = 0
 MIN_INTERVAL_TRIALS = 3
 MIN_IMPORTANCE_TRIALS = 20
-ACCURACIES = ("source_val_acc", "source_test_acc", "target_val_acc", "target_test_acc")
 
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def best_stage_acc(t: optuna.trial.FrozenTrial) -> dict:
-    """The four accuracies of the trial's delivered model, stage `best_stage` (None where not recorded)."""
-    stages = t.user_attrs.get("stages") or {}
-    acc = stages.get(t.user_attrs.get("best_stage"), {})
-    return {k: acc.get(k) for k in ACCURACIES}
 
 
 def target_val_acc(t: optuna.trial.FrozenTrial, objective: list[str]) -> float | None:
@@ -47,7 +42,7 @@ def target_val_acc(t: optuna.trial.FrozenTrial, objective: list[str]) -> float |
     stage's recorded `target_val_acc` (the delivered model's). None when unknown."""
     if objective == ["target_val_acc"] and t.values and _finite(t.values[0]):
         return float(t.values[0])
-    value = best_stage_acc(t)["target_val_acc"]
+    value = TrialRecord(t).delivered["target_val_acc"]
     return float(value) if _finite(value) else None
 
 
@@ -73,16 +68,12 @@ def group_effects(trials, groups: list[str], objective: list[str]) -> dict:
     pruned: dict[str, dict[str, int]] = {g: {} for g in groups}
     seen: set[str] = set()
     for t in sorted(trials, key=lambda t: t.number):
-        model = t.user_attrs.get("model_hash")
-        if t.state == TrialState.COMPLETE and model is not None:
-            if model in seen:
+        r = TrialRecord(t)
+        if t.state == TrialState.COMPLETE and r.model_hash is not None:
+            if r.model_hash in seen:
                 continue
-            seen.add(model)
-        choices = t.user_attrs.get("choices") or {}
-        for key, action in choices.items():
-            if not key.startswith("search.layers."):
-                continue
-            g = key.split(".", 2)[2]
+            seen.add(r.model_hash)
+        for g, action in r.layers.items():
             cells.setdefault(g, {})
             pruned.setdefault(g, {})
             if t.state == TrialState.PRUNED:
@@ -139,24 +130,14 @@ def effective_study(study: optuna.Study, trials):
 def _effective_params(t: optuna.trial.FrozenTrial, dists: dict) -> dict | None:
     """The values trial `t` ran with, for every parameter in `dists` (None when one is unknown or outside its
     distribution, e.g. a baseline's choice outside the searched range)."""
-    choices = t.user_attrs.get("choices") or {}
+    choices = TrialRecord(t).choices  # one name per choice: the parameter's
     values = {}
     for name, dist in dists.items():
-        key = f"search.{name}"
-        value = choices[key] if key in choices else t.params.get(name)
-        if not _contains(dist, value):
+        value = choices.get(name, t.params.get(name))
+        if not distribution_contains(dist, value):
             return None
         values[name] = value
     return values
-
-
-def _contains(dist, value) -> bool:
-    if value is None:
-        return False
-    try:
-        return dist._contains(dist.to_internal_repr(value))
-    except (ValueError, TypeError):
-        return False
 
 
 def importances(effective, objective: list[str]) -> dict:

@@ -3,8 +3,8 @@ self-contained HTML page with plots.
 
 A report reads a snapshot of the study's trials, so it works while workers are still running (RUNNING and WAITING
 trials are counted, not analysed), and on studies with pruned and failed trials. Below two completed trials it
-says so and leaves out importances and plots. The statistics are in `report_stats` (bootstrap: see there), the
-plots in `report_plots`, HTML and Markdown in `report_render`.
+says so and leaves out importances and plots. The statistics are in `stats` (bootstrap: see there), the plots in
+`plots`, HTML and Markdown in `render`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from .report_stats import (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, MIN_INTERVAL_TRIALS, best_stage_acc,
-                           effective_study, group_effects, importances, target_val_acc)
-from .baselines import BASELINES
-from .storage import mask_url
-from .studies import load_study
+from models.errors import first_line
+
+from ..baselines import BASELINES
+from ..record import TrialRecord
+from ..storage import mask_url
+from ..studies import load_study
+from .stats import (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, MIN_INTERVAL_TRIALS, effective_study,
+                    group_effects, importances, target_val_acc)
 
 FORMATS = ("html", "md", "json")
 FEW_TRIALS = "fewer than two completed trials"
@@ -29,16 +32,11 @@ FEW_TRIALS = "fewer than two completed trials"
 
 def trial_summary(t: optuna.trial.FrozenTrial, objective: list[str]) -> dict:
     """A trial's layer action per group, hyperparameters, accuracies (of its delivered model), size and speed."""
-    choices = t.user_attrs.get("choices") or {f"search.{k}": v for k, v in t.params.items()}
-    return {"number": t.number, "state": t.state.name, "baseline": t.user_attrs.get("baseline", ""),
-            "values": t.values,
-            "layers": {k.split(".", 2)[2]: v for k, v in choices.items() if k.startswith("search.layers.")},
-            "hyperparameters": {k.split(".", 1)[1]: v for k, v in choices.items()
-                                if not k.startswith("search.layers.")},
-            "best_stage": t.user_attrs.get("best_stage"), **best_stage_acc(t),
-            "target_val_acc": target_val_acc(t, objective),
-            "student_params": t.user_attrs.get("student_params"),
-            "epochs_to_threshold": t.user_attrs.get("epochs_to_threshold"), "seconds": t.user_attrs.get("seconds")}
+    r = TrialRecord(t)
+    return {"number": t.number, "state": t.state.name, "baseline": r.baseline, "values": t.values,
+            "layers": r.layers, "hyperparameters": r.hyperparameters, "best_stage": r.best_stage, **r.delivered,
+            "target_val_acc": target_val_acc(t, objective), "student_params": r.get("student_params"),
+            "epochs_to_threshold": r.get("epochs_to_threshold"), "seconds": r.get("seconds")}
 
 
 def _finite_values(t) -> bool:
@@ -91,8 +89,8 @@ def build_report(name: str, url: str):
 
 def confirmation(name: str, url: str) -> dict | None:
     """The confirmation table and verdict of study `name`'s companion `<name>-confirm` (None when it has none)."""
-    from .confirm import confirm_name, summarize
-    from .studies import storage_for
+    from ..confirm import confirm_name, summarize
+    from ..studies import storage_for
 
     try:
         companion = optuna.load_study(study_name=confirm_name(name), storage=storage_for(url, create=False))
@@ -110,7 +108,7 @@ def write_report(name: str, url: str, fmt: str = "html", out: str | None = None)
     written, figures = [], {}
     lines = [n for n in data["notes"] if n.startswith(FEW_TRIALS)]
     if fmt in ("html", "md") and data["counts"]["COMPLETE"] >= 2:
-        from .report_plots import plots, write_png
+        from .plots import plots, write_png
 
         for plot in plots(study, trials, data, effective):
             try:
@@ -126,7 +124,7 @@ def write_report(name: str, url: str, fmt: str = "html", out: str | None = None)
     if fmt == "json":
         path.write_text(json.dumps(data, indent=2, default=str))
     else:
-        from .report_render import render_html, render_md
+        from .render import render_html, render_md
 
         path.write_text(render_html(data, figures) if fmt == "html" else render_md(data))
     written.insert(0, path)
@@ -142,7 +140,7 @@ def log_to_mlflow(study: optuna.Study, config, paths: list[Path]) -> str | None:
     enables tracking and that run exists. Returns a line saying what happened (None when tracking is off)."""
     if not config.tracking.enabled:
         return None
-    from .mlflow_tracking import tracking_uri  # imports mlflow: only when tracking is on
+    from ..tracking import tracking_uri
 
     run_id = study.user_attrs.get("mlflow_parent_run_id")
     if not run_id:
@@ -163,7 +161,7 @@ def log_to_mlflow(study: optuna.Study, config, paths: list[Path]) -> str | None:
         for p in paths:
             client.log_artifact(run_id, str(p), "report")
     except Exception as exc:  # noqa: BLE001 - the report is written either way; say why logging failed
-        return f"MLflow logging failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return f"MLflow logging failed: {type(exc).__name__}: {first_line(exc, 200)}"
     return f"logged {len(paths)} files to MLflow run {run_id} (artifacts report/)"
 
 
@@ -182,7 +180,7 @@ def winners(study: optuna.Study, trials, objective: list[str]) -> dict:
         best = _best_single(complete, study.directions[0])
         out["winner"] = trial_summary(best, objective) if best else None
         out["winner_rule"] = f"the best {objective[0]}"
-    out["baselines"] = [trial_summary(t, objective) for t in trials if t.user_attrs.get("baseline")]
+    out["baselines"] = [trial_summary(t, objective) for t in trials if TrialRecord(t).baseline]
     done = [b for b in out["baselines"] if b["state"] == "COMPLETE" and b["target_val_acc"] is not None]
     out["best_baseline"] = max(done, key=lambda r: r["target_val_acc"], default=None)
     return out
@@ -207,22 +205,3 @@ def compare_studies(names, url: str) -> dict:
     return {"groups": groups, "studies": rows,
             "winner_rule": "single objective: the best trial; several: the Pareto-front trial with the best "
                            "target val acc"}
-
-
-def format_compare(data: dict) -> str:
-    """A text table: study, task, the winner's action per group, winner and best baseline target val acc."""
-    def acc(v):
-        return f"{v:.4f}" if isinstance(v, float) else "-"
-
-    head = ["study", "task", *data["groups"], "winner", "baseline", "best baseline", "trials"]
-    rows = [head]
-    for r in data["studies"]:
-        rows.append([r["study"], r["task"], *[r["layers"].get(g, "-") for g in data["groups"]],
-                     acc(r["winner_target_val_acc"]), acc(r["best_baseline_target_val_acc"]),
-                     r["best_baseline"] or "-", str(r["complete"])])
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("winner / baseline: target val acc of the winner (" + data["winner_rule"] + ") and of the best "
-                 "completed baseline")
-    return "\n".join(lines)

@@ -25,21 +25,18 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from models.errors import UserError, first_line
+from objectives.settings import TrialChoices
 from objectives.version import code_version
 
-from .background import BackgroundWriter
-from .config import Config
-from .storage import mask_url
+from .writer import BackgroundWriter
+from ..config import Config
+from ..record import TrialRecord
+from ..storage import mask_url
+from . import tracking_uri
 
 # Optuna state -> MLflow run status.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
-DEFAULT_URI = "sqlite:///mlflow.db"
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
-
-
-def tracking_uri(config: Config) -> str:
-    """`tracking.mlflow_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (MLflow's own default)."""
-    return config.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
@@ -55,11 +52,8 @@ def flatten(data: dict, prefix: str = "") -> dict:
 
 
 def trial_params(choices, seed: int, number: int) -> dict:
-    """The run's params: one `layer.<group>` per layer group, every other choice by name, trial number, seed."""
-    params = {f"layer.{g}": a for g, a in choices.layers.items()}
-    params.update({k: v for k, v in vars(choices).items() if k != "layers"})
-    params.update(trial_number=number, seed=seed)
-    return params
+    """The run's params: every choice under its one name (`layers.<group>`, `alpha`, ...), trial number, seed."""
+    return {**choices.flat(), "trial_number": number, "seed": seed}
 
 
 def _check_server(uri: str, timeout: float = 10.0) -> None:
@@ -151,11 +145,12 @@ class MlflowTracker:
         tags = {"mlflow.parentRunId": self.parent_id, "optuna.study": self.study.study_name,
                 "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING",
                 "distillstudy.code_version": code_version(), "distillstudy.role": "trial"}
-        if trial.user_attrs.get("baseline"):
-            tags["distillstudy.baseline"] = trial.user_attrs["baseline"]
-        if trial.user_attrs.get("confirm_role"):  # a confirmation run: which configuration, of which trial
-            tags["distillstudy.confirm"] = trial.user_attrs["confirm_role"]
-            tags["distillstudy.confirm_of_trial"] = str(trial.user_attrs["confirm_of_trial"])
+        rec = TrialRecord(trial)
+        if rec.baseline:
+            tags["distillstudy.baseline"] = rec.baseline
+        if rec.confirm_role:  # a confirmation run: which configuration, of which trial
+            tags["distillstudy.confirm"] = rec.confirm_role
+            tags["distillstudy.confirm_of_trial"] = str(rec.confirm_of_trial)
         try:
             run = self.client.create_run(self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
         except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail the trial: it runs untracked
@@ -164,7 +159,7 @@ class MlflowTracker:
                   file=sys.stderr, flush=True)
             return None
         self.writer.submit(self._log_params, run.info.run_id,
-                           trial_params(choices, trial.user_attrs.get("seed", self.config.pipeline.seed), trial.number))
+                           trial_params(choices, rec.seed, trial.number))
         return run.info.run_id
 
     def log_epoch(self, run_id, stage: str, step: int, metrics: dict) -> None:
@@ -211,14 +206,15 @@ class MlflowTracker:
             self._log_state_dict(rid, state, "model")
         self.client.set_terminated(rid, "FINISHED")
 
-    def end_trial(self, run_id, trial, state: str, result=None, reason: str | None = None) -> None:
+    def end_trial(self, run_id, trial, state: str, result=None, reason: str | None = None,
+                  value: float | None = None) -> None:
         """Final metrics, artifacts, tags, and the run status mapped from the Optuna state (queued to the writer;
         only "is this the best trial so far" is decided now, before Optuna records this trial)."""
         if not run_id:
             return
         tracking = self.config.tracking
         wants_best = tracking.log_weights == "best" or (tracking.log_weights == "all" and tracking.register_best)
-        improved = result is not None and wants_best and self._is_best(trial, result)
+        improved = result is not None and wants_best and self._is_best(value)
         meta, weights = None, None
         if result is not None:
             # Queue only host-side data: the result's models (teacher, every stage) stay on the device and would
@@ -274,27 +270,25 @@ class MlflowTracker:
         layer_map = {**meta, "best_stage": result.best_stage, "groups": result.layer_map}
         self.client.log_text(run_id, json.dumps(layer_map, indent=2), "layer_map.json")
         trial_config = self.config.to_dict()
-        trial_config["search"] = {**{k.split(".", 1)[1]: v for k, v in result.params.items()
-                                     if not k.startswith("search.layers.")},
-                                  "layers": {k.split(".", 2)[2]: v for k, v in result.params.items()
-                                             if k.startswith("search.layers.")}}
+        # The trial's choices as a config a user can rerun with `trial run --config` (every choice pinned).
+        choices = TrialChoices.from_flat(result.params)
+        trial_config["search"] = {**{k: v for k, v in vars(choices).items() if k != "layers"},
+                                  "layers": dict(choices.layers)}
         self.client.log_text(run_id, yaml.safe_dump(trial_config, sort_keys=False), "config.yaml")
         if weights is not None:
             self._log_state_dict(run_id, weights, "model")
             if improved and self.config.tracking.register_best:
                 self._register(run_id)
 
-    def _is_best(self, trial, result) -> bool:
-        if len(self.config.study.objective) > 1:
+    def _is_best(self, value: float | None) -> bool:
+        """Whether the trial's objective `value` (the objective tells it; one objective only) beats the study's."""
+        if len(self.config.study.objective) > 1 or value is None:
             return False
         direction = self.study.directions[0].name.lower()
         try:
             best = self.study.best_value  # this trial is not told yet, so this is the best of the others
         except ValueError:
             return True
-        from .objective import objective_value
-
-        value = objective_value(result, self.config.study.objective[0])
         return value > best if direction == "maximize" else value < best
 
     def _log_state_dict(self, run_id: str, state: dict, artifact_dir: str) -> None:

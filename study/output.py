@@ -1,0 +1,158 @@
+"""Everything the CLI prints about trials and studies, formatted in one place (the commands only gather the data).
+
+`study report` renders its own HTML/Markdown (study.report.render); this module is the terminal's text.
+"""
+
+from __future__ import annotations
+
+import optuna
+
+from objectives.pipeline import TrialResult
+
+from .record import TrialRecord
+
+_SHORT = {"finetune": "ft", "freeze": "fr", "replace": "rp"}
+
+
+def format_trial_line(trial: optuna.trial.FrozenTrial) -> str:
+    """`trial   7 COMPLETE 0.8613 stem=ft block1=fr ... alpha=0.42 T=3.1 lr=0.0021  3.2s`."""
+    r = TrialRecord(trial)
+    value = "/".join(f"{v:.4f}" for v in trial.values) if trial.values else "-"
+    if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
+        last = max(trial.intermediate_values)
+        value = f"{trial.intermediate_values[last]:.4f}@{last}"
+    choices = r.choices
+    layers = " ".join(f"{g}={_SHORT.get(a, a)}" for g, a in r.layers.items())
+    shown = ["alpha", "temperature", "lr"] if choices.get("alpha") else ["alpha", "lr"]  # T matters only with KD
+    extra = " ".join(f"{'T' if k == 'temperature' else k}={choices[k]:.3g}" for k in shown if k in choices)
+    if choices.get("recipe", "distill") != "distill" and not r.baseline:
+        extra = f"recipe={choices['recipe']} {extra}"
+    tag = f" [{r.baseline}]" if r.baseline else ""
+    why = f"  ({r.failure})" if r.failure else ""
+    seconds = f"{r.get('seconds'):.1f}s" if r.get("seconds") is not None else ""
+    return f"trial {trial.number:>3} {trial.state.name:<8} {value:<10} {layers} {extra} {seconds}{tag}{why}"
+
+
+def format_stage_lines(trial: optuna.trial.FrozenTrial) -> list[str]:
+    """`--verbose`: each stage's source and target validation accuracy and epochs."""
+    return [f"        {stage:<10} source val {acc['source_val_acc']:.3f}  target val {acc['target_val_acc']:.3f}  "
+            f"epochs {acc['epochs']}" for stage, acc in TrialRecord(trial).stages.items()]
+
+
+def format_list(rows: list[dict]) -> str:
+    if not rows:
+        return "no studies"
+    out = [f"{'study':<24}{'complete':>9}{'pruned':>8}{'fail':>6}{'running':>9}{'waiting':>9}  best"]
+    for r in rows:
+        out.append(f"{r['name']:<24}{r['COMPLETE']:>9}{r['PRUNED']:>8}{r['FAIL']:>6}{r['RUNNING']:>9}"
+                   f"{r['WAITING']:>9}  {r['best']}")
+    return "\n".join(out)
+
+
+def format_status(data: dict) -> str:
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in data["counts"].items() if n) or "no trials"
+    lines = [f"study '{data['name']}': {counts}", f"best so far: {data['best']}"]
+    for r in data["running"]:
+        lines.append(f"  running trial {r['number']} for {r['age_s']} s")
+    return "\n".join(lines)
+
+
+def format_best(data: dict) -> str:
+    """The winner's layer actions and hyperparameters with its accuracies, the baselines beside it."""
+    def describe(row: dict, label: str) -> list[str]:
+        layers = ", ".join(f"{k.split('.', 2)[2]}={v}" for k, v in row.items() if k.startswith("choice.layers."))
+        hyper = ", ".join(f"{k.split('.', 1)[1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
+                          for k, v in row.items() if k.startswith("choice.") and not k.startswith("choice.layers."))
+        stage = row.get("best_stage", "")
+        acc = {k: row.get(f"{stage}.{k}") for k in ("source_val_acc", "target_val_acc", "target_test_acc")}
+        accs = "  ".join(f"{k} {v:.4f}" for k, v in acc.items() if v is not None)
+        return [f"{label} trial {row['number']} (delivers stage {stage}): {accs}",
+                f"    layers: {layers}", f"    {hyper}", f"    student params {row.get('student_params')}, "
+                f"epochs to threshold {row.get('epochs_to_threshold')}"]
+
+    lines = []
+    if "best" in data:
+        lines += describe(data["best"], "winner:  ")
+    else:
+        lines.append(f"Pareto front ({', '.join(data['objective'])}):")
+        for row in data["pareto_front"]:
+            lines += describe(row, f"  values {row['values']}")
+    for row in data["baselines"]:
+        lines += describe(row, f"baseline {row['baseline']}:")[:1]
+    return "\n".join(lines)
+
+
+def format_confirmation(summary: dict) -> str:
+    """The confirmation table (mean target test accuracy with its 95% interval over seeds) and the verdict."""
+    lines = [f"confirmation ({summary['study']}):",
+             f"  {'configuration':<16}{'trial':>6}{'seeds':>6}  {'target test (95% CI)':<28}{'target val':>10}"]
+    for c in summary["configs"]:
+        ci = c["target_test_ci"]
+        test = f"{c['target_test_mean']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+        lines.append(f"  {c['role']:<16}{c['trial']:>6}{len(c['seeds']):>6}  {test:<28}{c['target_val_mean']:>10.4f}")
+    verdict = summary["verdict"]
+    lines.append(f"verdict: {verdict['text']}" if verdict else "verdict: too few confirmation runs completed")
+    return "\n".join(lines)
+
+
+def format_trial(result: TrialResult) -> str:
+    """A per-stage table of source and target accuracy (the delivered stage starred, the teacher for reference),
+    then the trial's value and choices."""
+    lines = [f"{'stage':<12}{'steps':>8}{'epochs':>7}{'seconds':>9}{'src val':>9}{'src test':>9}{'tgt val':>9}"
+             f"{'tgt test':>9}  taught by"]
+    for name, s in result.stages.items():
+        mark = " *" if name == result.best_stage else ""
+        steps = "0" if name == "teacher" else f"{s.first_step}-{s.first_step + s.epochs - 1}"
+        teacher = "(reference)" if name == "teacher" else (s.kd_teacher or "-")
+        lines.append(f"{name:<12}{steps:>8}{s.epochs:>7}{s.seconds:>9.2f}{s.source_val_acc:>9.3f}"
+                     f"{s.source_test_acc:>9.3f}{s.target_val_acc:>9.3f}{s.target_test_acc:>9.3f}  {teacher}{mark}")
+    lines.append(f"value: target val acc of the delivered model, stage '{result.best_stage}' "
+                 f"(select: {result.select}; recipe {result.recipe}): {result.value:.4f}")
+    lines.append("layers: " + ", ".join(f"{g}={m['action']}" for g, m in result.layer_map.items()))
+    lines.append(f"student params: {result.student_params:,} (teacher {result.teacher_params:,}); "
+                 f"teacher cache: {result.teacher.cache}; epochs trained: {result.total_epochs} of {result.budget}; "
+                 f"epochs to threshold: {result.epochs_to_threshold}; "
+                 f"{result.seconds:.1f} s on {result.device}")
+    return "\n".join(lines)
+
+
+def format_compare(data: dict) -> str:
+    """A text table: study, task, the winner's action per group, winner and best baseline target val acc."""
+    def acc(v):
+        return f"{v:.4f}" if isinstance(v, float) else "-"
+
+    head = ["study", "task", *data["groups"], "winner", "baseline", "best baseline", "trials"]
+    rows = [head]
+    for r in data["studies"]:
+        rows.append([r["study"], r["task"], *[r["layers"].get(g, "-") for g in data["groups"]],
+                     acc(r["winner_target_val_acc"]), acc(r["best_baseline_target_val_acc"]),
+                     r["best_baseline"] or "-", str(r["complete"])])
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("winner / baseline: target val acc of the winner (" + data["winner_rule"] + ") and of the best "
+                 "completed baseline")
+    return "\n".join(lines)
+
+
+def format_tasks(rows: list[dict]) -> str:
+    """`tasks list`: name, shift, image shape, split sizes (offline tasks) and description."""
+    lines = []
+    for r in rows:
+        shape = "x".join(map(str, r["image_shape"])) if "image_shape" in r else "-"
+        sizes = "/".join(str(r["sizes"][k]) for k in ("source_train", "target_labeled", "target_unlabeled",
+                                                         "target_val", "target_test")) if "sizes" in r else "(your data)"
+        lines.append(f"{r['name']:<15} {r['shift']:<8} {shape:<8} {sizes:<22} {r['description']}")
+    return "\n".join(lines)
+
+
+def format_models(rows: list[dict]) -> str:
+    """`models list`: architecture, parameters, layer groups in order."""
+    return "\n".join(f"{r['arch']:<20} {r['params']:>11,}  " + " -> ".join(g["name"] for g in r["groups"])
+                     for r in rows)
+
+
+def format_model_info(info: dict) -> str:
+    """`models show`: each layer group with its parameters, then the total."""
+    lines = [f"{g['name']:<12} {g['params']:>11,}" for g in info["groups"]]
+    return "\n".join([*lines, f"{'total':<12} {info['params']:>11,}"])
