@@ -7,33 +7,28 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .errors import UserError, unknown
+from .errors import UserError
 from .grouped import GroupedModel
+from .named import Registry
 from .seeding import GLOBAL_RNG
 
-_MODELS: dict[str, Callable[..., GroupedModel]] = {}
+_MODELS: Registry[Callable[..., GroupedModel]] = Registry(
+    "architecture", loaders=(lambda: _load_builtins(torchvision=False), lambda: _load_builtins(torchvision=True)))
 
 
 def register_model(builder: Callable[..., GroupedModel]) -> Callable[..., GroupedModel]:
     """Register `builder` under its function name."""
-    _MODELS[builder.__name__] = builder
-    return builder
+    return _MODELS.add(builder.__name__, builder)
 
 
 def list_models() -> list[str]:
     """Names of all registered architectures."""
-    _load_builtins(torchvision=True)
-    return sorted(_MODELS)
+    return sorted(_MODELS.names())
 
 
 def get_builder(name: str) -> Callable[..., GroupedModel]:
     """The builder registered as `name`, or a UserError naming the valid architectures."""
-    _load_builtins(torchvision=False)
-    if name not in _MODELS:
-        _load_builtins(torchvision=True)
-    if name not in _MODELS:
-        raise unknown("architecture", name, _MODELS)
-    return _MODELS[name]
+    return _MODELS.get(name)
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 1, width: float = 1.0,

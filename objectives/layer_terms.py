@@ -22,7 +22,7 @@ from torch import nn
 
 from models import GroupedModel, derive_seed, group_output_shapes, seeded_init
 
-from .registry import Registry
+from models.named import Registry
 
 
 @dataclass
@@ -72,19 +72,9 @@ def register_layer_term(name: str) -> Callable[[LayerTermBuilder], LayerTermBuil
     return lambda builder: _TERMS.add(name, builder)
 
 
-def get_layer_term(name: str) -> LayerTermBuilder:
-    """The builder registered as `name`, or a UserError naming the registered ones."""
-    return _TERMS.get(name)
-
-
-def list_layer_terms() -> list[str]:
-    """Registered layer term names, in registration order."""
-    return _TERMS.names()
-
-
-def unregister_layer_term(name: str) -> None:
-    """Remove `name` from the registry (for tests that register their own term)."""
-    _TERMS.remove(name)
+# The builder registered as a name (else a UserError naming the registered ones); the names in registration order;
+# removing one (for tests that register their own term).
+get_layer_term, list_layer_terms, unregister_layer_term = _TERMS.get, _TERMS.names, _TERMS.remove
 
 
 # ---- feature: FitNets-style feature matching --------------------------------------------------------------------

@@ -30,10 +30,3 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     if kd is None:
         return label_term
     return alpha * kd + (1 - alpha) * label_term
-
-
-def params_l2(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> torch.Tensor:
-    """L2-SP (Li, Grandvalet & Davoine, 2018): squared L2 distance of trainable weights to their starting values
-    (only parameters present in `start`, i.e. those inherited from the teacher)."""
-    terms = [((p - start[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad and n in start]
-    return torch.stack(terms).sum() if terms else torch.zeros((), device=next(model.parameters()).device)

@@ -20,18 +20,18 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from models import GroupedModel, create_model, derive_seed, seeded_init
-from models.grouped import group_output_shapes
+from models import GroupedModel, create_model, derive_seed
 
 from .checkpoints import StageCheckpoints
 from .device import place, resolve_device
+from .layer_terms import LayerTermContext, get_layer_term
+from .replacements import get_replacement
 from .settings import ModelSettings, PipelineSettings, TrialChoices
 from .stages import Stage, check_stage_data, plan_stages, stage_sources
 from .student import build_student, frozen_groups, trainable_parameters
 from .tasks import FolderImages, LabeledImages, TaskData, TaskOptions, load_task
 from .teacher import TeacherInfo, get_teacher
-from .train import (EpochFn, LoopContext, ReportFn, StageRun, StageSpec, accuracy, feature_term, l2sp_anchors,
-                    l2sp_term, make_adapters, train_stage)
+from .train import EpochFn, LoopContext, ReportFn, StageRun, StageSpec, accuracy, train_stage
 
 
 @dataclass
@@ -109,7 +109,9 @@ def get_task(options: TaskOptions, seed: int, device: torch.device) -> TaskData:
 
 def preflight(task: TaskData, model: ModelSettings, pipeline: PipelineSettings, choices: TrialChoices) -> list[Stage]:
     """Reject impossible choices before any training: unknown groups/actions, shapes that do not fit, a stage
-    with nothing to train on. Returns the recipe's stages."""
+    with nothing to train on, an unregistered layer term or replacement strategy. Returns the recipe's stages."""
+    get_layer_term(pipeline.layer_term)
+    get_replacement(pipeline.replace_with)
     stages = plan_stages(pipeline, choices)
     check_stage_data(stages, task, pipeline, choices)
     teacher = create_model(model.arch, task.num_classes, task.image_shape[0], width=model.width)
@@ -120,7 +122,7 @@ def preflight(task: TaskData, model: ModelSettings, pipeline: PipelineSettings, 
 
 
 def _needs_donor(pipeline: PipelineSettings, choices: TrialChoices) -> bool:
-    return pipeline.replace_with == "donor" and "replace" in choices.layers.values()
+    return "replace" in choices.layers.values() and get_replacement(pipeline.replace_with).needs_donor
 
 
 def _fresh_donor(task: TaskData, model: ModelSettings) -> GroupedModel:
@@ -168,7 +170,6 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
         return place(student, device), layer_map
 
     layer_map = fresh_student(0)[1]
-    anchors = l2sp_anchors(teacher, layer_map) if pipeline.layer_term == "params" and choices.beta > 0 else {}
     models: dict[str, GroupedModel] = {}
     runs: dict[str, StageRun] = {}
     val: dict[str, float] = {}
@@ -195,7 +196,7 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
                              compile=pipeline.compile)
             runs[stage.name] = train_stage(student, spec, ctx)
         else:
-            runs[stage.name] = _distill(stage, student, kd_model, layer_map, sources, anchors, task, pipeline,
+            runs[stage.name] = _distill(stage, student, kd_model, teacher, layer_map, sources, task, pipeline,
                                         choices, ctx, seed)
         runs[stage.name].kd_teacher = kd_name
         runs[stage.name].sources = {s.name: s.weight for s in sources}
@@ -255,33 +256,29 @@ def _kd_teacher(stage: Stage, previous: str | None, teacher: GroupedModel, teach
     return "teacher", teacher
 
 
-def _distill(stage: Stage, student: GroupedModel, teacher: GroupedModel, layer_map: dict, sources: list,
-             anchors: dict, task: TaskData, pipeline: PipelineSettings, choices: TrialChoices,
+def _distill(stage: Stage, student: GroupedModel, teacher: GroupedModel, source_teacher: GroupedModel,
+             layer_map: dict, sources: list, task: TaskData, pipeline: PipelineSettings, choices: TrialChoices,
              ctx: LoopContext, seed: int) -> StageRun:
-    """Distill `teacher` (a frozen copy) into the student's trainable groups."""
+    """Distill `teacher` (a frozen copy) into the student's trainable groups. With beta > 0, the registered layer
+    term `pipeline.layer_term` is built for this stage (its extra parameters trained too) and closed after it."""
     teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
     params = trainable_parameters(student, layer_map)
-    trained = [g for g, m in layer_map.items() if m["action"] != "freeze"]
-    term, cleanup = None, None
-    if choices.beta > 0 and pipeline.layer_term == "feature":
-        with seeded_init(derive_seed(seed, "adapters", stage.name)):
-            adapters = make_adapters(group_output_shapes(student, task.image_shape),
-                                     group_output_shapes(teacher, task.image_shape), trained)
-        adapters = adapters.to(ctx.device)
-        term, cleanup = feature_term(student, teacher, trained, adapters)
-        params += list(adapters.parameters())
-    elif choices.beta > 0:
-        term = l2sp_term(student, anchors)
+    term = None
+    if choices.beta > 0:  # beta 0 builds no term: no hooks, no adapters, no extra work per step
+        term = get_layer_term(pipeline.layer_term)(LayerTermContext(
+            student=student, teacher=teacher, source_teacher=source_teacher, layer_map=layer_map,
+            image_shape=task.image_shape, device=ctx.device, seed=seed, stage=stage.name))
+        params += term.params
     spec = StageSpec(name=stage.name, epochs=stage.epochs, sources=sources, params=params, lr=choices.lr,
                      frozen=frozen_groups(layer_map), teacher=teacher, alpha=choices.alpha,
-                     temperature=choices.temperature, beta=choices.beta, layer_term=term,
-                     threshold=choices.threshold, augment=choices.augment, weight_decay=pipeline.weight_decay,
-                     compile=pipeline.compile)
+                     temperature=choices.temperature, beta=choices.beta,
+                     layer_term=term.term if term is not None else None, threshold=choices.threshold,
+                     augment=choices.augment, weight_decay=pipeline.weight_decay, compile=pipeline.compile)
     try:
         return train_stage(student, spec, ctx)
     finally:
-        if cleanup:
-            cleanup()
+        if term is not None:
+            term.close()
 
 
 def _checkpoint_state(models: dict, runs: dict, val: dict) -> dict:

@@ -23,7 +23,7 @@ from torch import nn
 
 from models import GroupedModel, InvalidChoice
 
-from .registry import Registry
+from models.named import Registry
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,16 @@ class Replacement:
 
     build: Callable[[GroupToReplace], tuple[nn.Module, float, str]]
     needs_donor: bool = False
+    uses_slim_width: bool = False  # the study samples `search.slim_width` only for strategies that read it
 
 
 _STRATEGIES: Registry[Replacement] = Registry("replacement strategy")
 
 
-def register_replacement(name: str, needs_donor: bool = False):
+def register_replacement(name: str, needs_donor: bool = False, uses_slim_width: bool = False):
     """Decorator: register a strategy `(GroupToReplace) -> (module, width, label)` as `pipeline.replace_with:
-    <name>`; with `needs_donor`, the trial provides a source-trained donor model as `ctx.donor`.
+    <name>`; with `needs_donor`, the trial provides a source-trained donor model as `ctx.donor`; with
+    `uses_slim_width`, a study samples `search.slim_width` (`ctx.slim_width`) when some group is replaced.
 
     Example:
         >>> @register_replacement("zeros")
@@ -63,25 +65,15 @@ def register_replacement(name: str, needs_donor: bool = False):
         >>> unregister_replacement("zeros")
     """
     def add(build):
-        _STRATEGIES.add(name, Replacement(build, needs_donor))
+        _STRATEGIES.add(name, Replacement(build, needs_donor, uses_slim_width))
         return build
 
     return add
 
 
-def get_replacement(name: str) -> Replacement:
-    """The strategy registered as `name`, or a UserError naming the registered ones."""
-    return _STRATEGIES.get(name)
-
-
-def list_replacements() -> list[str]:
-    """Registered strategy names, in registration order."""
-    return _STRATEGIES.names()
-
-
-def unregister_replacement(name: str) -> None:
-    """Remove `name` from the registry (for tests that register their own strategy)."""
-    _STRATEGIES.remove(name)
+# The strategy registered as a name (else a UserError naming the registered ones); the names in registration
+# order; removing one (for tests that register their own strategy).
+get_replacement, list_replacements, unregister_replacement = _STRATEGIES.get, _STRATEGIES.names, _STRATEGIES.remove
 
 
 @register_replacement("reinit")
@@ -91,7 +83,7 @@ def reinit(ctx: GroupToReplace) -> tuple[nn.Module, float, str]:
     return ctx.teacher.new_group(ctx.group, width), width, "reinit"
 
 
-@register_replacement("slim")
+@register_replacement("slim", uses_slim_width=True)
 def slim(ctx: GroupToReplace) -> tuple[nn.Module, float, str]:
     """A freshly initialised group `slim_width` x as wide inside (same interface): a smaller student."""
     width = ctx.teacher.group_widths[ctx.group] * ctx.slim_width

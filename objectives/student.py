@@ -6,10 +6,10 @@ import copy
 
 import torch
 
-from models import (GroupedModel, InvalidChoice, create_model, derive_seed, group_output_shapes,
-                    seeded_init)
+from models import GroupedModel, InvalidChoice, create_model, derive_seed, group_output_shapes, seeded_init
 from models.errors import did_you_mean
 
+from .replacements import GroupToReplace, get_replacement
 from .settings import ACTIONS
 
 
@@ -27,23 +27,6 @@ def check_layer_actions(group_names: list[str], layers: dict[str, str]) -> None:
         raise InvalidChoice(f"no action for layer group(s) {', '.join(missing)}")
     if all(layers[g] == "freeze" for g in group_names):
         raise InvalidChoice("every layer group is 'freeze': nothing would train")
-
-
-def replacement(teacher: GroupedModel, group: str, replace_with: str, slim_width: float,
-                donor: GroupedModel | None) -> tuple[torch.nn.Module, float, str]:
-    """The new module for a replaced group: (module, width factor, where its weights come from)."""
-    if replace_with == "reinit":
-        width = teacher.group_widths[group]
-        return teacher.new_group(group, width), width, "reinit"
-    if replace_with == "slim":
-        width = teacher.group_widths[group] * slim_width
-        return teacher.new_group(group, width), width, f"slim x{slim_width:g}"
-    if donor is None:
-        raise InvalidChoice("replace_with: donor needs a donor model (model.donor_arch)")
-    if group not in donor.groups:
-        raise InvalidChoice(f"replace_with: donor {donor.arch} has no layer group '{group}' to replace it with; "
-                            f"its groups: {', '.join(donor.group_names)}")
-    return copy.deepcopy(donor.groups[group]), donor.group_widths[group], f"donor {donor.arch} x{donor.group_widths[group]:g}"
 
 
 def check_shapes(student: GroupedModel, teacher: GroupedModel, input_shape: tuple[int, ...]) -> None:
@@ -64,8 +47,9 @@ def build_student(teacher: GroupedModel, layers: dict[str, str], replace_with: s
                   donor: GroupedModel | None, input_shape: tuple[int, ...],
                   init_seed: int) -> tuple[GroupedModel, dict]:
     """Copy the teacher and apply the actions. Returns the student and its layer map
-    (group -> {action, weights, width}); frozen groups have requires_grad off. Each replaced group is initialised
-    from `init_seed` and its own name alone (thread-safe; replacing another group does not change its weights)."""
+    (group -> {action, weights, width}); frozen groups have requires_grad off. A replaced group's module comes from
+    the registered strategy `replace_with` (`objectives.replacements`), initialised from `init_seed` and the
+    group's own name alone (thread-safe; replacing another group does not change its weights)."""
     check_layer_actions(teacher.group_names, layers)
     student = copy.deepcopy(teacher)
     layer_map = {}
@@ -74,7 +58,8 @@ def build_student(teacher: GroupedModel, layers: dict[str, str], replace_with: s
         weights, width = "teacher", student.group_widths[group]
         if action == "replace":
             with seeded_init(derive_seed(init_seed, group)):
-                module, width, weights = replacement(teacher, group, replace_with, slim_width, donor)
+                module, width, weights = get_replacement(replace_with).build(
+                    GroupToReplace(teacher=teacher, group=group, slim_width=slim_width, donor=donor))
             student.replace_group(group, module.to(next(teacher.parameters()).device), width)
         for p in student.groups[group].parameters():
             p.requires_grad_(action != "freeze")

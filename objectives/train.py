@@ -22,7 +22,7 @@ from torch import nn
 from models.seeding import dropout_generator
 
 from .augment import augment_batch
-from .losses import distill_loss, params_l2
+from .losses import distill_loss
 from .settings import AugmentSettings
 from .tasks import FolderImages, Images, LabeledImages
 from .tasks.folder import ShuffledBatches
@@ -62,7 +62,7 @@ class StageSpec:
     alpha: float = 0.0
     temperature: float = 1.0
     beta: float = 0.0
-    layer_term: Callable[[], torch.Tensor] | None = None  # beta's term, computed after the forward pass
+    layer_term: Callable[[], torch.Tensor] | None = None  # beta's term (`objectives.layer_terms`), after forward
     threshold: float | None = None  # stop once target validation accuracy reaches this
     augment: bool = False
     weight_decay: float = 0.0
@@ -258,63 +258,3 @@ def _train_step(model, spec: StageSpec, ctx: LoopContext, sources, streams, opti
     loss.backward()
     optimizer.step()
     return torch.stack([loss.detach(), main.detach(), layer.detach()])
-
-
-def feature_term(student: nn.Module, teacher: nn.Module, groups: list[str],
-                 adapters: nn.ModuleDict) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
-    """Feature distillation (FitNets-style, Romero et al., 2015): MSE between the student's and the teacher's
-    outputs of `groups`, captured by forward hooks so no model code changes. Where shapes differ, a learned 1x1
-    adapter (in `adapters`) maps the student's channels to the teacher's. Returns (term, remove_hooks)."""
-    captured: dict[str, dict[str, torch.Tensor]] = {"s": {}, "t": {}}
-    handles = []
-    for g in groups:
-        handles.append(student.groups[g].register_forward_hook(_capture(captured["s"], g)))
-        handles.append(teacher.groups[g].register_forward_hook(_capture(captured["t"], g)))
-
-    def term() -> torch.Tensor:
-        total = 0.0
-        for g in groups:
-            s, t = captured["s"][g].float(), captured["t"][g].float().detach()
-            if g in adapters:
-                s = adapters[g](s)
-            if s.dim() == 4 and s.shape[-2:] != t.shape[-2:]:
-                s = F.adaptive_avg_pool2d(s, t.shape[-2:])
-            total = total + F.mse_loss(s, t)
-        return total / max(1, len(groups))
-
-    def remove() -> None:
-        for h in handles:
-            h.remove()
-
-    return term, remove
-
-
-def make_adapters(student_shapes: dict, teacher_shapes: dict, groups: list[str]) -> nn.ModuleDict:
-    """1x1 conv (or linear) adapters for groups whose student and teacher channel counts differ."""
-    adapters = nn.ModuleDict()
-    for g in groups:
-        s, t = student_shapes[g], teacher_shapes[g]
-        if s[0] != t[0]:
-            adapters[g] = nn.Conv2d(s[0], t[0], 1) if len(s) == 3 else nn.Linear(s[0], t[0])
-    return adapters
-
-
-def _capture(store: dict, name: str):
-    def hook(_module, _inputs, output):
-        store[name] = output
-
-    return hook
-
-
-def l2sp_term(model: nn.Module, anchors: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """The `params` layer term: squared L2 distance of the trainable inherited weights to `anchors` (the teacher's
-    source-trained values, see `l2sp_anchors`)."""
-    return lambda: params_l2(model, anchors)
-
-
-def l2sp_anchors(teacher: nn.Module, layer_map: dict) -> dict[str, torch.Tensor]:
-    """L2-SP's starting point (Li, Grandvalet & Davoine, 2018): the teacher's source-trained weights of the groups
-    the student inherits and trains (action finetune), under the student's parameter names. Replaced groups have
-    no source weights to stay near; frozen ones cannot move."""
-    inherited = tuple(f"groups.{g}." for g, m in layer_map.items() if m["action"] == "finetune")
-    return {n: p.detach().clone() for n, p in teacher.named_parameters() if n.startswith(inherited)}

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from models import create_model
 from models.errors import UserError, did_you_mean
+from objectives.replacements import get_replacement
 from objectives.settings import ACTIONS, RECIPES, TrialChoices
 
 
@@ -251,7 +252,8 @@ def resolve_choices(space: SearchSpace, replace_with: str, pick: Callable[[str],
     lr = pick("lr")
     source_weight = pick("source_weight")
     generations = conditional("generations", distills)
-    slim_width = conditional("slim_width", replace_with == "slim" and "replace" in layers.values())
+    uses_slim = bool(replace_with) and get_replacement(replace_with).uses_slim_width
+    slim_width = conditional("slim_width", uses_slim and "replace" in layers.values())
     augment = pick("augment")
     return TrialChoices(layers=layers, recipe=recipe, temperature=temperature, alpha=alpha, beta=beta,
                         threshold=threshold, lr=lr, source_weight=source_weight, generations=generations,

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import create_model
-from objectives.losses import distill_loss, kd_loss, params_l2
-from objectives.train import feature_term, make_adapters
+from objectives.layer_terms import feature_term, make_adapters, params_l2
+from objectives.losses import distill_loss, kd_loss
 
 STUDENT = [[1.0, 2.0, 0.5], [-0.5, 0.0, 3.0]]
 TEACHER = [[0.3, -1.0, 2.0], [2.0, 1.0, -1.0]]

@@ -319,11 +319,12 @@ def test_non_finite_loss_raises_training_diverged(tiny_pipeline, tiny_task, monk
         x[:, :, 0, 0] = float("inf")
         return source, DomainPool(LabeledImages(x, target.train.y)), names
 
-    task_base.list_tasks()  # load the built-in tasks first, then add ours for this test only
-    monkeypatch.setitem(task_base._TASKS, "digits-broken",
-                        task_base.TaskInfo("digits-broken", "input", "target pixels are +inf", broken, offline=False))
-    with pytest.raises(TrainingDiverged, match=r"loss became nan in stage 'finetune' at step 1"):
-        run_trial(tiny_task("digits-broken"), ModelSettings(), tiny_pipeline, choices())
+    task_base.register_task("digits-broken", "input", "target pixels are +inf")(broken)  # for this test only
+    try:
+        with pytest.raises(TrainingDiverged, match=r"loss became nan in stage 'finetune' at step 1"):
+            run_trial(tiny_task("digits-broken"), ModelSettings(), tiny_pipeline, choices())
+    finally:
+        task_base.unregister_task("digits-broken")
 
 
 # ---- impossible choices fail before any training ------------------------------------------------------------------

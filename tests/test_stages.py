@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from models import InvalidChoice
+from objectives.layer_terms import l2sp_anchors
 from objectives.pipeline import get_task, run_trial, select_stage
 from objectives.settings import ModelSettings, PipelineSettings, TrialChoices
 from objectives.stages import Stage, epoch_budget, plan_stages, stage_sources
-from objectives.train import l2sp_anchors
 
 GROUPS = ["stem", "block1", "block2", "head"]
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
-from models.errors import UserError, unknown
+from models.errors import UserError
+from models.named import Registry
 
 if TYPE_CHECKING:
     from .folder import FolderImages
@@ -125,33 +126,33 @@ class TaskData:
                                                    "target_unlabeled", "target_val", "target_test")}
 
 
-_TASKS: dict[str, TaskInfo] = {}
+_TASKS: Registry[TaskInfo] = Registry(
+    "task", loaders=(lambda: _load_builtins(torchvision=False), lambda: _load_builtins(torchvision=True)))
 
 
 def register_task(name: str, shift: str, description: str, allow_flip: bool = False, offline: bool = False):
     """Decorator registering `builder(options) -> (source_pool, target_pool, class_names)` as task `name`."""
 
     def wrap(builder):
-        _TASKS[name] = TaskInfo(name, shift, description, builder, allow_flip, offline)
+        _TASKS.add(name, TaskInfo(name, shift, description, builder, allow_flip, offline))
         return builder
 
     return wrap
 
 
+def unregister_task(name: str) -> None:
+    """Remove task `name` (tests that register their own task clean up with this)."""
+    _TASKS.remove(name)
+
+
 def get_task_info(name: str) -> TaskInfo:
     """The registry entry of task `name`, or a UserError naming the valid tasks."""
-    _load_builtins(torchvision=False)
-    if name not in _TASKS:
-        _load_builtins(torchvision=True)
-    if name not in _TASKS:
-        raise unknown("task", name, _TASKS)
-    return _TASKS[name]
+    return _TASKS.get(name)
 
 
 def list_tasks() -> list[TaskInfo]:
     """All registered tasks, sorted by name."""
-    _load_builtins(torchvision=True)
-    return [_TASKS[k] for k in sorted(_TASKS)]
+    return [_TASKS.get(k) for k in sorted(_TASKS.names())]
 
 
 def _load_builtins(torchvision: bool) -> None:
