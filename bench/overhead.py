@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 import common
 
+# The goal for a trial through `study run` against the bare loop (issue: "at most 1.10x the bare loop per trial").
+TARGET = 1.10
+
 # The pinned trial: every group fine-tuned, KD with alpha 0.5 at T 4, threshold 1.0 so no stage stops early.
 CHOICES = dict(alpha=0.5, temperature=4.0, beta=0.0, threshold=1.0, lr="[0.003]", source_weight=0.5,
                generations=1, augment="false", slim_width=0.5)
@@ -216,7 +219,7 @@ def run(args) -> common.Section:
         f"| time inside `train_stage`, tracking off (C) | "
         f"{common.median([s['in_loop'] for s in r['notrack']]):.2f} | {f['notrack_in_loop_ratio']:.3f} | "
         f"{common.fmt(nt_loop, 3)} |", "",
-        f"Target: trial ratio <= 1.05: {common.verdict(f['trial_ratio'] <= 1.05)} ({f['trial_ratio']:.3f}); "
+        f"Target: trial ratio <= {TARGET}: {common.verdict(f['trial_ratio'] <= TARGET)} ({f['trial_ratio']:.3f}); "
         f"the whole worker call: {f['worker_call_ratio']:.3f}.",
     ]
     if epochs != expected:
@@ -246,11 +249,11 @@ def explain(f: dict) -> list[str]:
            f"the other core): {mlflow:+.2f} s",
            f"- the worker call outside the trial (load study, MLflow experiment and parent run, sampler, waiting "
            f"for the writer to finish the trial's run): {call:+.2f} s"]
-    if f["trial_ratio"] > 1.05:
-        out += ["", "Why the 1.05 target is missed: a quickstart trial trains digitnet for only a few seconds, so fixed "
-                "costs per epoch are a large share of it: the target-val evaluation the pruner needs (the bare loop "
-                "evaluates nothing) and Optuna's report + should_prune (several ms each through SQLAlchemy on "
-                "SQLite, ~13 per trial); per trial come the snapshot copies and the evaluation of every stage's "
+    if f["trial_ratio"] > TARGET:
+        out += ["", f"Why the {TARGET} target is missed: a quickstart trial trains digitnet for only a few seconds, "
+                "so fixed costs per epoch are a large share of it: the target-val evaluation the pruner needs (the "
+                "bare loop evaluates nothing) and Optuna's report + should_prune (several ms each through SQLAlchemy "
+                "on SQLite, ~13 per trial); per trial come the snapshot copies and the evaluation of every stage's "
                 "model on 4 splits (the per-stage accuracies the report shows), user-attribute writes and stage "
                 "checkpoints (for retries). MLflow itself is almost off the trial's path: only opening the run is "
                 "synchronous, the rest runs on a background writer thread. What would close the rest: fewer, "

@@ -23,6 +23,9 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from cli import main
+from objectives.pipeline import StageResult, TrialResult
+from objectives.teacher import TeacherInfo
+from study import record
 from study.config import load_config
 from study.report.stats import bootstrap_ci
 from study.search import suggest_choices
@@ -82,28 +85,32 @@ SPECS_B = [  # objective [student_params, target_val_acc]; stem pinned to finetu
 ]
 
 
-def _stages(acc: float) -> dict:
-    acc_of = lambda a: {"source_val_acc": 0.9, "source_test_acc": 0.89, "target_val_acc": a,  # noqa: E731
-                        "target_test_acc": a - 0.02, "epochs": 3, "seconds": 0.5, "threshold_epoch": None}
-    return {"finetune": acc_of(acc - 0.05), "distill": acc_of(acc)}
+def synthetic_result(choices, spec: Spec, number: int) -> TrialResult:
+    """A TrialResult with the spec's accuracy on its delivered (distill) stage, as the pipeline would return it."""
+    acc = spec.acc
+    stages = {"finetune": StageResult(0.9, 0.89, acc - 0.05, acc - 0.07, epochs=3, seconds=0.5, first_step=1),
+              "distill": StageResult(0.9, 0.89, acc, acc - 0.02, epochs=3, seconds=0.5, first_step=4)}
+    teacher = TeacherInfo(role="teacher", key="k", cache="hit", path="", epochs=1, seconds=0.1, source_val_acc=0.95,
+                          target_val_acc=0.1)
+    return TrialResult(value=acc, best_stage="distill", select="best", recipe=choices.recipe, stages=stages,
+                       params=choices.flat(), layer_map={}, student_params=spec.params, teacher_params=spec.params,
+                       teacher=teacher, donor=None, epochs_to_threshold=4, total_epochs=6, budget=9, seconds=1.5,
+                       device="cpu", run_seed=0, model_hash=spec.extra.get("model_hash", f"weights-{number}"),
+                       student=None)
 
 
 def run_spec(study: optuna.Study, config, spec: Spec) -> None:
-    """One trial through ask/tell, recording what the objective records."""
+    """One trial through ask/tell, recorded by the objective's own writers (study.record)."""
     pinned = {g for g, acts in config.search.group_actions().items() if len(acts) == 1}
     fixed = {f"layers.{g}": a for g, a in spec.actions().items() if g not in pinned}
     if spec.alpha is not None:
         fixed["alpha"] = spec.alpha
-    study.enqueue_trial(fixed)
+    study.enqueue_trial(fixed, user_attrs=record.baseline_attrs(spec.baseline) if spec.baseline else None)
     t = study.ask()
     choices = suggest_choices(t, config.search, config.pipeline.replace_with)
-    if spec.baseline:
-        t.set_user_attr("baseline", spec.baseline)
-    for key, value in spec.extra.items():
-        t.set_user_attr(key, value)
-    t.set_user_attr("choices", choices.flat())
+    record.write_start(t, choices, seed=0)
     if spec.state == FAIL:
-        t.set_user_attr("failure", "RuntimeError: synthetic")
+        record.write_failure(t, "RuntimeError: synthetic")
         study.tell(t, state=FAIL)
         return
     multi = len(study.directions) > 1
@@ -112,13 +119,10 @@ def run_spec(study: optuna.Study, config, spec: Spec) -> None:
         for s in range(steps):
             t.report(spec.acc - 0.1 + 0.05 * s, s)
     if spec.state == PRUNED:
+        record.write_pruned(t, "pruned at step 1 (synthetic)", 0.5)
         study.tell(t, state=PRUNED)
         return
-    t.set_user_attr("stages", _stages(spec.acc))
-    t.set_user_attr("best_stage", "distill")
-    t.set_user_attr("student_params", spec.params)
-    t.set_user_attr("epochs_to_threshold", 4)
-    t.set_user_attr("seconds", 1.5)
+    record.write_result(t, synthetic_result(choices, spec, t.number))
     values = {"target_val_acc": spec.acc, "student_params": float(spec.params), "epochs_to_threshold": 4.0,
               "source_val_acc": 0.9}
     study.tell(t, [values[o] for o in config.study.objective] if multi else spec.acc)
