@@ -226,7 +226,7 @@ def why(label: str, per_task: dict, recorded: dict) -> list[str]:
     for task in TASKS:
         f, trials = per_task[task][label], {r["number"]: r for r in recorded[task]["trials"]}
         for n in f["top_stopped"]:
-            r, (_, spent, step) = trials[n], f["outcome"][n]
+            r, (_, _, step) = trials[n], f["outcome"][n]
             out.append(f"{task}: top-quartile trial {n} (final {r['value']:.3f}, actions "
                        f"{'/'.join(r['layers'].values())}) pruned at step {step} with {r['curve'][step]:.3f}")
         for b in f["bins"]:

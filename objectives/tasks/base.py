@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
-from models.errors import UserError
 from models.named import Registry
 
 if TYPE_CHECKING:

@@ -227,7 +227,7 @@ def _grid(groups: dict):
             row_z.append(mean)
             star = "*" if a == g["best_action"] else ""
             row_t.append("" if cell is None else (f"{mean:.3f}{star}\nn={cell['n']}" if mean is not None
-                                                  else f"-\nn=0"))
+                                                  else "-\nn=0"))
         z.append(row_z)
         text.append(row_t)
     return list(groups), actions, z, text
