@@ -107,18 +107,20 @@ def get_task(options: TaskOptions, seed: int, device: torch.device) -> TaskData:
         return _task_cache[key]
 
 
-def preflight(task: TaskData, model: ModelSettings, pipeline: PipelineSettings, choices: TrialChoices) -> list[Stage]:
+def preflight(task: TaskData, model: ModelSettings, pipeline: PipelineSettings,
+              choices: TrialChoices) -> tuple[list[Stage], dict]:
     """Reject impossible choices before any training: unknown groups/actions, shapes that do not fit, a stage
-    with nothing to train on, an unregistered layer term or replacement strategy. Returns the recipe's stages."""
+    with nothing to train on, an unregistered layer term or replacement strategy. Returns the recipe's stages and
+    the student's layer map (it depends on the architecture and the choices, not on any weights)."""
     get_layer_term(pipeline.layer_term)
     get_replacement(pipeline.replace_with)
     stages = plan_stages(pipeline, choices)
     check_stage_data(stages, task, pipeline, choices)
     teacher = create_model(model.arch, task.num_classes, task.image_shape[0], width=model.width)
     donor = _fresh_donor(task, model) if _needs_donor(pipeline, choices) else None
-    build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor, task.image_shape,
-                  init_seed=pipeline.seed)
-    return stages
+    _, layer_map = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor,
+                                 task.image_shape, init_seed=pipeline.seed)
+    return stages, layer_map
 
 
 def _needs_donor(pipeline: PipelineSettings, choices: TrialChoices) -> bool:
@@ -146,7 +148,7 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
     if device.type == "cpu" and pipeline.cpu_threads > 0:
         torch.set_num_threads(pipeline.cpu_threads)
     task = get_task(task_options, pipeline.seed, device)
-    stages = preflight(task, model, pipeline, choices)
+    stages, layer_map = preflight(task, model, pipeline, choices)
     bs, workers = pipeline.eval_batch_size, pipeline.num_workers
     seed = pipeline.seed if run_seed is None else run_seed
 
@@ -163,18 +165,17 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
     if on_epoch:  # the teacher's point on the curves (step 0); never reported to the pruner: it is no candidate
         on_epoch("teacher", 0, {"target_val_acc": teacher_val})
 
-    def fresh_student(generation: int) -> tuple[GroupedModel, dict]:
+    def fresh_student(generation: int) -> GroupedModel:
         # Generation 0 is the finetune stage's student; each born-again generation starts from a fresh one.
-        student, layer_map = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor,
-                                           task.image_shape, init_seed=derive_seed(seed, "student", generation))
-        return place(student, device), layer_map
+        student, _ = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor,
+                                   task.image_shape, init_seed=derive_seed(seed, "student", generation))
+        return place(student, device)
 
-    layer_map = fresh_student(0)[1]
     models: dict[str, GroupedModel] = {}
     runs: dict[str, StageRun] = {}
     val: dict[str, float] = {}
     if checkpoints is not None:
-        _resume(checkpoints.load(), lambda: fresh_student(0)[0], models, runs, val, report)
+        _resume(checkpoints.load(), lambda: fresh_student(0), models, runs, val, report)
 
     for index, stage in enumerate(stages):
         if stage.name in runs:  # restored from a checkpoint
@@ -186,7 +187,7 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
         if stage.kind == "distill" and previous is not None:
             student = copy.deepcopy(models[previous])  # distill continues the finetuned student
         else:
-            student = fresh_student(stage.generation)[0]
+            student = fresh_student(stage.generation)
         kd_name, kd_model = _kd_teacher(stage, previous, teacher, teacher_val, models, val, pipeline)
         sources = stage_sources(stage, task, pipeline, choices)
         if kd_model is None:
@@ -215,7 +216,7 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
         stages=results, params=choices.flat(), layer_map=layer_map, student_params=_count(models[delivered]),
         teacher_params=_count(teacher), teacher=teacher_info, donor=donor_info,
         epochs_to_threshold=min(threshold_steps) if threshold_steps else None,
-        total_epochs=sum(r.epochs for r in runs.values()), budget=stages[-1].first_step + stages[-1].epochs - 1,
+        total_epochs=sum(r.epochs for r in runs.values()), budget=stages[-1].last_step,
         seconds=time.perf_counter() - started, device=str(device), run_seed=seed,
         model_hash=weights_hash(models[delivered]), student=models[delivered],
         models={"teacher": teacher, **models})

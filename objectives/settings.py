@@ -2,14 +2,13 @@
 (`TrialChoices`). The study layer fills these from the YAML config; the pipeline only reads them.
 
 Field metadata drives validation in `study.config`: `choices` (allowed values) and `range` (inclusive bounds).
-The `choices` of a registry-backed key (`pipeline.layer_term`, `pipeline.replace_with`) are read from its registry
-whenever they are asked for, so a newly registered name is valid with no edit here.
+The `choices` of a registry-backed key (`pipeline.layer_term`, `pipeline.replace_with`) is a function returning its
+registry's names when called, so a newly registered name is valid with no edit here.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 ACTIONS = ("freeze", "finetune", "replace")
@@ -26,34 +25,11 @@ def _range(default, low, high):
     return field(default=default, metadata={"range": (low, high)})
 
 
-class RegisteredNames(Sequence):
-    """The names of a registry (`lister()` of module `module`), read afresh on every use: `choices` metadata that
-    follows the registry. The module is imported on first use, not here, because it imports this one."""
-
-    def __init__(self, module: str, lister: str):
-        self.module, self.lister = module, lister
-
-    def _names(self) -> list[str]:
-        return getattr(importlib.import_module(self.module), self.lister)()
-
-    def __getitem__(self, index):
-        return self._names()[index]
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def __iter__(self):
-        return iter(self._names())
-
-    def __contains__(self, name) -> bool:
-        return name in self._names()
-
-    def __repr__(self) -> str:
-        return f"RegisteredNames({self.module}.{self.lister})"
-
-
 def _registered(default: str, module: str, lister: str):
-    return field(default=default, metadata={"choices": RegisteredNames(module, lister)})
+    # `choices` as a function: the registry's names at the moment of validation (its module imports this one, so
+    # it is imported only then).
+    return field(default=default,
+                 metadata={"choices": lambda: getattr(importlib.import_module(module), lister)()})
 
 
 @dataclass

@@ -32,6 +32,11 @@ class Stage:
     epochs: int
     generation: int = 0  # born-again generation (kind generation); 0 otherwise
 
+    @property
+    def last_step(self) -> int:
+        """The last step of the stage's block."""
+        return self.first_step + self.epochs - 1
+
 
 def epoch_budget(pipeline: PipelineSettings, generations: int) -> int:
     """The last step of a trial with `generations` born-again generations: its most epochs of student training."""

@@ -229,9 +229,11 @@ def build_dataclass(cls, data, path: str):
     for name, value in data.items():
         f, where = fields[name], f"{path}.{name}"
         values[name] = _coerce(hints[name], value, where)
-        if "choices" in f.metadata and values[name] not in f.metadata["choices"]:
-            raise UserError(f"{where}: '{value}' is not one of {', '.join(map(str, f.metadata['choices']))}"
-                            f"{did_you_mean(value, f.metadata['choices'])}")
+        choices = f.metadata.get("choices")
+        choices = choices() if callable(choices) else choices  # a registry's names, read now
+        if choices is not None and values[name] not in choices:
+            raise UserError(f"{where}: '{value}' is not one of {', '.join(map(str, choices))}"
+                            f"{did_you_mean(value, choices)}")
         if "range" in f.metadata:
             low, high = f.metadata["range"]
             if not low <= values[name] <= high:

@@ -40,6 +40,11 @@ def confirm_name(name: str) -> str:
     return f"{name}{SUFFIX}"
 
 
+def is_companion(study: optuna.Study) -> bool:
+    """Whether `study` is a confirmation companion: it runs its enqueued trials and nothing else."""
+    return "confirm_of" in study.user_attrs
+
+
 def run_seeds(config: Config, seeds: int) -> list[int]:
     """The fresh run seeds: never the study's own."""
     return [config.pipeline.seed + 1 + i for i in range(seeds)]
@@ -107,7 +112,8 @@ def _wait_ready(companion: optuna.Study, wait_seconds: float = 60.0) -> tuple[op
 
 
 def t_interval(values: list[float]) -> list[float] | None:
-    """The 95% Student-t interval of the mean (None below two values)."""
+    """The 95% Student-t interval of the mean (None below two values). Written out rather than `scipy.stats.t.interval`,
+    which answers NaN for seeds that all agree (zero spread), where the interval is the mean itself."""
     from scipy import stats
 
     n = len(values)

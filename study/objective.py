@@ -20,6 +20,7 @@ from objectives.train import TrainingDiverged
 from . import compat, record
 from .baselines import baseline_choices
 from .config import Config
+from .confirm import is_companion
 from .pruning import is_decision_step
 from .record import TrialRecord
 from .search import suggest_choices
@@ -70,7 +71,7 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
     multi = len(config.study.objective) > 1
     # should_prune reads the study's trials from the storage; with no pruner it would only ever say no.
     can_prune = not multi and not isinstance(study.pruner, optuna.pruners.NopPruner)
-    confirming = "confirm_of" in study.user_attrs  # a companion `<name>-confirm` study (see confirm.py)
+    confirming = is_companion(study)
 
     def objective(trial: optuna.Trial):
         # Trials numbered before this one that finished or are running: if they already make the total, stop.

@@ -16,15 +16,14 @@ from objectives.stages import Stage
 
 def is_decision_step(stages: list[Stage], step: int, stage_warmup: int) -> bool:
     """True when the pruner may stop a trial of recipe `stages` after it reported `step`."""
-    final = stages[-1].first_step + stages[-1].epochs - 1
     for stage in stages:
-        last = stage.first_step + stage.epochs - 1
-        if stage.first_step <= step <= last:
-            return step != final and (step == last or step - stage.first_step + 1 > stage_warmup)
+        if stage.first_step <= step <= stage.last_step:
+            return step != stages[-1].last_step and (step == stage.last_step or
+                                                     step - stage.first_step + 1 > stage_warmup)
     return False
 
 
 def decision_steps(stages: list[Stage], stage_warmup: int) -> list[int]:
     """Every decision point of a recipe's stages, in order."""
-    return [s for st in stages for s in range(st.first_step, st.first_step + st.epochs)
+    return [s for st in stages for s in range(st.first_step, st.last_step + 1)
             if is_decision_step(stages, s, stage_warmup)]

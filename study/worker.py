@@ -19,6 +19,7 @@ from models.errors import UserError
 
 from . import compat
 from .config import Config
+from .confirm import is_companion
 from .objective import make_objective
 from .record import TrialRecord
 from .storage import mask_url
@@ -79,8 +80,7 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
                 or len(invalid) >= MAX_CONSECUTIVE_INVALID:
             stop.set()
 
-    # A confirmation study runs its enqueued trials and nothing else: it ends when its queue is empty.
-    queue_only = "confirm_of" in study.user_attrs
+    queue_only = is_companion(study)  # a confirmation study ends when its queue is empty
 
     def loop():
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
