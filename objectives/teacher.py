@@ -3,6 +3,14 @@ that determines it, and loaded instantly by every later trial or worker with the
 
 Several workers starting together (threads, processes, or machines sharing `cache_dir`) serialise on a lock
 file: exactly one trains, the others wait and then load its result.
+
+Each entry is `<role>-<key>.pt` (the weights) beside `<role>-<key>.json` (its TeacherInfo plus the weights file's
+size and sha256). An entry whose file does not match them, or does not load (truncated, overwritten, a half copy),
+is corrupt: a warning names the file and it is retrained under the same lock and replaced atomically.
+
+What happens is logged on the `objectives.teacher` logger (objectives know nothing of the CLI's progress bar): an
+INFO line when a teacher is being trained and when one is first loaded from the cache in this process, a WARNING
+for a corrupt entry and for a teacher near chance on its own source (see `NEAR_CHANCE`).
 """
 
 from __future__ import annotations
@@ -10,7 +18,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +36,16 @@ from .settings import ModelSettings, PipelineSettings
 from .tasks import TaskData
 from .train import DataSource, LoopContext, StageSpec, accuracy, train_stage
 from .version import code_version
+
+log = logging.getLogger(__name__)
+
+# A teacher whose source validation accuracy is below NEAR_CHANCE / num_classes (1.5x chance: 15% for 10 classes,
+# 75% for 2) has learned little of the source; distilling from it passes on noise. Warned about, not refused: a
+# weak teacher is a legitimate thing to study.
+NEAR_CHANCE = 1.5
+
+_announced: set[str] = set()  # cache entries this process has already reported loading (one line each, not per trial)
+_announced_lock = threading.Lock()
 
 
 @dataclass
@@ -68,16 +88,69 @@ def get_teacher(role: str, arch: str, width: float, task: TaskData, model: Model
         net = _fresh(role, arch, width, task, model)
     with open(cache_dir / f"{role}-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per key; the rest block here, then find the file
-        if weights.exists() and meta.exists():
-            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-            info = TeacherInfo(**{**json.loads(meta.read_text()), "cache": "hit", "path": str(weights)})
+        info = _load_cached(net, weights, meta)
+        if info is not None:
+            if _first_time(str(weights)):
+                log.info("%s loaded from cache %s (source val acc %.4f)", role, weights, info.source_val_acc)
+                _warn_if_near_chance(info, task.num_classes)
             return place(net, device), info
         net = place(net, device)
+        log.info("training the %s (%s, %d epochs on the source of %s; other workers wait for it): %s", role, arch,
+                 pipeline.teacher_epochs, task.name, weights)
         info = _train(role, net, key, task, model, pipeline, device)
         info.path = str(weights)
         atomic_save(net.state_dict(), weights)
-        meta.write_text(json.dumps(asdict(info)))
+        # The meta file is the entry's seal: written (atomically) after the weights, with their size and hash.
+        _atomic_write_text(meta, json.dumps({**asdict(info), "file": _file_stamp(weights)}))
+        _first_time(str(weights))
+        _warn_if_near_chance(info, task.num_classes)
     return net, info
+
+
+def _load_cached(net: GroupedModel, weights: Path, meta: Path) -> TeacherInfo | None:
+    """Load a cache entry into `net`; None when there is none, or when it is corrupt (a warning says which file)."""
+    if not (weights.exists() and meta.exists()):
+        return None
+    try:
+        recorded = json.loads(meta.read_text())
+        stamp = recorded.pop("file", None)  # absent in entries written before stamps: the load check still applies
+        if stamp is not None and _file_stamp(weights, stamp["size"]) != stamp:
+            raise ValueError(f"size or sha256 differs from {meta.name}")
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return TeacherInfo(**{**recorded, "cache": "hit", "path": str(weights)})
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with the entry, training it again repairs it
+        log.warning("warning: cache file %s is corrupt (%s); training it again and replacing it", weights,
+                    first_line(exc, 200))
+        return None
+
+
+def _file_stamp(path: Path, expected_size: int | None = None) -> dict:
+    """{"size", "sha256"} of a file; the hash is skipped (None) when the size already differs from `expected_size`."""
+    size = path.stat().st_size
+    if expected_size is not None and size != expected_size:
+        return {"size": size, "sha256": None}
+    return {"size": size, "sha256": _sha256(path)}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _first_time(entry: str) -> bool:
+    with _announced_lock:
+        new = entry not in _announced
+        _announced.add(entry)
+    return new
+
+
+def _warn_if_near_chance(info: TeacherInfo, num_classes: int) -> None:
+    chance = 1.0 / num_classes
+    if info.source_val_acc < NEAR_CHANCE * chance:
+        log.warning("warning: the %s's source val acc %.4f is near chance (1/%d = %.4f; warned below %.1fx chance): "
+                    "it has learned little of the source, so its soft labels carry little; give it more source data "
+                    "or pipeline.teacher_epochs", info.role, info.source_val_acc, num_classes, chance, NEAR_CHANCE)
 
 
 def _fresh(role: str, arch: str, width: float, task: TaskData, model: ModelSettings) -> GroupedModel:
@@ -129,8 +202,12 @@ def _file_hash(path: str) -> str:
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         return "missing"
+    return _sha256(Path(path))[:16]
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:16]
+    return h.hexdigest()

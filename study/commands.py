@@ -13,7 +13,7 @@ from models.errors import UserError
 
 from .config import load_config
 from .output import format_best, format_confirmation, format_stage_lines, format_trial_line
-from .progress import TrialProgress
+from .progress import TrialProgress, pipeline_lines
 from .record import TrialRecord
 from .storage import mask_url, resolve_storage_url
 from .studies import best_summary, create_study, load_study
@@ -68,8 +68,9 @@ def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device
         progress.finished(done, "\n".join(lines), best=_best_value(study_))
 
     try:
-        run_worker(name, url, n_trials=total, timeout=timeout, n_jobs=n_jobs, device=device, on_trial=on_trial,
-                   loaded=(study, config))
+        with pipeline_lines(progress):
+            run_worker(name, url, n_trials=total, timeout=timeout, n_jobs=n_jobs, device=device, on_trial=on_trial,
+                       loaded=(study, config))
         interrupted = False
     except KeyboardInterrupt:
         interrupted = True

@@ -56,6 +56,12 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}"[:300]
 
 
+def is_infrastructure_failure(exc: BaseException) -> bool:
+    """Whether a trial failed for its worker's sake (files, disk, device, memory, a bug) rather than its own: not an
+    invalid input or choice (`UserError`), not a diverged training (the recipe's own outcome on its seed)."""
+    return not isinstance(exc, (UserError, TrainingDiverged))
+
+
 def _finished(study: optuna.Study, below: int | None = None) -> int:
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
     trials = study.get_trials(deepcopy=False, states=states)
@@ -133,6 +139,10 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends this trial only; the study goes on
             _fail(trial, tracker, run_id, exc, "FAIL")
+            if (baseline or confirm or queued.get("retry_of") is not None) and is_infrastructure_failure(exc):
+                # An enqueued trial (a baseline, a confirmation run, a retry) exists once: failing it for the
+                # worker's sake (a corrupt cache, a full disk, a lost device) must not use it up.
+                _requeue(study, trial)
             raise
         checkpoints.clear()
         record.write_result(trial, result)
@@ -168,5 +178,6 @@ def _close_stale_run(trial: optuna.Trial, tracker) -> None:
 
 
 def _requeue(study: optuna.Study, trial: optuna.Trial) -> None:
-    # An interrupted trial is not the trial's fault: queue the same parameters so a later run retries it.
+    # An interrupted trial (or an enqueued one failed by its worker) is not the trial's fault: queue the same
+    # parameters so a later run retries it.
     study.enqueue_trial(trial.params, user_attrs=record.requeue_attrs(TrialRecord(trial)), skip_if_exists=False)
