@@ -30,6 +30,8 @@ MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-http://mlflow-host:5000}"
 VENV="${VENV:-/shared/envs/distillstudy}"      # a virtualenv on the shared filesystem with `pip install .`
 WORKER_TIMEOUT="${WORKER_TIMEOUT:-}"          # seconds; stop STARTING trials after this (leave one trial's time
                                               # before --time runs out); empty = run until the study is done
+CREATE_STAGGER="${CREATE_STAGGER:-20}"        # seconds task 0 has to create the study before the others try
+                                              # (they wait this long plus up to as much again, at random)
 
 : "${DISTILLSTUDY_STORAGE:?set DISTILLSTUDY_STORAGE to the study storage URL (postgresql://... or journal:PATH)}"
 export DISTILLSTUDY_STORAGE MLFLOW_TRACKING_URI
@@ -48,7 +50,7 @@ echo "task $task on $(hostname), job ${SLURM_JOB_ID:-?}, restart ${SLURM_RESTART
 # "exists with a different config" while the winner is still storing its config. So task 0 goes first, the others
 # wait a little, and every task retries; a real config mismatch still fails after the last attempt.
 # The --set must be identical in every task: the tracking URI is part of the stored config and of its hash.
-if (( task > 0 )); then sleep $(( 20 + RANDOM % 20 )); fi
+if (( task > 0 )); then sleep $(( CREATE_STAGGER + RANDOM % (CREATE_STAGGER + 1) )); fi
 created=0
 for attempt in 1 2 3 4 5 6; do
     if distillstudy study create "$CONFIG" --name "$STUDY" --load-if-exists \
