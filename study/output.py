@@ -61,8 +61,10 @@ def format_best(data: dict) -> str:
     """The winner's layer actions and hyperparameters with its accuracies, the baselines beside it."""
     def describe(row: dict, label: str) -> list[str]:
         layers = ", ".join(f"{k.split('.', 2)[2]}={v}" for k, v in row.items() if k.startswith("choice.layers."))
+        active = row.get("active")  # only the choices that mattered (no T with alpha 0, no unused slim width)
         hyper = ", ".join(f"{k.split('.', 1)[1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
-                          for k, v in row.items() if k.startswith("choice.") and not k.startswith("choice.layers."))
+                          for k, v in row.items() if k.startswith("choice.") and not k.startswith("choice.layers.")
+                          and (active is None or k.split(".", 1)[1] in active))
         stage = row.get("best_stage", "")
         acc = {k: row.get(f"{stage}.{k}") for k in ("source_val_acc", "target_val_acc", "target_test_acc")}
         accs = "  ".join(f"{k} {v:.4f}" for k, v in acc.items() if v is not None)

@@ -260,6 +260,20 @@ def resolve_choices(space: SearchSpace, replace_with: str, pick: Callable[[str],
                         slim_width=slim_width, augment=augment)
 
 
+def active_params(space: SearchSpace, replace_with: str, choices: TrialChoices) -> list[str]:
+    """The parameters that mattered to a trial with `choices`, in the search space's order: those
+    `resolve_choices` takes for them (no temperature when alpha is 0, no slim width when nothing is slimmed, no
+    KD choices for the finetune recipe). What a summary of the trial shows; the others held their defaults."""
+    taken: list[str] = []
+
+    def pick(name: str):
+        taken.append(name)
+        return getattr(choices, name)
+
+    resolve_choices(space, replace_with, pick, lambda g, acts: choices.layers.get(g, acts[0]))
+    return taken
+
+
 def grid_space(space: SearchSpace) -> dict[str, list]:
     """GridSampler's search_space: every Optuna parameter name with the values to visit."""
     grid = {f"layers.{g}": acts for g, acts in space.group_actions().items() if len(acts) > 1}

@@ -18,6 +18,7 @@ from models.errors import UserError, did_you_mean
 from .baselines import BASELINES, baseline_choices, enqueue_params
 from .config import OBJECTIVES, Config, config_from_dict
 from .record import TrialRecord, baseline_attrs
+from .search import active_params
 from .storage import mask_url, open_storage
 
 # Workers print their own line per trial (with the failure reason); Optuna's warnings would repeat them, with a
@@ -182,11 +183,19 @@ def best_summary(name: str, url: str, loaded: tuple[optuna.Study, Config] | None
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise UserError(f"study '{name}' has no completed trial yet")
-    baselines = [trial_row(t) for t in complete if TrialRecord(t).baseline]
+
+    def row(t: optuna.trial.FrozenTrial) -> dict:
+        # `active`: the choices that mattered to this trial, which is all the winner line shows.
+        r = TrialRecord(t)
+        active = active_params(config.search, config.pipeline.replace_with, r.trial_choices()) \
+            if r.get("choices") else []
+        return {**trial_row(t), "active": active}
+
+    baselines = [row(t) for t in complete if TrialRecord(t).baseline]
     if len(study.directions) > 1:
         return {"name": name, "objective": config.study.objective,
-                "pareto_front": [trial_row(t) for t in study.best_trials], "baselines": baselines}
-    return {"name": name, "objective": config.study.objective, "best": trial_row(study.best_trial),
+                "pareto_front": [row(t) for t in study.best_trials], "baselines": baselines}
+    return {"name": name, "objective": config.study.objective, "best": row(study.best_trial),
             "baselines": baselines}
 
 
