@@ -5,6 +5,8 @@ checkpoint loading and divergence."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -226,6 +228,10 @@ def test_cache_hit_loads_the_stored_teacher_without_training(tiny_pipeline, tiny
     state = torch.load(weights, weights_only=True)
     state["groups.head.4.bias"] = state["groups.head.4.bias"] + 1.0
     torch.save(state, weights)
+    meta = weights.with_suffix(".json")  # and reseal the entry, or the hit would see a corrupt file and retrain
+    sealed = json.loads(meta.read_text())
+    sealed["file"] = {"size": weights.stat().st_size, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    meta.write_text(json.dumps(sealed))
     stamp = weights.stat().st_mtime_ns
     second = run_trial(tiny_task(), ModelSettings(), pipeline, trial)
     assert second.teacher.cache == "hit" and second.teacher.path == str(weights)
