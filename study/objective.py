@@ -138,10 +138,11 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             _requeue(study, trial)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends this trial only; the study goes on
-            _fail(trial, tracker, run_id, exc, "FAIL")
-            if (baseline or confirm or queued.get("retry_of") is not None) and is_infrastructure_failure(exc):
-                # An enqueued trial (a baseline, a confirmation run, a retry) exists once: failing it for the
-                # worker's sake (a corrupt cache, a full disk, a lost device) must not use it up.
+            # An enqueued trial (a baseline, a confirmation run, a retry) exists once: failing it for the worker's
+            # sake (an unwritable cache, a full disk, a lost device) must not use it up.
+            requeue = bool(baseline or confirm or queued.get("retry_of") is not None) and is_infrastructure_failure(exc)
+            _fail(trial, tracker, run_id, exc, "FAIL", note="; queued again" if requeue else "")
+            if requeue:
                 _requeue(study, trial)
             raise
         checkpoints.clear()
@@ -156,8 +157,8 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
     return objective
 
 
-def _fail(trial, tracker, run_id, exc: BaseException, state: str) -> None:
-    reason = describe_failure(exc)
+def _fail(trial, tracker, run_id, exc: BaseException, state: str, note: str = "") -> None:
+    reason = describe_failure(exc) + note
     # An impossible choice is the choice's fault, not the worker's (see worker.py).
     record.write_failure(trial, reason, invalid_choice=isinstance(exc, InvalidChoice))
     if isinstance(exc, torch.OutOfMemoryError):

@@ -29,3 +29,27 @@ def test_on_a_terminal_the_bar_follows_the_study_and_lines_print_above_it(capsys
     assert "trials" in bar and "3/4" in bar and "best 0.8613" in bar
     assert capsys.readouterr().out.strip() == "[  3/4] trial 2 COMPLETE"  # lines go to stdout, not into the bar
     assert echoed == []
+
+
+def test_pipeline_log_lines_print_above_the_bar_and_quiet_keeps_only_warnings(capsys):
+    import logging
+
+    from study.progress import pipeline_lines
+
+    teacher_log = logging.getLogger("objectives.teacher")
+    terminal = _Terminal()
+    progress = TrialProgress(4, 0, print, stream=terminal)
+    with pipeline_lines(progress):
+        teacher_log.info("training the teacher (digitnet)")
+        teacher_log.warning("warning: the teacher's source val acc 0.1 is near chance")
+    teacher_log.info("after the worker: not printed")
+    progress.close()
+    out, err = capsys.readouterr()
+    assert out.strip() == "training the teacher (digitnet)"
+    assert err.strip() == "warning: the teacher's source val acc 0.1 is near chance"
+
+    with pipeline_lines(None):  # --quiet
+        teacher_log.info("training the teacher (digitnet)")
+        teacher_log.warning("warning: cache file x.pt is corrupt")
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "warning: cache file x.pt is corrupt"

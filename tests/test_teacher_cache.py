@@ -119,6 +119,8 @@ def test_a_baseline_failed_by_its_worker_is_queued_again(tmp_path):
     assert all(t.state in (S.FAIL, S.WAITING) for t in trials)
     waiting = [t.user_attrs.get("baseline") for t in trials if t.state == S.WAITING]
     assert sorted(waiting) == ["finetune-all", "finetune-all-kd", "head-only"]  # none used up
+    failed = [t for t in trials if t.state == S.FAIL]
+    assert all(t.user_attrs["failure"].endswith("; queued again") for t in failed if t.user_attrs.get("baseline"))
 
     cache.unlink()  # the operator fixes the fault
     fixed = cli("study", "run", "rq", "--storage", storage, "--n-trials", 3)
