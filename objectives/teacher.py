@@ -95,8 +95,11 @@ def get_teacher(role: str, arch: str, width: float, task: TaskData, model: Model
                 _warn_if_near_chance(info, task.num_classes)
             return place(net, device), info
         net = place(net, device)
-        log.info("training the %s (%s, %d epochs on the source of %s; other workers wait for it): %s", role, arch,
-                 pipeline.teacher_epochs, task.name, weights)
+        if role == "teacher" and model.teacher == "checkpoint":
+            log.info("evaluating the teacher from %s (cached as %s)", model.checkpoint, weights)
+        else:
+            log.info("training the %s (%s, %d epochs on the source of %s; other workers wait for it): %s", role,
+                     arch, pipeline.teacher_epochs, task.name, weights)
         info = _train(role, net, key, task, model, pipeline, device)
         info.path = str(weights)
         atomic_save(net.state_dict(), weights)

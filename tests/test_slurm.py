@@ -64,7 +64,10 @@ def postgres_url() -> str:
 
         psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3).close()
     except Exception as exc:  # noqa: BLE001 - missing driver or server: both mean "no PostgreSQL here"
-        pytest.skip(f"PostgreSQL at {PG_URL} unreachable: {type(exc).__name__}: {str(exc).strip()[:200]}")
+        reason = f"PostgreSQL at {PG_URL} unreachable: {type(exc).__name__}: {str(exc).strip()[:200]}"
+        if os.environ.get("CI"):  # as in test_cluster.py: CI has PostgreSQL, so its absence is a failure
+            pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
+        pytest.skip(reason)
     return PG_URL
 
 
@@ -80,8 +83,13 @@ def test_slurm_array_recipe_runs_a_postgres_study_to_its_total(slurm, postgres_u
            "VENV": sys.prefix, "PYTHONPATH": str(REPO), "CREATE_STAGGER": "2"}
     # The recipe as written, with this node's sizes instead of a GPU node's: no GPU, one core, little memory.
     cmd = ["sbatch", "--wait", "--parsable", "--array=0-1", "--gres=none", "--cpus-per-task=1", "--mem=1500M",
-           "--time=10", f"--chdir={REPO}", f"--output={tmp_path}/task-%a.out", str(RECIPE)]
-    job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           "--time=10", f"--job-name={name}", f"--chdir={REPO}", f"--output={tmp_path}/task-%a.out", str(RECIPE)]
+    try:
+        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        queue = _run("squeue", "--name", name, "-o", "%i %T %r").stdout
+        _run("scancel", "--name", name)
+        pytest.fail(f"the array did not finish in 300 s; squeue said:\n{queue}")
     logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob("task-*.out")))
     assert job.returncode == 0, f"{job.stdout}{job.stderr}{logs}"
     assert "Traceback" not in logs, logs
