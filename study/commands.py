@@ -169,7 +169,8 @@ def run_fixed_trial(config, on_epoch=None):
     elements), no Optuna study."""
     from objectives.pipeline import run_trial
 
-    return run_trial(config.task, config.model, config.pipeline, config.search.defaults(), on_epoch=on_epoch)
+    with pipeline_lines(None):  # its warnings (a corrupt cache entry, a teacher near chance) on stderr
+        return run_trial(config.task, config.model, config.pipeline, config.search.defaults(), on_epoch=on_epoch)
 
 
 def start_ui(config_path: str, port: int, storage: str | None, echo) -> int:

@@ -156,3 +156,23 @@ def test_a_teacher_near_chance_is_warned_about_and_a_hit_is_said_once(tmp_path, 
     for acc in (0.149, 0.151):
         teacher_module._warn_if_near_chance(dataclasses.replace(info, source_val_acc=acc), 10)
     assert [r.getMessage().split("acc ")[1][:6] for r in caplog.records] == ["0.1490"]
+
+
+def test_trial_run_warns_about_an_imagefolder_teacher_at_chance(tmp_path):
+    # 20 random-pixel images per class: nothing to learn, so the teacher's source val acc is at chance.
+    from test_tasks_folder import write_domain
+
+    write_domain(tmp_path / "src", "RGB", (16, 16), seed=0, per_class=20)
+    write_domain(tmp_path / "tgt", "RGB", (16, 16), seed=1, per_class=20)
+    config = {
+        "task": {"name": "imagefolder", "source_dir": str(tmp_path / "src"), "target_dir": str(tmp_path / "tgt"),
+                 "image_size": 16, "target_labeled_per_class": 2},
+        "pipeline": {"device": "cpu", "cpu_threads": 1, "batch_size": 8, "teacher_epochs": 1, "finetune_epochs": 1,
+                     "distill_epochs": 1, "retrain_epochs": 1, "cache_dir": str(tmp_path / "cache")},
+        "search": {"generations": [0]}, "tracking": {"enabled": False},
+    }
+    (tmp_path / "folder.yaml").write_text(json.dumps(config))  # JSON is YAML
+    result = cli("trial", "run", "--config", tmp_path / "folder.yaml")
+    assert result.exit_code == 0, result.output
+    assert "is near chance (1/2 = 0.5000" in result.stderr, result.stderr
+    assert "value: target val acc" in result.stdout
