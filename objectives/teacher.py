@@ -19,6 +19,7 @@ import torch
 
 from models import GroupedModel, UserError, create_model, derive_seed, seeded_init
 from models.errors import first_line
+from models.registry import arch_fingerprint
 
 from .checkpoints import atomic_save
 from .device import place
@@ -46,7 +47,8 @@ def cache_key(role: str, arch: str, width: float, task: TaskData, model: ModelSe
               pipeline: PipelineSettings) -> str:
     """Hash of everything that determines a teacher: task data, architecture, training settings, seed, code."""
     parts = {
-        "role": role, "arch": arch, "width": width, "task": task.name, "data": task.fingerprint,
+        "role": role, "arch": arch, "arch_source": arch_fingerprint(arch), "groups": model.groups,
+        "width": width, "task": task.name, "data": task.fingerprint,
         "source": model.teacher if role == "teacher" else "train",
         "checkpoint": _file_hash(model.checkpoint) if role == "teacher" and model.teacher == "checkpoint" else "",
         "epochs": pipeline.teacher_epochs, "lr": pipeline.teacher_lr, "batch_size": pipeline.batch_size,
@@ -83,7 +85,8 @@ def get_teacher(role: str, arch: str, width: float, task: TaskData, model: Model
 def _fresh(role: str, arch: str, width: float, task: TaskData, model: ModelSettings) -> GroupedModel:
     in_channels = task.image_shape[0]
     pretrained = role == "teacher" and model.teacher == "pretrained"
-    net = create_model(arch, task.num_classes, in_channels, width=width, pretrained=pretrained)
+    net = create_model(arch, task.num_classes, in_channels, width=width, pretrained=pretrained,
+                       groups=model.groups or None)
     if role == "teacher" and model.teacher == "checkpoint":
         load_checkpoint(net, model.checkpoint)
     return net
