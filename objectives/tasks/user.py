@@ -70,7 +70,10 @@ def _read(name: str, role: str, dataset, labeled: bool) -> LabeledImages:
     images, labels = [], []
     for i in range(len(dataset)):
         item = dataset[i]
-        image, label = (item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) >= 2 else (item, None)
+        if isinstance(item, (tuple, list)):  # (image, label), or (image,) from a one-tensor TensorDataset
+            image, label = item[0] if item else None, item[1] if len(item) > 1 else None
+        else:
+            image, label = item, None
         images.append(_image(where, i, image, images[0].shape if images else None))
         labels.append(_label(where, i, label) if labeled else NO_LABEL)
     return LabeledImages(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
