@@ -166,3 +166,35 @@ def test_torchvision_resnet18_on_an_image_folder(tmp_path, monkeypatch, teacher_
     out = json.loads(result.stdout)
     assert list(out["layer_map"]) == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
     assert out["layer_map"]["layer4"] == {"action": "replace", "weights": "reinit", "width": 1.0}
+
+
+def test_user_network_frozen_group_stays_bit_identical_and_others_learn(workdir, tiny_pipeline):
+    """The actions on a network grouped by module names: the frozen group's weights and BatchNorm statistics are
+    the teacher's in every stage (also with the feature term's hooks and L2-SP's anchors), trained ones move."""
+    import dataclasses
+
+    import torch
+
+    from objectives.layer_terms import l2sp_anchors
+    from objectives.pipeline import run_trial
+    from objectives.settings import ModelSettings, TrialChoices
+
+    module = workdir["module"]
+    model = ModelSettings(arch=f"{module}:build", groups=GROUPS)
+    pipeline = dataclasses.replace(tiny_pipeline, batch_size=16)
+    layers = {"early": "freeze", "late": "replace", "out": "finetune"}
+    for term in ("feature", "params"):
+        result = run_trial(TaskOptions(name=f"{module}:data", target_labeled_per_class=2), model,
+                           dataclasses.replace(pipeline, layer_term=term),
+                           TrialChoices(layers=layers, beta=0.5, generations=1, alpha=0.5))
+        teacher = result.models["teacher"]
+        frozen = teacher.group_module("early").state_dict()
+        assert any("running_mean" in k for k in frozen)  # the BatchNorm statistics are compared too
+        for stage in ("finetune", "distill", "retrain-1"):
+            student = result.models[stage]
+            got = student.group_module("early").state_dict()
+            assert all(torch.equal(frozen[k], got[k]) for k in frozen), (term, stage)
+            assert not torch.equal(student.net.classifier.weight, teacher.net.classifier.weight)
+            assert not torch.equal(student.net.mixer[0].weight, teacher.net.mixer[0].weight)
+    anchors = l2sp_anchors(teacher, result.layer_map)
+    assert sorted(anchors) == ["net.classifier.bias", "net.classifier.weight"]  # only the fine-tuned group's
