@@ -36,10 +36,10 @@ def check_shapes(student: GroupedModel, teacher: GroupedModel, input_shape: tupl
     except RuntimeError as exc:  # the architecture itself cannot take the task's images
         raise UserError(f"model.arch {teacher.arch} cannot take the task's images {tuple(input_shape)}: "
                         f"{first_line(exc)}") from None
-    logits = want[teacher.group_names[-1]]
-    if logits is not None and logits != (getattr(teacher, "num_classes", logits[0]),):
-        raise UserError(f"model.arch {teacher.arch}: its last layer group '{teacher.group_names[-1]}' gives shape "
-                        f"{logits}, not the task's {teacher.num_classes} class logits (the head must be the last group)")
+    head, classes = teacher.group_names[-1], getattr(teacher, "num_classes", None)  # set by create_model
+    if classes is not None and want[head] not in (None, (classes,)):
+        raise UserError(f"model.arch {teacher.arch}: its last layer group '{head}' gives shape {want[head]}, not "
+                        f"the task's {classes} class logits (the head must be the last group)")
     try:
         got = group_output_shapes(student, input_shape)
     except RuntimeError as exc:  # a group that cannot even take its input

@@ -129,6 +129,9 @@ def test_bad_groups_and_datasets_are_one_line_errors_before_any_study(workdir):
     assert_one_line_error(cli("study", "create", "own.yaml", "--set", "model.groups.out=[classifier, mixer]"),
                           "is in more than one layer group")
     assert optuna.get_all_study_names(workdir["storage"]) == []
+    assert_one_line_error(cli("trial", "run", "--config", "own.yaml", "--set",
+                              "model.groups={out: [classifier], early: [features], late: [mixer]}"),
+                          "its last layer group 'late' gives shape (8, 8, 8), not the task's 2 class logits")
     assert_one_line_error(cli("trial", "run", "--config", "own.yaml", "--set", f"task.name={module}:wrong"),
                           "must return (source, target) or (source, target, unlabeled) datasets, got a list of 4")
     assert_one_line_error(cli("trial", "run", "--config", "own.yaml", "--set", f"task.name={module}:strings"),
