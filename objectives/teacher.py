@@ -104,8 +104,11 @@ def load_checkpoint(net: GroupedModel, path: str) -> None:
                         f"{first_line(exc)}") from None
     if not isinstance(state, dict):
         raise UserError(f"teacher checkpoint '{path}' is not a state_dict")
+    target = net
+    if hasattr(net, "group_spec") and not any(k.startswith("net.") for k in state):
+        target = net.net  # a state_dict of the bare network (torch.save(my_net.state_dict())), not of the wrapper
     try:
-        net.load_state_dict(state)
+        target.load_state_dict(state)
     except RuntimeError as exc:
         raise UserError(f"teacher checkpoint '{path}' does not fit {net.arch}: "
                         f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None

@@ -201,3 +201,17 @@ def test_user_network_frozen_group_stays_bit_identical_and_others_learn(workdir,
             assert not torch.equal(student.net.mixer[0].weight, teacher.net.mixer[0].weight)
     anchors = l2sp_anchors(teacher, result.layer_map)
     assert sorted(anchors) == ["net.classifier.bias", "net.classifier.weight"]  # only the fine-tuned group's
+
+
+def test_checkpoint_teacher_of_the_bare_user_network(workdir):
+    """model.teacher: checkpoint takes a state_dict saved from the user's own network (no wrapper prefix)."""
+    import torch
+
+    from models.imports import load_callable
+
+    net = load_callable(f"{workdir['module']}:build", "model.arch")(2, 1)
+    torch.save(net.state_dict(), workdir["path"] / "mine.pt")
+    result = cli("trial", "run", "--config", "own.yaml", "--json", "--set", "model.teacher=checkpoint",
+                 "--set", f"model.checkpoint={workdir['path'] / 'mine.pt'}")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["stages"]["teacher"]["epochs"] == 0  # used as given, not trained
