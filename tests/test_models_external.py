@@ -234,3 +234,23 @@ def test_pretrained_timm_loads_from_the_named_file(empty_caches):
     model = create_model("timm:test_resnet", num_classes=3, in_channels=3, pretrained=True)
     assert torch.equal(model.net.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
     assert model.net.fc.weight.shape[0] == 3
+
+
+def test_actions_on_a_user_network_donor_slim_and_freeze(user_module):
+    """build_student on a NetworkGroups teacher: a donor group from a 2x wider network, a slim one, a frozen one."""
+    from objectives.student import build_student, trainable_parameters
+
+    arch = f"{user_module}:build"
+    teacher = create_model(arch, num_classes=4, in_channels=1, groups=GROUPS)
+    donor = create_model(arch, num_classes=4, in_channels=1, groups=GROUPS, width=2.0)
+    layers = {"stem": "freeze", "body": "replace", "head": "finetune"}
+    student, layer_map = build_student(teacher, layers, "donor", 0.5, donor, (1, 8, 8), init_seed=0)
+    assert layer_map["body"] == {"action": "replace", "weights": f"donor {arch} x2", "width": 2.0}
+    assert student.net.body[0].out_channels == 16 and torch.equal(student.net.body[0].weight, donor.net.body[0].weight)
+    assert student.net.body[0].weight is not donor.net.body[0].weight  # a copy: training it leaves the donor alone
+    assert not any(p.requires_grad for p in student.group_module("stem").parameters())
+    assert {id(p) for p in trainable_parameters(student, layer_map)} == \
+        {id(p) for g in ("body", "head") for p in student.group_module(g).parameters()}
+    slim, slim_map = build_student(teacher, layers, "slim", 0.5, None, (1, 8, 8), init_seed=0)
+    assert slim_map["body"]["width"] == 0.5 and slim.net.body[0].out_channels == 4
+    assert teacher.net.body[0].out_channels == 8  # the teacher is never changed
