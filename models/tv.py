@@ -16,9 +16,9 @@ The width factor scales only the hidden channels inside a group:
 
 Pretrained weights (`pretrained=True`) are torchvision's DEFAULT weights, read through its weights API from the
 torch hub cache, `$TORCH_HOME/hub/checkpoints/<file>` (or `torch.hub.get_dir()/checkpoints` when set), downloading
-them when absent. Set `DISTILLSTUDY_OFFLINE` (any value but empty or 0) to never download: a missing file is then
-reported at once instead of waiting on the network. Either way a missing or unreadable file is a UserError naming
-the file and its path. The output layer is always freshly initialised for `num_classes`, and so is any group whose
+them when absent (`models.weights`). Set `DISTILLSTUDY_OFFLINE` (any value but empty or 0) to never download: a
+missing file is then reported at once instead of waiting on the network. Either way a missing or unreadable file is a
+UserError naming the file and its path. The output layer is always freshly initialised for `num_classes`, and so is any group whose
 width is not 1.0 (pretrained weights do not fit it). With `in_channels != 3` the pretrained stem kernel is summed
 over RGB and divided by `in_channels` for every input channel, so an image whose channels all hold the same grey
 value gets the response the RGB network gave that grey image.
@@ -27,25 +27,19 @@ value gets the response the RGB network gave that grey image.
 from __future__ import annotations
 
 import copy
-import os
 from collections import OrderedDict
 from functools import partial
 from typing import Callable
-from urllib.parse import urlparse
 
-import torch
 from torch import nn
-from torchvision.models import get_model_weights
 from torchvision.models.mobilenetv3 import InvertedResidual, _mobilenet_v3_conf
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 from torchvision.ops.misc import Conv2dNormActivation
 
-from .errors import UserError
 from .grouped import GroupedModel, scaled_width
 from .registry import register_model
 from .seeding import GeneratorDropout
-
-OFFLINE_ENV = "DISTILLSTUDY_OFFLINE"
+from .weights import adapt_stem, torchvision_state_dict
 
 
 def _init(module: nn.Module, linear_std: float | None = None) -> nn.Module:
@@ -186,21 +180,6 @@ def mobilenet_v3_small(num_classes: int, in_channels: int = 1, width: float = 1.
 
 # --- pretrained weights ---------------------------------------------------------------------------------------
 
-def _pretrained_state_dict(arch: str) -> dict[str, torch.Tensor]:
-    """torchvision's DEFAULT weights for `arch`, from the hub cache or downloaded; UserError when unavailable."""
-    weights = get_model_weights(arch).DEFAULT
-    # The path torch.hub.load_state_dict_from_url reads, so the message points at the file it would use.
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
-    fix = f"download {weights.url} and save it as {path}"
-    if not os.path.exists(path) and os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
-        raise UserError(f"pretrained {arch} weights are not on disk and {OFFLINE_ENV} forbids downloading: {fix}")
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
-    except Exception as e:  # network, disk, hash or unpickling failures all mean the same thing to the user
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
-        raise UserError(f"cannot load pretrained {arch} weights ({reason}); {fix}") from e
-
-
 def _load_pretrained(model: GroupedModel, renames: list[tuple[str, str]], stem_conv: str, out_layer: str,
                      in_channels: int) -> None:
     """Copy torchvision's pretrained weights into `model`'s width-1.0 groups, except the output layer.
@@ -209,7 +188,7 @@ def _load_pretrained(model: GroupedModel, renames: list[tuple[str, str]], stem_c
     convolution, adapted to `in_channels`; keys under `out_layer` keep their fresh initialisation.
     """
     state = {}
-    for key, value in _pretrained_state_dict(model.arch).items():
+    for key, value in torchvision_state_dict(model.arch).items():
         old, new = next(((o, n) for o, n in renames if key.startswith(o)), (None, None))
         if old is None:  # a torchvision layout change, not a user mistake
             raise RuntimeError(f"{model.arch}: no group for pretrained weight '{key}'")
@@ -217,7 +196,7 @@ def _load_pretrained(model: GroupedModel, renames: list[tuple[str, str]], stem_c
         if key.startswith(out_layer) or model.group_widths[key.split(".")[0]] != 1.0:
             continue
         if key == stem_conv and in_channels != 3:
-            value = value.sum(1, keepdim=True).div(in_channels).repeat(1, in_channels, 1, 1)
+            value = adapt_stem(value, in_channels)
         state[key] = value
     result = model.groups.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import GroupedModel, derive_seed, group_output_shapes, seeded_init
+from models.grouped import hook_group_outputs, in_prefixes
 
 from models.named import Registry
 
@@ -100,14 +101,13 @@ def feature_term(student: nn.Module, teacher: nn.Module, groups: list[str],
     """The `feature` term's computation (see `feature_mse`): hooks on `groups` of both models capture their outputs
     on every forward pass, so no model code changes. Returns (term, remove_hooks)."""
     captured: dict[str, dict[str, torch.Tensor]] = {"s": {}, "t": {}}
-    handles = []
-    for g in groups:
-        handles.append(student.groups[g].register_forward_hook(_capture(captured["s"], g)))
-        handles.append(teacher.groups[g].register_forward_hook(_capture(captured["t"], g)))
+    handles = hook_group_outputs(student, groups, captured["s"]) + hook_group_outputs(teacher, groups, captured["t"])
 
     def term() -> torch.Tensor:
         total = 0.0
         for g in groups:
+            if not torch.is_tensor(captured["s"].get(g)):  # a group of bare parameters gives no output
+                continue
             s, t = captured["s"][g].float(), captured["t"][g].float().detach()
             if g in adapters:
                 s = adapters[g](s)
@@ -128,16 +128,9 @@ def make_adapters(student_shapes: dict, teacher_shapes: dict, groups: list[str])
     adapters = nn.ModuleDict()
     for g in groups:
         s, t = student_shapes[g], teacher_shapes[g]
-        if s[0] != t[0]:
+        if s is not None and t is not None and s[0] != t[0]:
             adapters[g] = nn.Conv2d(s[0], t[0], 1) if len(s) == 3 else nn.Linear(s[0], t[0])
     return adapters
-
-
-def _capture(store: dict, name: str):
-    def hook(_module, _inputs, output):
-        store[name] = output
-
-    return hook
 
 
 # ---- params: L2-SP ----------------------------------------------------------------------------------------------
@@ -155,8 +148,8 @@ def l2sp_anchors(teacher: nn.Module, layer_map: dict) -> dict[str, torch.Tensor]
     """L2-SP's starting point: the teacher's source-trained weights of the groups the student inherits and trains
     (action finetune), under the student's parameter names. Replaced groups have no source weights to stay near;
     frozen ones cannot move."""
-    inherited = tuple(f"groups.{g}." for g, m in layer_map.items() if m["action"] == "finetune")
-    return {n: p.detach().clone() for n, p in teacher.named_parameters() if n.startswith(inherited)}
+    inherited = [p for g, m in layer_map.items() if m["action"] == "finetune" for p in teacher.group_prefixes(g)]
+    return {n: p.detach().clone() for n, p in teacher.named_parameters() if in_prefixes(n, inherited)}
 
 
 def params_l2(model: nn.Module, start: dict[str, torch.Tensor]) -> torch.Tensor:

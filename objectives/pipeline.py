@@ -116,7 +116,8 @@ def preflight(task: TaskData, model: ModelSettings, pipeline: PipelineSettings,
     get_replacement(pipeline.replace_with)
     stages = plan_stages(pipeline, choices)
     check_stage_data(stages, task, pipeline, choices)
-    teacher = create_model(model.arch, task.num_classes, task.image_shape[0], width=model.width)
+    teacher = create_model(model.arch, task.num_classes, task.image_shape[0], width=model.width,
+                           groups=model.groups or None)
     donor = _fresh_donor(task, model) if _needs_donor(pipeline, choices) else None
     _, layer_map = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor,
                                  task.image_shape, init_seed=pipeline.seed)
@@ -128,7 +129,8 @@ def _needs_donor(pipeline: PipelineSettings, choices: TrialChoices) -> bool:
 
 
 def _fresh_donor(task: TaskData, model: ModelSettings) -> GroupedModel:
-    return create_model(model.donor_arch or model.arch, task.num_classes, task.image_shape[0], width=model.donor_width)
+    return create_model(model.donor_arch or model.arch, task.num_classes, task.image_shape[0], width=model.donor_width,
+                        groups=model.groups or None)
 
 
 def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: PipelineSettings, choices: TrialChoices,

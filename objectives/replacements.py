@@ -96,8 +96,8 @@ def donor(ctx: GroupToReplace) -> tuple[nn.Module, float, str]:
     `model.donor_width`): a group with source-trained weights of a different width or architecture."""
     if ctx.donor is None:
         raise InvalidChoice("replace_with: donor needs a donor model (model.donor_arch)")
-    if ctx.group not in ctx.donor.groups:
+    if ctx.group not in ctx.donor.group_names:
         raise InvalidChoice(f"replace_with: donor {ctx.donor.arch} has no layer group '{ctx.group}' to replace it "
                             f"with; its groups: {', '.join(ctx.donor.group_names)}")
     width = ctx.donor.group_widths[ctx.group]
-    return copy.deepcopy(ctx.donor.groups[ctx.group]), width, f"donor {ctx.donor.arch} x{width:g}"
+    return copy.deepcopy(ctx.donor.group_module(ctx.group)), width, f"donor {ctx.donor.arch} x{width:g}"

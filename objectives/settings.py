@@ -36,12 +36,15 @@ def _registered(default: str, module: str, lister: str):
 class ModelSettings:
     """The config's `model` section."""
 
+    # A registered name, torchvision:NAME, timm:NAME or package.module:function (`models.external`).
     arch: str = "digitnet"
     width: float = _range(1.0, 0.05, 16.0)  # hidden-width factor of the teacher (and so of the student)
     teacher: str = _choices("train", "checkpoint", "pretrained")  # where the teacher comes from
     checkpoint: str = ""  # teacher state_dict file when teacher: checkpoint
     donor_arch: str = ""  # replace_with: donor takes groups from this model, trained on the source ('' = arch)
     donor_width: float = _range(2.0, 0.05, 16.0)  # hidden-width factor of the donor (wider = more accurate)
+    # Layer group -> module-name prefixes, input to output ({} = the architecture's default grouping).
+    groups: dict = field(default_factory=dict)
 
 
 @dataclass

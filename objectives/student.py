@@ -6,8 +6,8 @@ import copy
 
 import torch
 
-from models import GroupedModel, InvalidChoice, create_model, derive_seed, group_output_shapes, seeded_init
-from models.errors import did_you_mean
+from models import GroupedModel, InvalidChoice, UserError, create_model, derive_seed, group_output_shapes, seeded_init
+from models.errors import did_you_mean, first_line
 
 from .replacements import GroupToReplace, get_replacement
 from .settings import ACTIONS
@@ -31,12 +31,20 @@ def check_layer_actions(group_names: list[str], layers: dict[str, str]) -> None:
 
 def check_shapes(student: GroupedModel, teacher: GroupedModel, input_shape: tuple[int, ...]) -> None:
     """Every group of `student` must give the shape the teacher's gives (so groups can be mixed freely)."""
-    want = group_output_shapes(teacher, input_shape)
+    try:
+        want = group_output_shapes(teacher, input_shape)
+    except RuntimeError as exc:  # the architecture itself cannot take the task's images
+        raise UserError(f"model.arch {teacher.arch} cannot take the task's images {tuple(input_shape)}: "
+                        f"{first_line(exc)}") from None
+    head, classes = teacher.group_names[-1], getattr(teacher, "num_classes", None)  # set by create_model
+    if classes is not None and want[head] not in (None, (classes,)):
+        raise UserError(f"model.arch {teacher.arch}: its last layer group '{head}' gives shape {want[head]}, not "
+                        f"the task's {classes} class logits (the head must be the last group)")
     try:
         got = group_output_shapes(student, input_shape)
     except RuntimeError as exc:  # a group that cannot even take its input
         raise InvalidChoice(f"replaced layer groups do not fit the {teacher.arch} architecture: "
-                            f"{str(exc).splitlines()[0]}") from None
+                            f"{first_line(exc)}") from None
     for g in want:
         if got[g] != want[g]:
             raise InvalidChoice(f"replaced layer group '{g}' gives shape {got[g]}, "
@@ -61,7 +69,7 @@ def build_student(teacher: GroupedModel, layers: dict[str, str], replace_with: s
                 module, width, weights = get_replacement(replace_with).build(
                     GroupToReplace(teacher=teacher, group=group, slim_width=slim_width, donor=donor))
             student.replace_group(group, module.to(next(teacher.parameters()).device), width)
-        for p in student.groups[group].parameters():
+        for p in student.group_module(group).parameters():
             p.requires_grad_(action != "freeze")
         layer_map[group] = {"action": action, "weights": weights, "width": width}
     check_shapes(student, teacher, input_shape)
@@ -75,9 +83,11 @@ def frozen_groups(layer_map: dict) -> set[str]:
 
 def trainable_parameters(model: GroupedModel, layer_map: dict) -> list[torch.nn.Parameter]:
     """Parameters of the non-frozen groups."""
-    return [p for g in model.group_names if layer_map[g]["action"] != "freeze" for p in model.groups[g].parameters()]
+    return [p for g in model.group_names if layer_map[g]["action"] != "freeze"
+            for p in model.group_module(g).parameters()]
 
 
 def empty_model_like(model: GroupedModel, num_classes: int, in_channels: int) -> GroupedModel:
     """A fresh model with the same architecture and group widths (to load a saved student into)."""
-    return create_model(model.arch, num_classes, in_channels, group_widths=model.group_widths)
+    return create_model(model.arch, num_classes, in_channels, group_widths=model.group_widths,
+                        groups=model.custom_groups)

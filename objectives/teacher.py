@@ -29,6 +29,7 @@ import torch
 
 from models import GroupedModel, UserError, create_model, derive_seed, seeded_init
 from models.errors import first_line
+from models.registry import arch_fingerprint
 
 from .checkpoints import atomic_save
 from .device import place
@@ -66,7 +67,8 @@ def cache_key(role: str, arch: str, width: float, task: TaskData, model: ModelSe
               pipeline: PipelineSettings) -> str:
     """Hash of everything that determines a teacher: task data, architecture, training settings, seed, code."""
     parts = {
-        "role": role, "arch": arch, "width": width, "task": task.name, "data": task.fingerprint,
+        "role": role, "arch": arch, "arch_source": arch_fingerprint(arch), "groups": model.groups,
+        "width": width, "task": task.name, "data": task.fingerprint,
         "source": model.teacher if role == "teacher" else "train",
         "checkpoint": _file_hash(model.checkpoint) if role == "teacher" and model.teacher == "checkpoint" else "",
         "epochs": pipeline.teacher_epochs, "lr": pipeline.teacher_lr, "batch_size": pipeline.batch_size,
@@ -159,7 +161,8 @@ def _warn_if_near_chance(info: TeacherInfo, num_classes: int) -> None:
 def _fresh(role: str, arch: str, width: float, task: TaskData, model: ModelSettings) -> GroupedModel:
     in_channels = task.image_shape[0]
     pretrained = role == "teacher" and model.teacher == "pretrained"
-    net = create_model(arch, task.num_classes, in_channels, width=width, pretrained=pretrained)
+    net = create_model(arch, task.num_classes, in_channels, width=width, pretrained=pretrained,
+                       groups=model.groups or None)
     if role == "teacher" and model.teacher == "checkpoint":
         load_checkpoint(net, model.checkpoint)
     return net
@@ -177,8 +180,11 @@ def load_checkpoint(net: GroupedModel, path: str) -> None:
                         f"{first_line(exc)}") from None
     if not isinstance(state, dict):
         raise UserError(f"teacher checkpoint '{path}' is not a state_dict")
+    target = net
+    if hasattr(net, "group_spec") and not any(k.startswith("net.") for k in state):
+        target = net.net  # a state_dict of the bare network (torch.save(my_net.state_dict())), not of the wrapper
     try:
-        net.load_state_dict(state)
+        target.load_state_dict(state)
     except RuntimeError as exc:
         raise UserError(f"teacher checkpoint '{path}' does not fit {net.arch}: "
                         f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None

@@ -130,7 +130,7 @@ def set_train_mode(model: nn.Module, frozen: set[str]) -> None:
     """Train mode everywhere except frozen groups, whose BatchNorm running statistics must not move."""
     model.train()
     for name in frozen:
-        model.groups[name].eval()
+        model.group_module(name).eval()
 
 
 class _IndexStream:

@@ -198,17 +198,17 @@ def config_from_dict(raw: dict) -> Config:
 
 def _check_names(cfg: Config) -> None:
     """Registry names are checked at load time, with the key's path, so no study is created from a typo."""
-    from models.registry import get_builder
+    from models.registry import check_arch
     from objectives.tasks import get_task_info
 
-    checks = [("task.name", get_task_info, cfg.task.name), ("model.arch", get_builder, cfg.model.arch)]
+    checks = [("task.name", get_task_info, cfg.task.name), ("model.arch", check_arch, cfg.model.arch)]
     if cfg.model.donor_arch:
-        checks.append(("model.donor_arch", get_builder, cfg.model.donor_arch))
+        checks.append(("model.donor_arch", check_arch, cfg.model.donor_arch))
     for where, lookup, name in checks:
         try:
             lookup(name)
         except UserError as exc:
-            raise UserError(f"{where}: {exc}") from None
+            raise UserError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
 
 
 def _check_keys(data, allowed, path: str) -> None:

@@ -139,7 +139,8 @@ def parse_search(raw, cfg) -> SearchSpace:
     for name, spec in PARAMS.items():
         space.params[name] = _parse_param(name, spec, raw.get(name, spec.default))
     # Group names depend only on the architecture, so a throwaway 2-class model answers.
-    space.groups = create_model(cfg.model.arch, num_classes=2, in_channels=1, width=cfg.model.width).group_names
+    space.groups = create_model(cfg.model.arch, num_classes=2, in_channels=1, width=cfg.model.width,
+                                groups=cfg.model.groups or None).group_names
     layers = raw.get("layers") or {}
     if not isinstance(layers, dict):
         raise UserError("search.layers: expected a mapping of layer group -> action (and 'actions: [...]')")

@@ -64,6 +64,7 @@ class DomainPool:
 
     train: LabeledImages | FolderImages
     test: LabeledImages | FolderImages | None = None
+    unlabeled: LabeledImages | None = None  # extra unlabelled images (target only), added to its unlabelled pool
 
 
 @dataclass
@@ -145,7 +146,14 @@ def unregister_task(name: str) -> None:
 
 
 def get_task_info(name: str) -> TaskInfo:
-    """The registry entry of task `name`, or a UserError naming the valid tasks."""
+    """The registry entry of task `name` (or of a user's `package.module:function`, see `tasks.user`), or a
+    UserError naming the valid tasks."""
+    from models.imports import is_import_path
+
+    if is_import_path(name):
+        from .user import user_task_info
+
+        return user_task_info(name)
     return _TASKS.get(name)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from models.errors import UserError
 
-from .base import DomainPool, TaskData, TaskInfo, TaskOptions
+from .base import DomainPool, LabeledImages, TaskData, TaskInfo, TaskOptions
 from .folder import FolderImages, Images
 
 
@@ -78,6 +78,12 @@ def split_task(info: TaskInfo, source: DomainPool, target: DomainPool, class_nam
     s_train, s_val, s_test = _split_domain(source, options, g)
     t_train, t_val, t_test = _split_domain(target, options, g)
     labeled, unlabeled = _labeled_subset(t_train, options.target_labeled_per_class, g)
+    if target.unlabeled is not None:  # a task's own unlabelled target images join the pool
+        extra = _cap(target.unlabeled, options.max_per_domain, g)
+        if extra.image_shape != unlabeled.image_shape:
+            raise UserError(f"task '{info.name}': unlabelled images {extra.image_shape} and target images "
+                            f"{unlabeled.image_shape} differ in shape")
+        unlabeled = LabeledImages(torch.cat([unlabeled.x, extra.x]), torch.cat([unlabeled.y, extra.y]))
     parts = (s_train, s_val, s_test, labeled, unlabeled, t_val, t_test)
     return TaskData(info.name, info.shift, class_names, *parts, allow_flip=info.allow_flip,
                     fingerprint=fingerprint(*parts, extra=info.name))

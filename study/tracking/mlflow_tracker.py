@@ -221,7 +221,7 @@ class MlflowTracker:
             # be held there for as long as the queue is behind.
             model = result.student
             meta = {"arch": model.arch, "num_classes": model.num_classes, "in_channels": model.in_channels,
-                    "group_widths": model.group_widths}
+                    "group_widths": model.group_widths, "groups": model.custom_groups}
             if tracking.log_weights == "all" or (tracking.log_weights == "best" and improved):
                 weights = cpu_state(model)
             result = dataclasses.replace(result, student=None, models={})
