@@ -109,7 +109,10 @@ def format_trial(result: TrialResult) -> str:
     lines.append(f"value: target val acc of the delivered model, stage '{result.best_stage}' "
                  f"(select: {result.select}; recipe {result.recipe}): {result.value:.4f}")
     lines.append("layers: " + ", ".join(f"{g}={m['action']}" for g, m in result.layer_map.items()))
-    lines.append(f"student params: {result.student_params:,} (teacher {result.teacher_params:,}); "
+    lines += [f"adapter after {g}: {a['kind']} rank {a['rank']} on {a['channels']} channels, {a['params']:,} params"
+              for g, m in result.layer_map.items() if (a := m.get("adapter"))]
+    lines.append(f"student params: {result.student_params:,}, trained {result.trainable_params:,} "
+                 f"(teacher {result.teacher_params:,}); "
                  f"teacher cache: {result.teacher.cache}; epochs trained: {result.total_epochs} of {result.budget}; "
                  f"epochs to threshold: {result.epochs_to_threshold}; "
                  f"{result.seconds:.1f} s on {result.device}")
