@@ -121,8 +121,10 @@ class SearchSpace:
         return {g: self.pinned_layers.get(g, self.actions) for g in self.groups}
 
     def is_empty(self) -> bool:
-        """True when nothing is left to search (every choice pinned)."""
-        return all(p.mode == "fixed" for p in self.params.values()) and \
+        """True when nothing is left to search (every choice pinned, or never sampled: the adapter rank where no
+        group can be adapted)."""
+        adapts = any("adapt" in a for a in self.group_actions().values())
+        return all(p.mode == "fixed" for n, p in self.params.items() if n != "adapter_rank" or adapts) and \
             all(len(a) == 1 for a in self.group_actions().values())
 
     def defaults(self, recipe: str | None = None) -> TrialChoices:
