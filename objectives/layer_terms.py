@@ -18,7 +18,6 @@ uses the unlabelled target pool (`uses_target_pool`: the pool is then trained on
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -87,9 +86,8 @@ class TermOptions:
 
 
 LayerTermBuilder = Callable[[LayerTermContext], LayerTerm]
-# The built-in terms outside this module register when the registry is first read.
-_TERMS: Registry[LayerTermBuilder] = Registry("layer term",
-                                              loaders=[lambda: importlib.import_module("objectives.dann")])
+# Built-in terms outside this module (`objectives.dann`) register when the package is imported (its __init__).
+_TERMS: Registry[LayerTermBuilder] = Registry("layer term")
 _OPTIONS: dict[str, TermOptions] = {}
 
 

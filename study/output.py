@@ -11,11 +11,12 @@ from objectives.pipeline import TrialResult
 
 from .record import TrialRecord
 
-_SHORT = {"finetune": "ft", "freeze": "fr", "replace": "rp"}
+_SHORT = {"finetune": "ft", "freeze": "fr", "replace": "rp", "adapt": "ad"}
 
 
 def format_trial_line(trial: optuna.trial.FrozenTrial) -> str:
-    """`trial   7 COMPLETE 0.8613 stem=ft block1=fr ... alpha=0.42 T=3.1 lr=0.0021  3.2s`."""
+    """`trial   7 COMPLETE 0.8613 stem=ft block1=fr ... alpha=0.42 T=3.1 lr=0.0021 dann*0.31  3.2s` (the layer
+    term and its beta when one ran)."""
     r = TrialRecord(trial)
     value = "/".join(f"{v:.4f}" for v in trial.values) if trial.values else "-"
     if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
@@ -25,6 +26,8 @@ def format_trial_line(trial: optuna.trial.FrozenTrial) -> str:
     layers = " ".join(f"{g}={_SHORT.get(a, a)}" for g, a in r.layers.items())
     shown = ["alpha", "temperature", "lr"] if choices.get("alpha") else ["alpha", "lr"]  # T matters only with KD
     extra = " ".join(f"{'T' if k == 'temperature' else k}={choices[k]:.3g}" for k in shown if k in choices)
+    if choices.get("beta") and choices.get("layer_term", "none") != "none":  # a layer term ran
+        extra = f"{extra} {choices['layer_term']}*{choices['beta']:.2g}"
     if choices.get("recipe", "distill") != "distill" and not r.baseline:
         extra = f"recipe={choices['recipe']} {extra}"
     tag = f" [{r.baseline}]" if r.baseline else ""
