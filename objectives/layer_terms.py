@@ -1,7 +1,8 @@
-"""Beta's term (`pipeline.layer_term`): a loss on the student's layers, added as `beta * term` in distilling stages.
+"""Beta's term (`search.layer_term`, default `pipeline.layer_term`): a loss on the student's layers, added as
+`beta * term` in distilling stages.
 
 Terms are registered by name; adding one is one decorated builder here (or in any imported module), with no edit
-elsewhere: `pipeline.layer_term` accepts every registered name.
+elsewhere: `search.layer_term` and `pipeline.layer_term` accept every registered name.
 
     @register_layer_term("name")
     def name(ctx: LayerTermContext) -> LayerTerm: ...

@@ -49,7 +49,8 @@ def write_result(trial: optuna.Trial, result: TrialResult) -> None:
     attrs = {"stages": {k: asdict(v) for k, v in result.stages.items()}, "best_stage": result.best_stage,
              "select": result.select, "budget": result.budget, "model_hash": result.model_hash,
              "epochs_to_threshold": result.epochs_to_threshold, "student_params": result.student_params,
-             "trainable_params": result.trainable_params, "total_epochs": result.total_epochs, "seconds": round(result.seconds, 3),
+             "trainable_params": result.trainable_params, "total_epochs": result.total_epochs,
+             "seconds": round(result.seconds, 3),
              "layer_map": result.layer_map, "teacher_key": result.teacher.key, "teacher_cache": result.teacher.cache}
     for key, value in attrs.items():
         trial.set_user_attr(key, value)

@@ -51,7 +51,8 @@ def test_the_domain_loss_weighs_both_domains_equally_and_needs_both():
 def _context(student, teacher, pipeline=None):
     return LayerTermContext(student=student, teacher=teacher, source_teacher=teacher,
                             layer_map={g: {"action": "finetune"} for g in GROUPS}, image_shape=(1, 8, 8),
-                            device=torch.device("cpu"), seed=0, stage="distill", pipeline=pipeline or PipelineSettings())
+                            device=torch.device("cpu"), seed=0, stage="distill",
+                            pipeline=pipeline or PipelineSettings())
 
 
 @pytest.mark.parametrize("progress", [0.3, 0.9])

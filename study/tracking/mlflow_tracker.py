@@ -275,6 +275,7 @@ class MlflowTracker:
         choices = TrialChoices.from_flat(result.params)
         trial_config["search"] = {**{k: v for k, v in vars(choices).items() if k != "layers"},
                                   "layers": dict(choices.layers)}
+        trial_config["pipeline"]["layer_term"] = choices.layer_term  # the old key agrees with the pinned term
         self.client.log_text(run_id, yaml.safe_dump(trial_config, sort_keys=False), "config.yaml")
         if weights is not None:
             self._log_state_dict(run_id, weights, "model")
