@@ -289,6 +289,20 @@ def resolve_choices(space: SearchSpace, replace_with: str, pick: Callable[[str],
                         slim_width=slim_width, layer_term=layer_term, adapter_rank=adapter_rank, augment=augment)
 
 
+def applicable_choices(space: SearchSpace, replace_with: str, flat: dict) -> set[str]:
+    """The parameters a trial that ran with the recorded choices `flat` had a say in: `resolve_choices`' picks for
+    those values (a conditional choice counts only where it applied: no layer term for the finetune recipe, no
+    adapter rank without an adapted group)."""
+    picked: set[str] = set()
+
+    def pick(name: str):
+        picked.add(name)
+        return flat.get(name, space.params[name].default())
+
+    resolve_choices(space, replace_with, pick, lambda g, acts: flat.get(f"layers.{g}", acts[0]))
+    return picked
+
+
 def grid_space(space: SearchSpace) -> dict[str, list]:
     """GridSampler's search_space: every Optuna parameter name with the values to visit."""
     grid = {f"layers.{g}": acts for g, acts in space.group_actions().items() if len(acts) > 1}

@@ -21,6 +21,7 @@ from models.errors import first_line
 
 from ..baselines import BASELINES
 from ..record import TrialRecord
+from ..search import applicable_choices
 from ..storage import mask_url
 from ..studies import load_study
 from .stats import (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, MIN_INTERVAL_TRIALS, choice_effects,
@@ -73,7 +74,8 @@ def build_report(name: str, url: str):
     data["groups"] = group_effects(trials, config.search.groups, objective)
     # Every other searched set of choices (the layer term, the recipe, ...) gets the same table.
     searched = [n for n, p in config.search.params.items() if p.mode == "categorical" and len(p.choices) > 1]
-    data["choices"] = choice_effects(trials, searched, objective)
+    data["choices"] = choice_effects(trials, searched, objective,
+                                     lambda flat: applicable_choices(config.search, config.pipeline.replace_with, flat))
     data["confirmation"] = confirmation(name, url)
     data["bootstrap"] = {"method": "percentile bootstrap of the mean", "resamples": BOOTSTRAP_RESAMPLES,
                          "seed": BOOTSTRAP_SEED, "level": BOOTSTRAP_LEVEL, "min_trials": MIN_INTERVAL_TRIALS,

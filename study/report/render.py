@@ -83,9 +83,9 @@ def _choice_table(data: dict) -> Table | None:
     if not choices:
         return None
     intro = ("The same for every other searched set of choices (the layer term, the recipe, ...): each value's "
-             "completed trials, mean and best target val acc and interval. A trial counts for a choice only where it "
-             "sampled it (the layer term of a finetune-recipe trial is not counted). The value with the best mean "
-             "is marked *.")
+             "completed trials, mean and best target val acc and interval. A trial counts for a choice only where the "
+             "choice applied (the layer term of a finetune-recipe trial, a baseline's included, is not counted). The "
+             "value with the best mean is marked *.")
     table = Table("Per-choice effect", intro, ["choice", "value", "completed", "pruned", "mean", "95% interval",
                                                "best", "best trial"])
     _effect_rows(table, choices)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable
 
 import numpy as np
 import optuna
@@ -85,12 +86,13 @@ def group_effects(trials, groups: list[str], objective: list[str]) -> dict:
     return {g: _effect_rows(cells[g], pruned[g], ACTIONS) for g in cells}
 
 
-def choice_effects(trials, names: list[str], objective: list[str]) -> dict:
+def choice_effects(trials, names: list[str], objective: list[str], applies: Callable[[dict], set[str]]) -> dict:
     """The effect table of other choices (the layer term, the recipe, ...): for each name in `names` and each
     value it took, the same row as `group_effects`' (completed and pruned trials, mean and best target val acc, the
     interval from MIN_INTERVAL_TRIALS on, the best trial), and the value with the best mean. A trial counts for a
-    choice only where it sampled it (a conditional choice that did not apply, e.g. the layer term of a finetune
-    recipe trial, says nothing about it), with the value it ran with; identical delivered models count once."""
+    choice only where it applied (`applies(recorded choices)` names them: the layer term of a finetune-recipe
+    trial, a baseline's included, says nothing about layer terms), with the value it ran with; identical delivered
+    models count once."""
     cells: dict[str, dict] = {n: {} for n in names}
     pruned: dict[str, dict] = {n: {} for n in names}
     seen: set[str] = set()
@@ -100,10 +102,11 @@ def choice_effects(trials, names: list[str], objective: list[str]) -> dict:
             if r.model_hash in seen:
                 continue
             seen.add(r.model_hash)
+        had_a_say = applies(r.choices) if r.attrs.get("choices") else set()
         for n in names:
-            if n not in t.params:
+            if n not in had_a_say or n not in r.choices:  # records older than the choice have no value for it
                 continue
-            value = str(r.choices.get(n, t.params[n]))
+            value = str(r.choices[n])
             if t.state == TrialState.PRUNED:
                 pruned[n][value] = pruned[n].get(value, 0) + 1
             elif t.state == TrialState.COMPLETE and (acc := target_val_acc(t, objective)) is not None:
