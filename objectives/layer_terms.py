@@ -1,14 +1,20 @@
-"""Beta's term (`pipeline.layer_term`): a loss on the student's layers, added as `beta * term` in distilling stages.
+"""Beta's term (`search.layer_term`, default `pipeline.layer_term`): a loss on the student's layers, added as
+`beta * term` in distilling stages.
 
 Terms are registered by name; adding one is one decorated builder here (or in any imported module), with no edit
-elsewhere: `pipeline.layer_term` accepts every registered name.
+elsewhere: `search.layer_term` and `pipeline.layer_term` accept every registered name.
 
     @register_layer_term("name")
     def name(ctx: LayerTermContext) -> LayerTerm: ...
 
 A builder runs once per distilling stage (only when beta > 0), after the student and the stage's frozen teacher
-exist and before the first step; its `term()` is called after every training forward pass, and `close()` once the
-stage ends (also when it fails), so hooks never outlive their stage.
+exist and before the first step; its `on_step(StepInfo)` (when given) before every training forward pass, with the
+batch's rows by domain and the stage's progress; its `term()` after every training forward pass, and `close()` once
+the stage ends (also when it fails), so hooks never outlive their stage. A registration may also say that the term
+uses the unlabelled target pool (`uses_target_pool`: the pool is then trained on even without KD) and give a
+`check(LayerTermPlan)` that rejects, before any training, choices with which the term could not work.
+
+`none` is no term at all (never registered): the value of `search.layer_term` that turns beta's term off.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ from models.grouped import hook_group_outputs, in_prefixes
 
 from models.named import Registry
 
+from .settings import PipelineSettings
+from .train import DataSource, StepInfo
+
+NO_TERM = "none"  # search.layer_term / pipeline.layer_term: no layer term (beta is then not sampled)
+
 
 @dataclass
 class LayerTermContext:
@@ -38,11 +49,22 @@ class LayerTermContext:
     device: torch.device
     seed: int  # the trial's run seed: derive a seed per use with `models.derive_seed(seed, "what", stage)`
     stage: str  # the stage's name: distill | retrain-<g>
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)  # a term's own settings (`dann_group`)
 
     @property
     def trained(self) -> list[str]:
-        """The groups the stage trains (action finetune or replace), input to output."""
+        """The groups the stage trains (action finetune, replace or adapt), input to output."""
         return [g for g, m in self.layer_map.items() if m["action"] != "freeze"]
+
+
+@dataclass(frozen=True)
+class LayerTermPlan:
+    """What a term's `check` sees before any training: the student's layer map, the pipeline's settings and the
+    data sources of every distilling stage (stage -> sources with data and weight)."""
+
+    layer_map: dict
+    pipeline: PipelineSettings
+    stage_sources: dict[str, list[DataSource]]
 
 
 @dataclass
@@ -53,14 +75,29 @@ class LayerTerm:
     term: Callable[[], torch.Tensor]
     params: list[nn.Parameter] = field(default_factory=list)
     close: Callable[[], None] = lambda: None
+    on_step: Callable[[StepInfo], None] | None = None  # told each step's batch layout and progress, before forward
+
+
+@dataclass(frozen=True)
+class TermOptions:
+    """How a registered term is run: `uses_target_pool` trains on the unlabelled target pool even at alpha 0;
+    `check(LayerTermPlan)` raises `models.InvalidChoice` for choices the term cannot work with."""
+
+    uses_target_pool: bool = False
+    check: Callable[[LayerTermPlan], None] | None = None
 
 
 LayerTermBuilder = Callable[[LayerTermContext], LayerTerm]
+# Built-in terms outside this module (`objectives.dann`) register when the package is imported (its __init__).
 _TERMS: Registry[LayerTermBuilder] = Registry("layer term")
+_OPTIONS: dict[str, TermOptions] = {}
 
 
-def register_layer_term(name: str) -> Callable[[LayerTermBuilder], LayerTermBuilder]:
-    """Decorator: register a builder `(LayerTermContext) -> LayerTerm` as `pipeline.layer_term: <name>`.
+def register_layer_term(name: str, uses_target_pool: bool = False,
+                        check: Callable[[LayerTermPlan], None] | None = None
+                        ) -> Callable[[LayerTermBuilder], LayerTermBuilder]:
+    """Decorator: register a builder `(LayerTermContext) -> LayerTerm` as `search.layer_term` / `pipeline.layer_term`
+    `<name>`, with its `TermOptions`.
 
     Example:
         >>> @register_layer_term("logits_l1")
@@ -70,12 +107,37 @@ def register_layer_term(name: str) -> Callable[[LayerTermBuilder], LayerTermBuil
         True
         >>> unregister_layer_term("logits_l1")
     """
-    return lambda builder: _TERMS.add(name, builder)
+    if name == NO_TERM:
+        raise ValueError(f"layer term '{NO_TERM}' means no term and cannot be registered")
+
+    def add(builder: LayerTermBuilder) -> LayerTermBuilder:
+        _TERMS.add(name, builder)
+        _OPTIONS[name] = TermOptions(uses_target_pool, check)
+        return builder
+
+    return add
 
 
-# The builder registered as a name (else a UserError naming the registered ones); the names in registration order;
-# removing one (for tests that register their own term).
-get_layer_term, list_layer_terms, unregister_layer_term = _TERMS.get, _TERMS.names, _TERMS.remove
+# The builder registered as a name (else a UserError naming the registered ones); the names in registration order.
+get_layer_term, list_layer_terms = _TERMS.get, _TERMS.names
+
+
+def unregister_layer_term(name: str) -> None:
+    """Remove a registered term (for tests that register their own)."""
+    _TERMS.remove(name)
+    _OPTIONS.pop(name, None)
+
+
+def layer_term_options(name: str) -> TermOptions:
+    """The options a term was registered with (`none` has the defaults)."""
+    if name != NO_TERM:
+        get_layer_term(name)  # a UserError naming the registered terms
+    return _OPTIONS.get(name, TermOptions())
+
+
+def layer_term_choices() -> list[str]:
+    """Every value `search.layer_term` and `pipeline.layer_term` accept: `none`, then the registered terms."""
+    return [NO_TERM, *list_layer_terms()]
 
 
 # ---- feature: FitNets-style feature matching --------------------------------------------------------------------

@@ -13,6 +13,7 @@ the result (value, accuracies, `student_params`, `student`) describes that model
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import threading
 import time
@@ -24,7 +25,7 @@ from models import GroupedModel, create_model, derive_seed
 
 from .checkpoints import StageCheckpoints
 from .device import place, resolve_device
-from .layer_terms import LayerTermContext, get_layer_term
+from .layer_terms import NO_TERM, LayerTermContext, LayerTermPlan, get_layer_term, layer_term_options
 from .replacements import get_replacement
 from .settings import ModelSettings, PipelineSettings, TrialChoices
 from .stages import Stage, check_stage_data, plan_stages, stage_sources
@@ -62,7 +63,7 @@ class TrialResult:
     stages: dict[str, StageResult]
     params: dict
     layer_map: dict
-    student_params: int
+    student_params: int  # every parameter of the delivered model, adapters included (its size)
     teacher_params: int
     teacher: TeacherInfo
     donor: TeacherInfo | None
@@ -74,6 +75,9 @@ class TrialResult:
     run_seed: int  # seeded the students' initialisation and batch order
     model_hash: str  # fingerprint of the delivered weights: two trials that deliver the same model share it
     student: GroupedModel = field(repr=False)  # the delivered model
+    # The delivered model's parameters the trial trained (fine-tuned and replaced groups, adapters); frozen and
+    # adapted groups keep the teacher's. `student_params` - `trainable_params` are the teacher's, unchanged.
+    trainable_params: int = 0
     models: dict = field(default_factory=dict, repr=False)  # stage -> model (the teacher included, for reference)
 
     def to_dict(self) -> dict:
@@ -82,7 +86,8 @@ class TrialResult:
             "value": self.value, "best_stage": self.best_stage, "select": self.select, "recipe": self.recipe,
             "stages": {k: asdict(v) for k, v in self.stages.items()},
             "params": self.params, "layer_map": self.layer_map, "student_params": self.student_params,
-            "teacher_params": self.teacher_params, "teacher_cache": self.teacher.cache, "teacher_key": self.teacher.key,
+            "trainable_params": self.trainable_params, "teacher_params": self.teacher_params,
+            "teacher_cache": self.teacher.cache, "teacher_key": self.teacher.key,
             "donor_cache": self.donor.cache if self.donor else None, "epochs_to_threshold": self.epochs_to_threshold,
             "total_epochs": self.total_epochs, "budget": self.budget, "seconds": self.seconds, "device": self.device,
             "run_seed": self.run_seed, "model_hash": self.model_hash,
@@ -110,9 +115,11 @@ def get_task(options: TaskOptions, seed: int, device: torch.device) -> TaskData:
 def preflight(task: TaskData, model: ModelSettings, pipeline: PipelineSettings,
               choices: TrialChoices) -> tuple[list[Stage], dict]:
     """Reject impossible choices before any training: unknown groups/actions, shapes that do not fit, a stage
-    with nothing to train on, an unregistered layer term or replacement strategy. Returns the recipe's stages and
-    the student's layer map (it depends on the architecture and the choices, not on any weights)."""
-    get_layer_term(pipeline.layer_term)
+    with nothing to train on, an unregistered layer term or replacement strategy, a layer term its own check
+    rejects. Returns the recipe's stages and the student's layer map (it depends on the architecture and the
+    choices, not on any weights). `choices.layer_term` must be resolved (see `run_trial`)."""
+    term = choices.layer_term if choices.beta > 0 else NO_TERM  # beta 0: no term is built, whatever its name
+    options = layer_term_options(choices.layer_term)  # an unknown name fails here, beta or not
     get_replacement(pipeline.replace_with)
     stages = plan_stages(pipeline, choices)
     check_stage_data(stages, task, pipeline, choices)
@@ -120,7 +127,11 @@ def preflight(task: TaskData, model: ModelSettings, pipeline: PipelineSettings,
                            groups=model.groups or None)
     donor = _fresh_donor(task, model) if _needs_donor(pipeline, choices) else None
     _, layer_map = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor,
-                                 task.image_shape, init_seed=pipeline.seed)
+                                 task.image_shape, init_seed=pipeline.seed, adapter_rank=choices.adapter_rank)
+    if term != NO_TERM and options.check is not None:
+        distilling = {s.name: stage_sources(s, task, pipeline, choices) for s in stages if s.kind != "finetune"}
+        if distilling:
+            options.check(LayerTermPlan(layer_map=layer_map, pipeline=pipeline, stage_sources=distilling))
     return stages, layer_map
 
 
@@ -146,6 +157,9 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
     With `checkpoints`, every finished stage is saved and a saved trial resumes after its last finished stage
     (its earlier per-epoch values are reported again, so the pruner sees the whole curve)."""
     started = time.perf_counter()
+    # The term a trial runs is its own choice; '' (a caller that did not choose) is the pipeline's default, resolved
+    # here so the result records the term that ran.
+    choices = dataclasses.replace(choices, layer_term=choices.layer_term or pipeline.layer_term)
     device = resolve_device(pipeline.device)
     if device.type == "cpu" and pipeline.cpu_threads > 0:
         torch.set_num_threads(pipeline.cpu_threads)
@@ -170,7 +184,8 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
     def fresh_student(generation: int) -> GroupedModel:
         # Generation 0 is the finetune stage's student; each born-again generation starts from a fresh one.
         student, _ = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor,
-                                   task.image_shape, init_seed=derive_seed(seed, "student", generation))
+                                   task.image_shape, init_seed=derive_seed(seed, "student", generation),
+                                   adapter_rank=choices.adapter_rank)
         return place(student, device)
 
     models: dict[str, GroupedModel] = {}
@@ -221,7 +236,7 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
         total_epochs=sum(r.epochs for r in runs.values()), budget=stages[-1].last_step,
         seconds=time.perf_counter() - started, device=str(device), run_seed=seed,
         model_hash=weights_hash(models[delivered]), student=models[delivered],
-        models={"teacher": teacher, **models})
+        models={"teacher": teacher, **models}, trainable_params=_count(models[delivered], trainable=True))
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -263,19 +278,20 @@ def _distill(stage: Stage, student: GroupedModel, teacher: GroupedModel, source_
              layer_map: dict, sources: list, task: TaskData, pipeline: PipelineSettings, choices: TrialChoices,
              ctx: LoopContext, seed: int) -> StageRun:
     """Distill `teacher` (a frozen copy) into the student's trainable groups. With beta > 0, the registered layer
-    term `pipeline.layer_term` is built for this stage (its extra parameters trained too) and closed after it."""
+    term `choices.layer_term` is built for this stage (its extra parameters trained too) and closed after it."""
     teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
     params = trainable_parameters(student, layer_map)
     term = None
-    if choices.beta > 0:  # beta 0 builds no term: no hooks, no adapters, no extra work per step
-        term = get_layer_term(pipeline.layer_term)(LayerTermContext(
+    if choices.beta > 0 and choices.layer_term != NO_TERM:  # else no term: no hooks, no extra work per step
+        term = get_layer_term(choices.layer_term)(LayerTermContext(
             student=student, teacher=teacher, source_teacher=source_teacher, layer_map=layer_map,
-            image_shape=task.image_shape, device=ctx.device, seed=seed, stage=stage.name))
+            image_shape=task.image_shape, device=ctx.device, seed=seed, stage=stage.name, pipeline=pipeline))
         params += term.params
     spec = StageSpec(name=stage.name, epochs=stage.epochs, sources=sources, params=params, lr=choices.lr,
                      frozen=frozen_groups(layer_map), teacher=teacher, alpha=choices.alpha,
                      temperature=choices.temperature, beta=choices.beta,
-                     layer_term=term.term if term is not None else None, threshold=choices.threshold,
+                     layer_term=term.term if term is not None else None,
+                     on_step=term.on_step if term is not None else None, threshold=choices.threshold,
                      augment=choices.augment, weight_decay=pipeline.weight_decay, compile=pipeline.compile)
     try:
         return train_stage(student, spec, ctx)
@@ -311,5 +327,5 @@ def _evaluate(model: GroupedModel, run: StageRun, task: TaskData, bs: int, worke
                        first_step=run.first_step, kd_teacher=run.kd_teacher, sources=dict(run.sources))
 
 
-def _count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _count(model: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-ACTIONS = ("freeze", "finetune", "replace")
+# adapt: the group frozen (teacher weights, BatchNorm statistics untouched) and a zero-initialised residual adapter
+# inserted after it and trained (`models.adapters`).
+ACTIONS = ("freeze", "finetune", "replace", "adapt")
 # distill: finetune -> distill -> born-again generations; finetune: one cross-entropy stage for the same epoch budget,
 # no teacher signal (the recipe of the finetune-all and head-only baselines).
 RECIPES = ("distill", "finetune")
@@ -72,8 +74,11 @@ class PipelineSettings:
     retrain_epochs: int = _range(4, 0, 10000)  # per generation
     # Where a replaced group's module comes from: reinit | slim | donor (`objectives.replacements`).
     replace_with: str = _registered("reinit", "objectives.replacements", "list_replacements")
-    # beta's term: feature MSE | params, L2-SP to the source weights (`objectives.layer_terms`).
-    layer_term: str = _registered("feature", "objectives.layer_terms", "list_layer_terms")
+    # beta's term when `search.layer_term` is not given (its default; kept so older configs run unchanged): none |
+    # feature MSE | params, L2-SP to the source weights | dann, domain-adversarial (`objectives.layer_terms`).
+    layer_term: str = _registered("feature", "objectives.layer_terms", "layer_term_choices")
+    # The group whose output the dann term's domain classifier reads ('' = the last group before the head).
+    dann_group: str = ""
     retrain_on: str = _choices("both", "source", "target")
     distill_teacher: str = _choices("best", "source")  # distill's teacher: better of teacher/finetune, or the source
     # The model a trial delivers (and every figure it reports): the student stage with the best target validation
@@ -94,7 +99,7 @@ class PipelineSettings:
 class TrialChoices:
     """One trial's choices: what the study searches over (the config's `search` section, resolved)."""
 
-    layers: dict[str, str]  # layer group -> freeze | finetune | replace
+    layers: dict[str, str]  # layer group -> freeze | finetune | replace | adapt
     recipe: str = "distill"  # one of RECIPES
     temperature: float = 4.0
     alpha: float = 0.5  # weight of the KD term (1 - alpha on the label term); 0 = no KD, unlabelled pool unused
@@ -104,6 +109,9 @@ class TrialChoices:
     source_weight: float = 0.5  # weight of the source data's loss terms (0 = target only)
     generations: int = 1  # born-again generations (recipe finetune: only sets the epoch budget)
     slim_width: float = 0.5  # width factor of slim replacements
+    # beta's term: none | a registered layer term; '' = the pipeline's `layer_term` (run_trial resolves it).
+    layer_term: str = ""
+    adapter_rank: int = 8  # rank of the residual adapters of adapted groups (full 1x1 map from the width on)
     augment: bool = False
 
     def flat(self) -> dict:

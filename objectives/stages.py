@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from models import InvalidChoice
 
+from .layer_terms import NO_TERM, layer_term_options
 from .settings import PipelineSettings, TrialChoices
 from .tasks import TaskData
 from .train import DataSource
@@ -67,14 +68,15 @@ def stage_sources(stage: Stage, task: TaskData, pipeline: PipelineSettings,
                   choices: TrialChoices) -> list[DataSource]:
     """The data a stage trains on, each source with the weight of its loss terms (sources with no data or no
     weight left out). The unlabelled target pool has only a KD term (no label exists), so it is used only when
-    alpha > 0: alpha 0 means no teacher signal."""
+    alpha > 0 (alpha 0 means no teacher signal), or when beta's term uses it (`dann`: its domain classifier's target
+    examples, with no KD term at alpha 0)."""
     return [s for s in _candidate_sources(stage, task, pipeline, choices) if s.weight > 0 and len(s.data) > 0]
 
 
 def _candidate_sources(stage: Stage, task: TaskData, pipeline: PipelineSettings,
                        choices: TrialChoices) -> list[DataSource]:
     labeled = DataSource("target_labeled", task.target_labeled, 1.0)
-    unlabeled = DataSource("target_unlabeled", task.target_unlabeled, 1.0 if choices.alpha > 0 else 0.0,
+    unlabeled = DataSource("target_unlabeled", task.target_unlabeled, 1.0 if _uses_pool(choices) else 0.0,
                            labeled=False)
     source = DataSource("source", task.source_train, choices.source_weight)
     if stage.kind == "finetune":
@@ -84,6 +86,12 @@ def _candidate_sources(stage: Stage, task: TaskData, pipeline: PipelineSettings,
     if pipeline.retrain_on == "target":
         return [labeled, unlabeled]
     return [DataSource("source", task.source_train, 1.0)]
+
+
+def _uses_pool(choices: TrialChoices) -> bool:
+    term = choices.layer_term
+    return choices.alpha > 0 or (choices.beta > 0 and term not in ("", NO_TERM)
+                                 and layer_term_options(term).uses_target_pool)
 
 
 # Why a source contributes nothing: (no data, no weight).

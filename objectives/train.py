@@ -47,6 +47,21 @@ class DataSource:
     weight: float
     labeled: bool = True  # False: the teacher's soft labels stand in for labels
 
+    @property
+    def domain(self) -> str:
+        """source | target (the target's labelled subset and its unlabelled pool are both the target domain)."""
+        return "target" if self.name.startswith("target") else "source"
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a layer term may know of one training step before its forward pass: the fused batch's rows by domain,
+    in batch order (`(domain, rows)` per data source), and the stage's progress p = step / planned steps, in
+    [0, 1) (planned: epochs x steps per epoch, whether or not a threshold stops the stage earlier)."""
+
+    domains: tuple[tuple[str, int], ...]
+    progress: float
+
 
 @dataclass
 class StageSpec:
@@ -63,6 +78,7 @@ class StageSpec:
     temperature: float = 1.0
     beta: float = 0.0
     layer_term: Callable[[], torch.Tensor] | None = None  # beta's term (`objectives.layer_terms`), after forward
+    on_step: Callable[[StepInfo], None] | None = None  # told each step's batch layout and progress, before forward
     threshold: float | None = None  # stop once target validation accuracy reaches this
     augment: bool = False
     weight_decay: float = 0.0
@@ -204,11 +220,13 @@ def train_stage(model: nn.Module, spec: StageSpec, ctx: LoopContext) -> StageRun
 def _train_epochs(model, forward, spec: StageSpec, ctx: LoopContext, sources, streams, optimizer,
                   run: StageRun) -> None:
     steps = math.ceil(max(len(s.data) for s in sources) / ctx.batch_size)
-    for _ in range(spec.epochs):
+    planned = spec.epochs * steps
+    for epoch in range(spec.epochs):
         set_train_mode(model, spec.frozen)
         sums = torch.zeros(3, device=ctx.device)  # loss, distill/CE term, layer term: summed on the device
-        for _ in range(steps):
-            sums += _train_step(forward, spec, ctx, sources, streams, optimizer)
+        for i in range(steps):
+            progress = (epoch * steps + i) / planned
+            sums += _train_step(forward, spec, ctx, sources, streams, optimizer, progress)
         ctx.step += 1
         run.epochs += 1
         val = accuracy(model, ctx.target_val, ctx.eval_batch_size, ctx.num_workers)
@@ -229,9 +247,12 @@ def _train_epochs(model, forward, spec: StageSpec, ctx: LoopContext, sources, st
             break
 
 
-def _train_step(model, spec: StageSpec, ctx: LoopContext, sources, streams, optimizer) -> torch.Tensor:
+def _train_step(model, spec: StageSpec, ctx: LoopContext, sources, streams, optimizer,
+                progress: float) -> torch.Tensor:
     batches = [(s, stream.next()) for s, stream in zip(sources, streams)]
     x = torch.cat([b.x for _, b in batches])
+    if spec.on_step is not None:
+        spec.on_step(StepInfo(tuple((s.domain, len(b)) for s, b in batches), progress))
     if spec.augment:
         x = augment_batch(x, ctx.augment, ctx.allow_flip, ctx.generator)
     with autocast(ctx.device):

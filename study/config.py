@@ -189,6 +189,10 @@ def config_from_dict(raw: dict) -> Config:
         raise UserError("study.objective: give at least one objective")
     _check_names(cfg)
     cfg.search = parse_search(raw.get("search"), cfg)
+    if cfg.pipeline.dann_group and cfg.pipeline.dann_group not in cfg.search.groups:
+        raise UserError(f"pipeline.dann_group: unknown layer group '{cfg.pipeline.dann_group}'"
+                        f"{did_you_mean(cfg.pipeline.dann_group, cfg.search.groups)} of {cfg.model.arch}; groups: "
+                        f"{', '.join(cfg.search.groups)}")
     if "epochs_to_threshold" in cfg.study.objective and cfg.search.params["threshold"].mode != "fixed":
         # A sampled threshold would reward sampling a low one: the objective compares epochs to one bar.
         raise UserError("study.objective epochs_to_threshold needs a pinned threshold (a sampled one rewards "

@@ -11,11 +11,12 @@ from objectives.pipeline import TrialResult
 
 from .record import TrialRecord
 
-_SHORT = {"finetune": "ft", "freeze": "fr", "replace": "rp"}
+_SHORT = {"finetune": "ft", "freeze": "fr", "replace": "rp", "adapt": "ad"}
 
 
 def format_trial_line(trial: optuna.trial.FrozenTrial) -> str:
-    """`trial   7 COMPLETE 0.8613 stem=ft block1=fr ... alpha=0.42 T=3.1 lr=0.0021  3.2s`."""
+    """`trial   7 COMPLETE 0.8613 stem=ft block1=fr ... alpha=0.42 T=3.1 lr=0.0021 dann*0.31  3.2s` (the layer
+    term and its beta when one ran)."""
     r = TrialRecord(trial)
     value = "/".join(f"{v:.4f}" for v in trial.values) if trial.values else "-"
     if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
@@ -25,6 +26,8 @@ def format_trial_line(trial: optuna.trial.FrozenTrial) -> str:
     layers = " ".join(f"{g}={_SHORT.get(a, a)}" for g, a in r.layers.items())
     shown = ["alpha", "temperature", "lr"] if choices.get("alpha") else ["alpha", "lr"]  # T matters only with KD
     extra = " ".join(f"{'T' if k == 'temperature' else k}={choices[k]:.3g}" for k in shown if k in choices)
+    if choices.get("beta") and choices.get("layer_term", "none") != "none":  # a layer term ran
+        extra = f"{extra} {choices['layer_term']}*{choices['beta']:.2g}"
     if choices.get("recipe", "distill") != "distill" and not r.baseline:
         extra = f"recipe={choices['recipe']} {extra}"
     tag = f" [{r.baseline}]" if r.baseline else ""
@@ -111,7 +114,10 @@ def format_trial(result: TrialResult) -> str:
     lines.append(f"value: target val acc of the delivered model, stage '{result.best_stage}' "
                  f"(select: {result.select}; recipe {result.recipe}): {result.value:.4f}")
     lines.append("layers: " + ", ".join(f"{g}={m['action']}" for g, m in result.layer_map.items()))
-    lines.append(f"student params: {result.student_params:,} (teacher {result.teacher_params:,}); "
+    lines += [f"adapter after {g}: {a['kind']} rank {a['rank']} on {a['channels']} channels, {a['params']:,} params"
+              for g, m in result.layer_map.items() if (a := m.get("adapter"))]
+    lines.append(f"student params: {result.student_params:,}, trained {result.trainable_params:,} "
+                 f"(teacher {result.teacher_params:,}); "
                  f"teacher cache: {result.teacher.cache}; epochs trained: {result.total_epochs} of {result.budget}; "
                  f"epochs to threshold: {result.epochs_to_threshold}; "
                  f"{result.seconds:.1f} s on {result.device}")

@@ -10,8 +10,9 @@ Attributes (all optional until the trial gets there):
 - identity: `choices` (flat, by name), `seed` (the run seed), `baseline` (its name), for a confirmation run
   `confirm_role`, `confirm_of_trial`, `confirm_choices`; `retry_of` for a re-queued interrupted trial;
 - result: `stages` (stage -> accuracies on both domains, epochs, first step, teacher, sources), `best_stage` (the
-  delivered stage) and `select`, `budget`, `total_epochs`, `epochs_to_threshold`, `student_params`, `model_hash`,
-  `layer_map`, `teacher_key`, `teacher_cache`, `seconds`;
+  delivered stage) and `select`, `budget`, `total_epochs`, `epochs_to_threshold`, `student_params` (all of the
+  delivered model's parameters), `trainable_params` (those the trial trained), `model_hash`, `layer_map`,
+  `teacher_key`, `teacher_cache`, `seconds`;
 - outcome: `failure` (FAIL), `invalid_choice`, `pruned_at` (PRUNED), `skipped` (beyond the study's total);
 - tracking: `mlflow_run_id`.
 """
@@ -48,7 +49,8 @@ def write_result(trial: optuna.Trial, result: TrialResult) -> None:
     attrs = {"stages": {k: asdict(v) for k, v in result.stages.items()}, "best_stage": result.best_stage,
              "select": result.select, "budget": result.budget, "model_hash": result.model_hash,
              "epochs_to_threshold": result.epochs_to_threshold, "student_params": result.student_params,
-             "total_epochs": result.total_epochs, "seconds": round(result.seconds, 3),
+             "trainable_params": result.trainable_params, "total_epochs": result.total_epochs,
+             "seconds": round(result.seconds, 3),
              "layer_map": result.layer_map, "teacher_key": result.teacher.key, "teacher_cache": result.teacher.cache}
     for key, value in attrs.items():
         trial.set_user_attr(key, value)

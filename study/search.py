@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from models import create_model
 from models.errors import UserError, did_you_mean
+from objectives.layer_terms import NO_TERM, layer_term_choices
 from objectives.replacements import get_replacement
 from objectives.settings import ACTIONS, RECIPES, TrialChoices
 
@@ -27,7 +28,11 @@ class ParamSpec:
     high: float
     default: Any
     help: str
-    values: tuple = ()  # the allowed values of a str choice
+    values: tuple | Callable[[], list] = ()  # the allowed values of a str choice (a function: a registry's names)
+
+    def allowed(self) -> list:
+        """The allowed values of a str choice, read now (a registry may have gained one)."""
+        return list(self.values() if callable(self.values) else self.values)
 
 
 # One line per parameter: type, hard bounds, default search. (Order = sampling order.)
@@ -37,7 +42,11 @@ PARAMS: dict[str, ParamSpec] = {
     "alpha": ParamSpec(float, 0.0, 1.0, {"low": 0.0, "high": 1.0, "default": 0.5}, "weight of the KD term"),
     "temperature": ParamSpec(float, 0.05, 100.0, {"low": 1.0, "high": 8.0, "default": 4.0},
                              "KD temperature T (sampled only when alpha > 0)"),
-    "beta": ParamSpec(float, 0.0, 1000.0, {"low": 0.0, "high": 1.0, "default": 0.0}, "weight of the layer term"),
+    # Default: pipeline.layer_term, pinned (see parse_search).
+    "layer_term": ParamSpec(str, 0, 0, None, "beta's term: none, feature, params, dann or another registered one "
+                            "(sampled only for the distill recipe)", values=layer_term_choices),
+    "beta": ParamSpec(float, 0.0, 1000.0, {"low": 0.0, "high": 1.0, "default": 0.0},
+                      "weight of the layer term (sampled only when there is one)"),
     "threshold": ParamSpec(float, 0.0, 1.0, {"low": 0.8, "high": 1.0, "default": 0.95},
                            "a distill stage stops at this target validation accuracy"),
     "lr": ParamSpec(float, 1e-7, 10.0, {"low": 3e-4, "high": 1e-2, "log": True, "default": 3e-3}, "learning rate"),
@@ -45,9 +54,11 @@ PARAMS: dict[str, ParamSpec] = {
     "generations": ParamSpec(int, 0, 20, {"low": 0, "high": 2, "default": 1}, "born-again generations"),
     "slim_width": ParamSpec(float, 0.01, 1.0, [0.5, 0.25],
                             "width of slim replacements (sampled only when a group is replaced with slim)"),
+    "adapter_rank": ParamSpec(int, 1, 4096, [8, 2, 32], "rank of the residual adapters (sampled only when a group "
+                              "is adapted)"),
     "augment": ParamSpec(bool, 0, 1, [False, True], "augment training batches"),
 }
-DEFAULT_ACTIONS = ["finetune", "freeze", "replace"]
+DEFAULT_ACTIONS = ["finetune", "freeze", "replace"]  # adapt is opt-in: search.layers.actions lists it
 
 
 @dataclass
@@ -110,8 +121,10 @@ class SearchSpace:
         return {g: self.pinned_layers.get(g, self.actions) for g in self.groups}
 
     def is_empty(self) -> bool:
-        """True when nothing is left to search (every choice pinned)."""
-        return all(p.mode == "fixed" for p in self.params.values()) and \
+        """True when nothing is left to search (every choice pinned, or never sampled: the adapter rank where no
+        group can be adapted)."""
+        adapts = any("adapt" in a for a in self.group_actions().values())
+        return all(p.mode == "fixed" for n, p in self.params.items() if n != "adapter_rank" or adapts) and \
             all(len(a) == 1 for a in self.group_actions().values())
 
     def defaults(self, recipe: str | None = None) -> TrialChoices:
@@ -136,8 +149,10 @@ def parse_search(raw, cfg) -> SearchSpace:
             raise UserError(f"search.{key}: unknown choice{did_you_mean(key, [*PARAMS, 'layers'])}; "
                             f"searchable: layers, {', '.join(PARAMS)}")
     space = SearchSpace(raw=copy.deepcopy(raw))
+    defaults = {"layer_term": cfg.pipeline.layer_term}  # the old key stays the default, so old configs run unchanged
     for name, spec in PARAMS.items():
-        space.params[name] = _parse_param(name, spec, raw.get(name, spec.default))
+        space.params[name] = _parse_param(name, spec, raw.get(name, defaults.get(name, spec.default)))
+    _check_layer_term_keys(space.params["layer_term"], cfg.pipeline.layer_term)
     # Group names depend only on the architecture, so a throwaway 2-class model answers.
     space.groups = create_model(cfg.model.arch, num_classes=2, in_channels=1, width=cfg.model.width,
                                 groups=cfg.model.groups or None).group_names
@@ -165,6 +180,16 @@ def parse_search(raw, cfg) -> SearchSpace:
     return space
 
 
+def _check_layer_term_keys(param: Param, pipeline_term: str) -> None:
+    """`pipeline.layer_term` is the default of `search.layer_term`: set to something else beside it, one of the
+    two would be silently ignored."""
+    values = [param.value] if param.mode == "fixed" else param.choices
+    if pipeline_term != "feature" and pipeline_term not in values:
+        raise UserError(f"search.layer_term ({', '.join(map(str, values))}) leaves out pipeline.layer_term "
+                        f"'{pipeline_term}': set the layer term in one place (search.layer_term replaces "
+                        f"pipeline.layer_term, which is only its default)")
+
+
 def _parse_param(name: str, spec: ParamSpec, value) -> Param:
     where = f"search.{name}"
     if isinstance(value, list):
@@ -180,7 +205,7 @@ def _parse_param(name: str, spec: ParamSpec, value) -> Param:
         if spec.kind is bool:
             raise UserError(f"{where}: a yes/no choice takes true, false or [false, true], not a range")
         if spec.kind is str:
-            raise UserError(f"{where}: takes one of {', '.join(spec.values)} or a list of them, not a range")
+            raise UserError(f"{where}: takes one of {', '.join(spec.allowed())} or a list of them, not a range")
         if "low" not in value or "high" not in value:
             raise UserError(f"{where}: a range needs both low and high")
         low, high = _check_value(f"{where}.low", spec, value["low"]), _check_value(f"{where}.high", spec, value["high"])
@@ -207,9 +232,10 @@ def _parse_param(name: str, spec: ParamSpec, value) -> Param:
 
 def _check_value(where: str, spec: ParamSpec, value):
     if spec.kind is str:
-        if value not in spec.values:
-            raise UserError(f"{where}: unknown value {value!r}{did_you_mean(str(value), spec.values)}; "
-                            f"choose from: {', '.join(spec.values)}")
+        allowed = spec.allowed()
+        if value not in allowed:
+            raise UserError(f"{where}: unknown value {value!r}{did_you_mean(str(value), allowed)}; "
+                            f"choose from: {', '.join(allowed)}")
         return value
     if spec.kind is bool:
         if not isinstance(value, bool):
@@ -235,9 +261,10 @@ def resolve_choices(space: SearchSpace, replace_with: str, pick: Callable[[str],
                     pick_layer: Callable[[str, list], str]) -> TrialChoices:
     """One trial's choices, each parameter taken with `pick(name)` and each layer group's action with
     `pick_layer(group, actions)` only when it matters (else its default): the KD and distill-stage choices
-    (alpha, temperature, beta, threshold, generations) only for the distill recipe, the temperature only when
-    alpha > 0, the slim width only when some group is replaced with slim replacements. The finetune recipe has no
-    teacher signal (alpha 0, beta 0) and trains the epoch budget of the default number of generations."""
+    (alpha, temperature, layer term, beta, threshold, generations) only for the distill recipe, the temperature only
+    when alpha > 0, beta only when there is a layer term, the slim width only when some group is replaced with slim
+    replacements, the adapter rank only when some group is adapted. The finetune recipe has no teacher signal
+    (alpha 0, no layer term, beta 0) and trains the epoch budget of the default number of generations."""
     p = space.params
     recipe = pick("recipe")
     layers = {g: pick_layer(g, acts) for g, acts in space.group_actions().items()}
@@ -248,17 +275,33 @@ def resolve_choices(space: SearchSpace, replace_with: str, pick: Callable[[str],
 
     alpha = conditional("alpha", distills, 0.0)
     temperature = conditional("temperature", alpha > 0)
-    beta = conditional("beta", distills, 0.0)
+    layer_term = conditional("layer_term", distills, NO_TERM)
+    beta = conditional("beta", distills and layer_term != NO_TERM, 0.0)
     threshold = conditional("threshold", distills)
     lr = pick("lr")
     source_weight = pick("source_weight")
     generations = conditional("generations", distills)
     uses_slim = bool(replace_with) and get_replacement(replace_with).uses_slim_width
     slim_width = conditional("slim_width", uses_slim and "replace" in layers.values())
+    adapter_rank = conditional("adapter_rank", "adapt" in layers.values())
     augment = pick("augment")
     return TrialChoices(layers=layers, recipe=recipe, temperature=temperature, alpha=alpha, beta=beta,
                         threshold=threshold, lr=lr, source_weight=source_weight, generations=generations,
-                        slim_width=slim_width, augment=augment)
+                        slim_width=slim_width, layer_term=layer_term, adapter_rank=adapter_rank, augment=augment)
+
+
+def applicable_choices(space: SearchSpace, replace_with: str, flat: dict) -> set[str]:
+    """The parameters a trial that ran with the recorded choices `flat` had a say in: `resolve_choices`' picks for
+    those values (a conditional choice counts only where it applied: no layer term for the finetune recipe, no
+    adapter rank without an adapted group)."""
+    picked: set[str] = set()
+
+    def pick(name: str):
+        picked.add(name)
+        return flat.get(name, space.params[name].default())
+
+    resolve_choices(space, replace_with, pick, lambda g, acts: flat.get(f"layers.{g}", acts[0]))
+    return picked
 
 
 def active_params(space: SearchSpace, replace_with: str, choices: TrialChoices) -> list[str]:

@@ -194,3 +194,17 @@ def test_trial_run_defaults_to_the_packaged_quickstart_from_any_directory(tiny_s
     result = invoke("trial", "run", *tiny_sets, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["params"]["layers.stem"] == "finetune"
+
+
+def test_trial_run_with_an_adapted_group_reports_its_adapter(quickstart, tiny_sets):
+    result = invoke("trial", "run", "--config", quickstart, *tiny_sets, "--set", "search.layers.block1=adapt",
+                    "--set", "search.layer_term=dann", "--set", "search.beta=0.5")
+    assert result.exit_code == 0, result.output
+    assert "layers: stem=finetune, block1=adapt, block2=finetune, head=finetune" in result.stdout
+    assert "adapter after block1: conv rank 8 on 24 channels, 408 params" in result.stdout
+    assert "student params: 30,386, trained" in result.stdout
+
+
+def test_a_bad_dann_group_is_a_one_line_error(quickstart):
+    assert_user_error(invoke("trial", "run", "--config", quickstart, "--set", "pipeline.dann_group=neck"),
+                      "pipeline.dann_group: unknown layer group 'neck'")

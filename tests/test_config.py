@@ -224,7 +224,7 @@ def test_search_value_forms_resolve_to_trial_run_defaults():
     assert space.defaults() == TrialChoices(
         layers={"stem": "freeze", "block1": "replace", "block2": "replace", "head": "finetune"},
         alpha=0.25, temperature=2.0, beta=0.1, lr=0.001, threshold=0.8, source_weight=1.0, generations=2,
-        slim_width=0.5, augment=True)
+        slim_width=0.5, layer_term="feature", augment=True)
     assert isinstance(space.defaults().generations, int)
     assert not space.is_empty()
 

@@ -41,10 +41,10 @@ def logits_l1():
 
 def test_a_registered_term_is_a_valid_setting_until_unregistered(logits_l1):
     choices = {f.name: f for f in dataclasses.fields(PipelineSettings)}["layer_term"].metadata["choices"]
-    assert list(choices()) == ["feature", "params", "logits_l1"] == list_layer_terms()
+    assert list(choices()) == ["none", "feature", "params", "dann", "logits_l1"] == ["none", *list_layer_terms()]
     assert "logits_l1" in choices()
     unregister_layer_term("logits_l1")
-    assert "logits_l1" not in choices() and list(choices()) == ["feature", "params"]
+    assert "logits_l1" not in choices() and list(choices()) == ["none", "feature", "params", "dann"]
 
 
 def test_a_registered_term_runs_in_every_distilling_stage(logits_l1, tiny_pipeline, tiny_task):
@@ -70,7 +70,7 @@ def test_beta_zero_builds_no_term(logits_l1, tiny_pipeline, tiny_task):
 
 def test_an_unknown_term_names_the_registered_ones():
     with pytest.raises(UserError, match=r"unknown layer term 'featur' \(did you mean 'feature'\?\); "
-                                        r"choose from: feature, params"):
+                                        r"choose from: dann, feature, params"):
         get_layer_term("featur")
 
 

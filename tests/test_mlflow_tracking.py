@@ -30,6 +30,7 @@ import cli
 from models import create_model
 from objectives.pipeline import get_task
 from objectives.train import accuracy
+from study.config import config_from_dict
 from study.studies import load_study
 
 REPO = Path(__file__).resolve().parent.parent
@@ -296,6 +297,7 @@ def test_final_metrics_and_artifacts_of_complete_trials(main_study, tmp_path):
                 assert m[f"eval/{stage}/{k}"] == acc[k]
         assert m["target_val_acc"] == t.value
         assert m["student_params"] == t.user_attrs["student_params"]
+        assert m["trainable_params"] == t.user_attrs["trainable_params"]
         assert {"model/state_dict.pt", "layer_map.json", "config.yaml"} <= s.artifacts(rid)
         layer_map = json.loads(Path(s.client.download_artifacts(rid, "layer_map.json", str(tmp_path))).read_text())
         assert layer_map["best_stage"] == t.user_attrs["best_stage"]
@@ -303,6 +305,8 @@ def test_final_metrics_and_artifacts_of_complete_trials(main_study, tmp_path):
         trial_config = yaml.safe_load(Path(s.client.download_artifacts(rid, "config.yaml", str(tmp_path))).read_text())
         assert trial_config["search"]["layers"] == {g: t.user_attrs["choices"][f"layers.{g}"]
                                                     for g in ("stem", "block1", "block2", "head")}
+        pinned = config_from_dict(trial_config).search  # the logged config runs as it is, every choice pinned
+        assert pinned.is_empty() and pinned.defaults().flat() == t.user_attrs["choices"]
 
 
 def test_teacher_logged_once(main_study):

@@ -42,7 +42,7 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.y
 
 @dataclass
 class Spec:
-    layers: str  # one letter per group: f=finetune, z=freeze, r=replace
+    layers: str  # one letter per group: f=finetune, z=freeze, r=replace, a=adapt
     acc: float | None  # target val acc (None for a failed trial)
     state: TrialState = COMPLETE
     baseline: str = ""
@@ -51,7 +51,7 @@ class Spec:
     extra: dict = field(default_factory=dict)
 
     def actions(self) -> dict:
-        names = {"f": "finetune", "z": "freeze", "r": "replace"}
+        names = {"f": "finetune", "z": "freeze", "r": "replace", "a": "adapt"}
         return {g: names[c] for g, c in zip(GROUPS, self.layers)}
 
 
@@ -105,6 +105,7 @@ def run_spec(study: optuna.Study, config, spec: Spec) -> None:
     fixed = {f"layers.{g}": a for g, a in spec.actions().items() if g not in pinned}
     if spec.alpha is not None:
         fixed["alpha"] = spec.alpha
+    fixed.update(spec.extra.get("fixed", {}))
     study.enqueue_trial(fixed, user_attrs=record.baseline_attrs(spec.baseline) if spec.baseline else None)
     t = study.ask()
     choices = suggest_choices(t, config.search, config.pipeline.replace_with)
@@ -230,6 +231,35 @@ def test_group_table_matches_hand_computation(report_a_json):
     raw = sum(1 for spec in SPECS_A if spec.state == COMPLETE and spec.layers[3] == "r")
     assert data["groups"]["head"]["actions"]["replace"]["n"] == raw - 1  # the duplicate model counted once
     assert data["bootstrap"]["resamples"] == 2000 and data["bootstrap"]["seed"] == 0
+
+
+def test_adapt_and_the_layer_term_get_effect_rows(tmp_path):
+    """A study searching all four actions and all four layer terms: adapt is a row of the group table, and every
+    term a row of the per-choice table, counted only where sampled (a finetune-recipe trial has no term)."""
+    terms = [("dann", 0.70), ("dann", 0.74), ("feature", 0.66), ("params", 0.60), ("none", 0.62), ("none", 0.58)]
+    specs = [Spec("faff", acc, extra={"fixed": {"layer_term": term, "recipe": "distill"}}) for term, acc in terms]
+    specs += [Spec("fzaf", 0.50, extra={"fixed": {"recipe": "finetune"}}),
+              Spec("aaaa", 0.40, PRUNED, extra={"fixed": {"layer_term": "dann", "recipe": "distill"}})]
+    url = f"sqlite:///{tmp_path}/e.db"
+    make_study(url, "E", specs, ["search.layers.actions=[freeze, finetune, replace, adapt]",
+                                 "search.layer_term=[none, feature, params, dann]", "search.recipe=[distill, finetune]"])
+    result = cli("study", "report", "E", "--storage", url, "--out", tmp_path / "e", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "e" / "report.json").read_text())
+    block1 = data["groups"]["block1"]["actions"]
+    assert block1["adapt"]["n"] == 6 and block1["adapt"]["mean"] == pytest.approx(np.mean([a for _, a in terms]))
+    assert block1["adapt"]["pruned"] == 1 and data["groups"]["block2"]["actions"]["adapt"]["n"] == 1
+    rows = data["choices"]["layer_term"]["actions"]
+    assert list(rows) == ["dann", "feature", "none", "params"]
+    assert {v: r["n"] for v, r in rows.items()} == {"dann": 2, "feature": 1, "none": 2, "params": 1}
+    assert rows["dann"]["mean"] == pytest.approx(0.72) and rows["dann"]["pruned"] == 1
+    assert data["choices"]["layer_term"]["best_action"] == "dann"
+    assert {v: r["n"] for v, r in data["choices"]["recipe"]["actions"].items()} == {"distill": 6, "finetune": 1}
+    md = cli("study", "report", "E", "--storage", url, "--out", tmp_path / "m", "--format", "md")
+    assert md.exit_code == 0, md.output
+    text = (tmp_path / "m" / "report.md").read_text()
+    assert "## Per-choice effect" in text and "| **layer_term** | **dann \\*** |" in text
+    assert "| layer_term | params | 1 | 0 | 0.6000 |" in text and "adapt" in text.split("## Per-group effect")[1]
 
 
 def test_winner_baselines_and_counts(report_a_json):

@@ -165,7 +165,7 @@ def test_enqueue_params_only_values_inside_distributions(cfg):
         study, trial, _ = ask(space, fixed=params)
         for key, value in params.items():
             if key not in trial.distributions:  # a conditional parameter this baseline does not use
-                assert key in ("temperature", "slim_width"), key
+                assert key in ("temperature", "slim_width", "adapter_rank"), key
                 continue
             assert trial.distributions[key]._contains(trial.distributions[key].to_internal_repr(value))
             assert trial.params[key] == value
@@ -176,8 +176,9 @@ def test_enqueued_baseline_reproduces_its_choices(cfg):
     for name in BASELINES:
         want = baseline_choices(name, space)
         _, trial, got = ask(space, fixed=enqueue_params(want, space))
-        # The recipe is pinned in this space (not an Optuna parameter): the objective applies the baseline's.
-        assert dataclasses.replace(got, recipe=want.recipe) == want, name
+        # The recipe is pinned in this space (not an Optuna parameter): the objective applies the baseline's (and
+        # with it whether there is a layer term).
+        assert dataclasses.replace(got, recipe=want.recipe, layer_term=want.layer_term) == want, name
 
 
 # ---- samplers and pruners ----------------------------------------------------------------------------------------
@@ -276,3 +277,53 @@ def test_pruning_decision_points_skip_stage_warmups_and_the_final_step():
     assert decision_steps(stages, 2) == [3, 6, 7, 8, 9]  # a stage's third epoch on, and its last; never 12
     assert decision_steps(stages, 1000) == [3, 9]  # stage ends only
     assert not is_decision_step(stages, 12, 0) and not is_decision_step(stages, 13, 0)
+
+
+# ---- the layer term and the adapter rank ---------------------------------------------------------------------------
+TERMS = ["none", "feature", "params", "dann"]
+
+
+def test_the_layer_term_is_searched_and_beta_only_sampled_with_a_term(cfg):
+    config = cfg(f"search.layer_term=[{', '.join(TERMS)}]", "search.recipe=[distill, finetune]")
+    _, trial, choices = ask(config.search, fixed={"recipe": "distill", "layer_term": "dann", "beta": 0.3})
+    assert trial.distributions["layer_term"] == CategoricalDistribution(tuple(TERMS))
+    assert choices.layer_term == "dann" and choices.beta == 0.3
+    _, trial, choices = ask(config.search, fixed={"recipe": "distill", "layer_term": "none"})
+    assert "beta" not in trial.params and (choices.layer_term, choices.beta) == ("none", 0.0)
+    _, trial, choices = ask(config.search, fixed={"recipe": "finetune"})  # no teacher signal: no term
+    assert "layer_term" not in trial.params and (choices.layer_term, choices.beta) == ("none", 0.0)
+
+
+def test_pipeline_layer_term_stays_the_default_of_search_layer_term(cfg):
+    assert cfg().search.defaults().layer_term == "feature"
+    assert cfg("pipeline.layer_term=params").search.defaults().layer_term == "params"
+    assert "layer_term" not in ask(cfg("pipeline.layer_term=dann").search)[1].params  # a pin, as before
+    assert cfg("pipeline.layer_term=params", "search.layer_term=[dann, params]").search.defaults().layer_term == "dann"
+    with pytest.raises(UserError, match="search.layer_term \\(dann, none\\) leaves out pipeline.layer_term 'params'"):
+        cfg("pipeline.layer_term=params", "search.layer_term=[dann, none]")
+    with pytest.raises(UserError, match="search.layer_term: unknown value 'adversarial'; choose from: none, feature, "
+                                        "params, dann"):
+        cfg("search.layer_term=adversarial")
+    with pytest.raises(UserError, match="pipeline.dann_group: unknown layer group 'blok2' \\(did you mean 'block2'"):
+        cfg("pipeline.dann_group=blok2")
+
+
+def test_the_adapter_rank_only_when_a_group_is_adapted(cfg):
+    space = cfg("search.layers.actions=[freeze, finetune, replace, adapt]").search
+    all_ft = {f"layers.{g}": "finetune" for g in GROUPS}
+    _, trial, choices = ask(space, fixed={**all_ft, "layers.block1": "adapt", "adapter_rank": 32})
+    assert trial.distributions["layers.block1"] == CategoricalDistribution(("freeze", "finetune", "replace", "adapt"))
+    assert trial.distributions["adapter_rank"] == CategoricalDistribution((8, 2, 32))
+    assert choices.adapter_rank == 32 and choices.layers["block1"] == "adapt"
+    _, trial, choices = ask(space, fixed=all_ft)
+    assert "adapter_rank" not in trial.params and choices.adapter_rank == 8
+
+
+def test_baselines_are_unchanged_by_adapt_and_the_layer_term(cfg):
+    plain = cfg().search
+    searched = cfg("search.layers.actions=[freeze, finetune, replace, adapt]",
+                   f"search.layer_term=[{', '.join(TERMS)}]").search
+    for name in BASELINES:
+        a, b = baseline_choices(name, plain), baseline_choices(name, searched)
+        assert a.layers == b.layers and (a.recipe, a.alpha, a.beta) == (b.recipe, b.alpha, b.beta)
+        assert "adapt" not in b.layers.values()

@@ -21,10 +21,11 @@ from models.errors import first_line
 
 from ..baselines import BASELINES
 from ..record import TrialRecord
+from ..search import applicable_choices
 from ..storage import mask_url
 from ..studies import load_study
-from .stats import (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, MIN_INTERVAL_TRIALS, effective_study,
-                    group_effects, importances, target_val_acc)
+from .stats import (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, MIN_INTERVAL_TRIALS, choice_effects,
+                    effective_study, group_effects, importances, target_val_acc)
 
 FORMATS = ("html", "md", "json")
 FEW_TRIALS = "fewer than two completed trials"
@@ -71,6 +72,10 @@ def build_report(name: str, url: str):
     data.update(winners(study, trials, objective))
     data["baseline_recipes"] = dict(BASELINES)
     data["groups"] = group_effects(trials, config.search.groups, objective)
+    # Every other searched set of choices (the layer term, the recipe, ...) gets the same table.
+    searched = [n for n, p in config.search.params.items() if p.mode == "categorical" and len(p.choices) > 1]
+    data["choices"] = choice_effects(trials, searched, objective,
+                                     lambda flat: applicable_choices(config.search, config.pipeline.replace_with, flat))
     data["confirmation"] = confirmation(name, url)
     data["bootstrap"] = {"method": "percentile bootstrap of the mean", "resamples": BOOTSTRAP_RESAMPLES,
                          "seed": BOOTSTRAP_SEED, "level": BOOTSTRAP_LEVEL, "min_trials": MIN_INTERVAL_TRIALS,

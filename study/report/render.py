@@ -63,13 +63,32 @@ def _group_table(data: dict) -> Table:
              f"mean per group is marked *.")
     table = Table("Per-group effect", intro, ["group", "action", "completed", "pruned", "mean", "95% interval",
                                               "best", "best trial"])
-    for g, cell in data["groups"].items():
+    _effect_rows(table, data["groups"])
+    return table
+
+
+def _effect_rows(table: Table, cells: dict) -> None:
+    """One row per (group or choice, value) of an effect table, the best mean of each marked *."""
+    for g, cell in cells.items():
         for a, r in cell["actions"].items():
             if a == cell["best_action"]:
                 table.highlight.add(len(table.rows))
             ci = f"[{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]" if r["ci95"] else ("too few trials" if r["n"] else "-")
             table.rows.append([g, a + (" *" if a == cell["best_action"] else ""), str(r["n"]), str(r["pruned"]),
                                _num(r["mean"]), ci, _num(r["best"]), _num(r["best_trial"])])
+
+
+def _choice_table(data: dict) -> Table | None:
+    choices = {n: c for n, c in data.get("choices", {}).items() if c["actions"]}
+    if not choices:
+        return None
+    intro = ("The same for every other searched set of choices (the layer term, the recipe, ...): each value's "
+             "completed trials, mean and best target val acc and interval. A trial counts for a choice only where the "
+             "choice applied (the layer term of a finetune-recipe trial, a baseline's included, is not counted). The "
+             "value with the best mean is marked *.")
+    table = Table("Per-choice effect", intro, ["choice", "value", "completed", "pruned", "mean", "95% interval",
+                                               "best", "best trial"])
+    _effect_rows(table, choices)
     return table
 
 
@@ -115,7 +134,8 @@ def _ci(ci) -> str:
 
 
 def tables(data: dict) -> list[Table]:
-    out = [_confirmation_table(data), _winner_table(data), _group_table(data), _importance_table(data)]
+    out = [_confirmation_table(data), _winner_table(data), _group_table(data), _choice_table(data),
+           _importance_table(data)]
     return [t for t in out if t is not None]
 
 

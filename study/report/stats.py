@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable
 
 import numpy as np
 import optuna
@@ -82,23 +83,54 @@ def group_effects(trials, groups: list[str], objective: list[str]) -> dict:
                 acc = target_val_acc(t, objective)
                 if acc is not None:
                     cells[g].setdefault(action, []).append((acc, t.number))
-    out = {}
-    for g in cells:
-        actions = [a for a in ACTIONS if a in cells[g] or a in pruned[g]]
-        actions += sorted(a for a in set(cells[g]) | set(pruned[g]) if a not in actions)
-        rows = {}
-        for a in actions:
-            pairs = cells[g].get(a, [])
-            vals = [v for v, _ in pairs]
-            best = max(pairs, default=None)  # ties: the later trial
-            rows[a] = {"n": len(vals), "pruned": pruned[g].get(a, 0),
-                       "mean": float(np.mean(vals)) if vals else None,
-                       "best": best[0] if best else None, "best_trial": best[1] if best else None,
-                       "ci95": bootstrap_ci(vals) if len(vals) >= MIN_INTERVAL_TRIALS else None}
-        ranked = [a for a in rows if rows[a]["mean"] is not None]
-        best_action = max(ranked, key=lambda a: rows[a]["mean"]) if ranked else None  # ties: the first
-        out[g] = {"actions": rows, "best_action": best_action}
-    return out
+    return {g: _effect_rows(cells[g], pruned[g], ACTIONS) for g in cells}
+
+
+def choice_effects(trials, names: list[str], objective: list[str], applies: Callable[[dict], set[str]]) -> dict:
+    """The effect table of other choices (the layer term, the recipe, ...): for each name in `names` and each
+    value it took, the same row as `group_effects`' (completed and pruned trials, mean and best target val acc, the
+    interval from MIN_INTERVAL_TRIALS on, the best trial), and the value with the best mean. A trial counts for a
+    choice only where it applied (`applies(recorded choices)` names them: the layer term of a finetune-recipe
+    trial, a baseline's included, says nothing about layer terms), with the value it ran with; identical delivered
+    models count once."""
+    cells: dict[str, dict] = {n: {} for n in names}
+    pruned: dict[str, dict] = {n: {} for n in names}
+    seen: set[str] = set()
+    for t in sorted(trials, key=lambda t: t.number):
+        r = TrialRecord(t)
+        if t.state == TrialState.COMPLETE and r.model_hash is not None:
+            if r.model_hash in seen:
+                continue
+            seen.add(r.model_hash)
+        had_a_say = applies(r.choices) if r.attrs.get("choices") else set()
+        for n in names:
+            if n not in had_a_say or n not in r.choices:  # records older than the choice have no value for it
+                continue
+            value = str(r.choices[n])
+            if t.state == TrialState.PRUNED:
+                pruned[n][value] = pruned[n].get(value, 0) + 1
+            elif t.state == TrialState.COMPLETE and (acc := target_val_acc(t, objective)) is not None:
+                cells[n].setdefault(value, []).append((acc, t.number))
+    return {n: _effect_rows(cells[n], pruned[n], ()) for n in names}
+
+
+def _effect_rows(cells: dict[str, list], pruned: dict[str, int], order) -> dict:
+    """One effect table's rows for one group or choice: `cells` value -> [(acc, trial)], `pruned` value -> count;
+    values in `order` first, then the rest sorted."""
+    values = [a for a in order if a in cells or a in pruned]
+    values += sorted(a for a in set(cells) | set(pruned) if a not in values)
+    rows = {}
+    for a in values:
+        pairs = cells.get(a, [])
+        vals = [v for v, _ in pairs]
+        best = max(pairs, default=None)  # ties: the later trial
+        rows[a] = {"n": len(vals), "pruned": pruned.get(a, 0),
+                   "mean": float(np.mean(vals)) if vals else None,
+                   "best": best[0] if best else None, "best_trial": best[1] if best else None,
+                   "ci95": bootstrap_ci(vals) if len(vals) >= MIN_INTERVAL_TRIALS else None}
+    ranked = [a for a in rows if rows[a]["mean"] is not None]
+    best_action = max(ranked, key=lambda a: rows[a]["mean"]) if ranked else None  # ties: the first
+    return {"actions": rows, "best_action": best_action}
 
 
 # ---- importance --------------------------------------------------------------------------------------------------

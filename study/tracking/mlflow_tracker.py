@@ -260,6 +260,7 @@ class MlflowTracker:
         for k in ("source_val_acc", "source_test_acc", "target_val_acc", "target_test_acc"):
             out.append(Metric(k, getattr(best, k), now, 0))
         out.append(Metric("student_params", float(result.student_params), now, 0))
+        out.append(Metric("trainable_params", float(result.trainable_params), now, 0))
         out.append(Metric("total_epochs", float(result.total_epochs), now, 0))
         if result.epochs_to_threshold is not None:
             out.append(Metric("epochs_to_threshold", float(result.epochs_to_threshold), now, 0))
@@ -274,6 +275,7 @@ class MlflowTracker:
         choices = TrialChoices.from_flat(result.params)
         trial_config["search"] = {**{k: v for k, v in vars(choices).items() if k != "layers"},
                                   "layers": dict(choices.layers)}
+        trial_config["pipeline"]["layer_term"] = choices.layer_term  # the old key agrees with the pinned term
         self.client.log_text(run_id, yaml.safe_dump(trial_config, sort_keys=False), "config.yaml")
         if weights is not None:
             self._log_state_dict(run_id, weights, "model")
