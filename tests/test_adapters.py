@@ -15,7 +15,8 @@ from models.adapters import AdaptedGroup, ResidualAdapter, add_adapters
 from objectives.checkpoints import StageCheckpoints
 from objectives.pipeline import run_trial
 from objectives.settings import ModelSettings, TrialChoices
-from objectives.student import build_student, trainable_parameters
+from objectives.student import build_student, frozen_groups, trainable_parameters
+from objectives.train import set_train_mode
 
 ADAPT_ALL = {"stem": "adapt", "block1": "adapt", "block2": "adapt", "head": "adapt"}
 
@@ -104,3 +105,33 @@ def test_a_residual_adapter_is_zero_and_keeps_its_shape():
     assert torch.equal(a(y), y) and a.spec() == {"kind": "conv", "channels": 6, "rank": 3}
     with pytest.raises(ValueError, match="conv or linear"):
         ResidualAdapter("attention", 6, 3)
+
+
+OWN_GROUPS = {"stem": ["conv1", "bn1"], "block1": ["block1"], "block2": ["block2"], "head": ["classifier"]}
+
+
+def test_adapt_on_a_network_grouped_by_module_names():
+    """A user network keeps its own forward: the adapter wraps the group's last module to run (the stem's bn1, not
+    its conv1), the whole adapted group stays in eval mode, and a saved student is rebuilt from the layer map."""
+    teacher = create_model("examples.own_model:build", 10, 1, groups=OWN_GROUPS).eval()
+    layers = {"stem": "adapt", "block1": "freeze", "block2": "adapt", "head": "finetune"}
+    student, layer_map = build_student(teacher, layers, "reinit", 0.5, None, (1, 8, 8), init_seed=3, adapter_rank=4)
+    assert layer_map["stem"]["adapter"]["after"] == "bn1" and layer_map["block2"]["adapter"]["after"] == "block2"
+    assert isinstance(student.net.bn1, AdaptedGroup) and not isinstance(student.net.conv1, AdaptedGroup)
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    set_train_mode(student, frozen_groups(layer_map))
+    assert not student.net.conv1.training and not student.net.bn1.group.training  # no BatchNorm statistic moves
+    with torch.no_grad():
+        assert torch.equal(student(x), teacher(x))
+    trained = {id(p) for p in trainable_parameters(student, layer_map)}
+    adapters = [*student.net.bn1.adapter.parameters(), *student.net.block2.adapter.parameters()]
+    assert {id(p) for p in adapters} <= trained
+    assert not any(id(p) in trained for p in [*student.net.conv1.parameters(), *student.net.block1.parameters()])
+    with torch.no_grad():  # move the adapters, then rebuild the student from its layer map and weights
+        for p in adapters:
+            p.add_(0.1)
+    specs = {g: m["adapter"] for g, m in layer_map.items() if m["action"] == "adapt"}
+    rebuilt = add_adapters(create_model("examples.own_model:build", 10, 1, groups=OWN_GROUPS), specs)
+    rebuilt.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), student.eval()(x))
