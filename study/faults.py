@@ -1,0 +1,20 @@
+"""Faults of the machine rather than of a trial: a full disk stops a worker with one line."""
+
+from __future__ import annotations
+
+import errno
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from or while handling, says the disk is full: ENOSPC from a
+    file write (checkpoints, the teacher cache), SQLite's "database or disk is full". Optuna re-raises a failed
+    write of a trial's state as its own AssertionError, so the whole chain is read."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(exc) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
