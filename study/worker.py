@@ -109,7 +109,8 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
             except Exception as exc:  # noqa: BLE001 - Optuna could not write to its storage
                 if not faults.is_disk_full(exc):
                     raise
-                disk_full.append(f"{type(exc).__name__}: {first_line(exc)}")
+                cause = faults.disk_full_cause(exc)
+                disk_full.append(f"{type(cause).__name__}: {first_line(cause)}")
                 stop.set()
 
     try:
@@ -135,8 +136,10 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
             with _graceful_signals(threading.Event(), raise_now=False):
                 tracker.end_study(study)
     if disk_full:
-        _close_orphans(study, started, disk_full[0])
-        raise UserError(f"the disk is full ({disk_full[0]}); free space, then run the study again")
+        left = _close_orphans(study, started, disk_full[0])
+        raise UserError(f"the disk is full ({disk_full[0]}); free space, then run the study again" +
+                        (f" (trial {', '.join(map(str, left))} could not be marked FAIL: a worker reclaims it "
+                         f"{config.study.grace_period} s after its last heartbeat)" if left else ""))
     if len(failures) >= MAX_CONSECUTIVE_FAILURES:
         raise UserError(f"{len(failures)} trials in a row failed on this worker (last: {failures[-1]}); "
                         f"stopping it so it does not burn through the study")
@@ -154,10 +157,12 @@ def _recording(objective, started: list[optuna.Trial]):
     return run
 
 
-def _close_orphans(study: optuna.Study, started: list[optuna.Trial], reason: str) -> None:
-    # A full disk can fail Optuna's own write of a trial's end, leaving it RUNNING with no heartbeat row to reclaim
-    # it: mark it FAIL with the reason and queue it again (small updates often fit where a new row did not).
+def _close_orphans(study: optuna.Study, started: list[optuna.Trial], reason: str) -> list[int]:
+    # A full disk can fail Optuna's own write of a trial's end and leave it RUNNING: mark it FAIL with the reason
+    # and queue it again where the storage still takes a write (it is on another disk, or space came back).
+    # Returns the numbers of those still RUNNING: their heartbeat goes stale and a later worker retries them.
     running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    left = []
     for trial in started:
         if trial.number not in running:
             continue
@@ -165,8 +170,9 @@ def _close_orphans(study: optuna.Study, started: list[optuna.Trial], reason: str
             trial.set_user_attr("failure", f"disk full: {reason}"[:300])
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             _requeue(study, trial)
-        except Exception:  # noqa: BLE001 - still full: the trial stays RUNNING, and the error line says why
-            pass
+        except Exception:  # noqa: BLE001 - still full
+            left.append(trial.number)
+    return left
 
 
 def _preflight(config: Config) -> None:

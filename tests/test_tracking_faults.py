@@ -213,3 +213,40 @@ def test_an_artifact_folder_unwritable_mid_study_means_one_warning_and_no_runnin
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     (parent,) = [r for r in runs if r.data.tags.get("distillstudy.role") == "study"]
     assert parent.info.status == "FINISHED"
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_orphan_trial(tmp_path):
+    """A study on a 1 MiB tmpfs (mounted in a private user+mount namespace, so no root on the host is needed) runs
+    until its disk fills: the stage checkpoints and the Optuna SQLite file share it."""
+    unshare = shutil.which("unshare")
+    probe = unshare and subprocess.run([unshare, "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {tmp_path}"],
+                                       capture_output=True, text=True)
+    if not probe or probe.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {probe.stderr.strip() if probe else 'no unshare'}")
+    mnt, keep = tmp_path / "mnt", tmp_path / "kept"
+    mnt.mkdir()
+    keep.mkdir()
+    sets = [*TINY, "tracking.enabled=false", f"pipeline.cache_dir={tmp_path}/cache", "study.n_trials=30"]
+    command = " ".join([sys.executable, str(CLI), "study", "run", "full", "--config", QUICKSTART, "--quiet",
+                        *[f"--set '{s}'" for s in sets]])
+    # The storage is copied out before the namespace, and its tmpfs, goes away.
+    script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} && cd {mnt} && {command}; rc=$?; "
+              f"cp {mnt}/distillstudy.db {keep}/; exit $rc")
+    done = subprocess.run([unshare, "-rm", "sh", "-c", script], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: the disk is full ("), output
+    # No orphan: every trial left RUNNING is reclaimed by the next worker's heartbeat check (FAIL, queued again).
+    from study.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{keep}/distillstudy.db", heartbeat_interval=1, grace_period=1, max_retry=2)
+    study = optuna.load_study(study_name="full", storage=storage)
+    running = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
+    time.sleep(1.5)
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    assert [t.state.name for t in trials if t.number in running] == ["FAIL"] * len(running)
+    assert len([t for t in trials if t.state.name == "WAITING"]) >= len(running)
