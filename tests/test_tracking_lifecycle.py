@@ -4,8 +4,8 @@
   all exit 0 with no traceback, and share one experiment and one parent run;
 - `study create` initialises the tracking store, the experiment (model-training view, a description) and the
   parent run (SCHEDULED); the parent run is RUNNING while a worker runs, FINISHED once the study is at its total
-  (`--n-trials` or `study.n_trials`), KILLED when a worker stops short of it with nothing left running, and carries `best_target_val_acc` stepped by
-  finished trials;
+  (`--n-trials` or `study.n_trials`), KILLED when a worker stops short of it with nothing left running, and
+  carries `best_target_val_acc` stepped by finished trials;
 - a filter on ``params.`layers.head` `` finds the trials (one name per layer parameter);
 - MLflow's database-initialisation log lines (alembic) stay out of a worker's output.
 """
@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import optuna
-import pytest
 from click.testing import CliRunner
 
 import cli

@@ -81,8 +81,10 @@ def locked_with_retry(uri: str, fn):
         try:
             with lock:
                 return fn()
-        except Exception as exc:  # noqa: BLE001 - retried only when the store was the problem
-            if attempt == OPEN_ATTEMPTS - 1 or not is_outage(exc) and "alembic" not in str(exc).lower():
+        except Exception as exc:  # noqa: BLE001 - retried only when the database or server may come right
+            # A folder that cannot be written (an OSError raised as such) will not come right by waiting.
+            transient = not isinstance(exc, OSError) and (is_outage(exc) or "alembic" in str(exc).lower())
+            if attempt == OPEN_ATTEMPTS - 1 or not transient:
                 raise
             time.sleep(0.5 * (attempt + 1) + random.random())
     raise AssertionError("unreachable")
