@@ -98,6 +98,7 @@ class MlflowTracker:
         self.study = None
         self.total = config.study.n_trials
         self.offline = False  # set once on the first outage; then every call is dropped
+        self.unreachable = False  # the outage was a server that does not answer at all
         self._open_runs: set[str] = set()  # trial runs opened and not yet closed, closed as FAILED on an outage
         self._teacher_runs: dict[str, str] = {}  # teacher cache key -> its run id ('' while being looked up)
         self._lock = threading.Lock()  # guards only that dict and the outage switch, never logging
@@ -171,7 +172,7 @@ class MlflowTracker:
             print(f"warning: MLflow writes still queued after {INTERRUPT_WAIT_S} s were dropped",
                   file=sys.stderr, flush=True)
             return
-        if interrupted and self.offline or not self.parent_id:
+        if self.offline and (interrupted or self.unreachable) or not self.parent_id:
             return
         states = [t.state.name for t in study.get_trials(deepcopy=False)]
         status = store.study_status(states.count("COMPLETE") + states.count("PRUNED"), self.total,
@@ -208,6 +209,9 @@ class MlflowTracker:
         print(f"warning: MLflow tracking at '{mask_url(self.uri)}' is unavailable ({type(exc).__name__}: "
               f"{mask_url(first_line(exc, 200))}); this worker goes on without tracking, every result is in the "
               f"Optuna storage", file=sys.stderr, flush=True)
+        self.unreachable = store.is_unreachable(exc)
+        if self.unreachable:
+            return  # closing runs would only wait for the timeouts again, on this (maybe a trial's) thread
         # A store that still answers (an unwritable artifact folder) gets the open runs closed; one refusal ends it.
         reason = f"tracking stopped: {type(exc).__name__}: {first_line(exc, 200)}"
         for run_id in open_runs:

@@ -63,6 +63,15 @@ def is_outage(exc: BaseException) -> bool:
     return False
 
 
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether the tracking server did not answer at all (refused, timed out): then nothing else can be sent."""
+    import requests
+
+    text = str(exc)
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout)) or \
+        "failed with exception" in text or "failed with timeout exception" in text
+
+
 def _lock_path(uri: str) -> str:
     # A SQLite store is locked beside its file (workers on one machine share it); any other store by a lock file
     # named after its URI in the temp folder (a server initialises its own database; this only orders the
