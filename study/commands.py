@@ -28,10 +28,27 @@ def create(config_path: str, name: str | None, storage: str | None, overrides, l
     name = name or config.study.name
     url = resolve_storage_url(storage, config.study.storage)
     study, created = create_study(config, name, url, load_if_exists)
+    _prepare_tracking(study, name, url, created)
     queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     verb = "created" if created else "loaded existing"
     return (f"{verb} study '{name}' in {mask_url(url)} ({queued} baseline trials queued)\n"
             f"run a worker: distillstudy study run {name} --storage '{mask_url(url)}'")
+
+
+def _prepare_tracking(study: optuna.Study, name: str, url: str, created: bool) -> None:
+    # The tracking store, the experiment and the parent run exist before any worker starts, so workers started
+    # together only find them. A store that cannot be used leaves no study behind.
+    from .config import config_from_dict
+    from .studies import storage_for
+    from .tracking import make_tracker
+
+    stored = config_from_dict(study.user_attrs["config"])  # the study's own config: storage masked, name set
+    try:
+        make_tracker(stored).prepare_study(study, stored)
+    except UserError:
+        if created:
+            optuna.delete_study(study_name=name, storage=storage_for(url, create=False))
+        raise
 
 
 def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device, quiet, verbose, echo) -> int:

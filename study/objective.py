@@ -99,9 +99,14 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
         elif baseline:
             choices = baseline_choices(baseline, space)
         record.write_start(trial, choices, run_seed)
-        _close_stale_run(trial, tracker)
-        run_id = tracker.start_trial(trial, choices)
-        record.write_run_id(trial, run_id)
+        run_id = None
+        try:  # a signal while the tracker opens the run is an interrupted trial like any other (FAIL, re-queued)
+            _close_stale_run(trial, tracker)
+            run_id = tracker.start_trial(trial, choices)
+            record.write_run_id(trial, run_id)
+        except KeyboardInterrupt as exc:
+            _interrupted(study, trial, tracker, run_id, exc)
+            raise
         checkpoints = StageCheckpoints(Path(config.study.checkpoint_dir) / study.study_name /
                                        checkpoint_key(study.study_name, choices.flat(), run_seed))
 
@@ -134,8 +139,7 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             tracker.end_trial(run_id, trial, "PRUNED", reason=str(exc))
             raise
         except KeyboardInterrupt as exc:
-            _fail(trial, tracker, run_id, exc, "KILLED")
-            _requeue(study, trial)
+            _interrupted(study, trial, tracker, run_id, exc)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends this trial only; the study goes on
             # An enqueued trial (a baseline, a confirmation run, a retry) exists once: failing it for the worker's
@@ -166,6 +170,11 @@ def _fail(trial, tracker, run_id, exc: BaseException, state: str, note: str = ""
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     tracker.end_trial(run_id, trial, state, reason=reason)
+
+
+def _interrupted(study, trial, tracker, run_id, exc: KeyboardInterrupt) -> None:
+    _fail(trial, tracker, run_id, exc, "KILLED")
+    _requeue(study, trial)
 
 
 def _close_stale_run(trial: optuna.Trial, tracker) -> None:

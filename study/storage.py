@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -107,8 +108,9 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     key = _check_key(url)
     checked = key is not None and key in _checked
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=checked,
-                                             skip_table_creation=checked, **kwargs)
+        with _first_open_lock(None if checked else _sqlite_path(url)):
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=checked,
+                                                 skip_table_creation=checked, **kwargs)
         key = _check_key(url)  # now that the file exists
         if key is not None:
             _checked.add(key)
@@ -118,6 +120,28 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     if _sqlite_path(url) is not None:  # a file (an in-memory database would be lost by the reconnect)
         _fast_sqlite(storage.engine)
     return storage
+
+
+@contextlib.contextmanager
+def _first_open_lock(path: Path | None):
+    # Workers started together on a fresh SQLite file would all create its tables and stamp its Alembic version
+    # ("UNIQUE constraint failed: alembic_version.version_num"): a lock file beside it lets one set it up first.
+    # A folder where no lock file can be made (read-only) has nobody to race with.
+    if path is None:
+        yield
+        return
+    from filelock import FileLock
+
+    lock = FileLock(f"{path.expanduser()}.init.lock", timeout=300)
+    try:
+        lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _fast_sqlite(engine) -> None:

@@ -15,12 +15,12 @@ from typing import Callable
 
 import optuna
 
-from models.errors import UserError
+from models.errors import UserError, first_line
 
-from . import compat
+from . import compat, faults
 from .config import Config
 from .confirm import is_companion
-from .objective import make_objective
+from .objective import _requeue, make_objective
 from .record import TrialRecord
 from .storage import mask_url
 from .studies import load_study
@@ -54,12 +54,14 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
     config = config.with_changes("study", storage=mask_url(url))  # what the tracker records as the storage
     _lock_queue_pops(study, url)
     tracker = make_tracker(config)
-    tracker.start_study(study, config)
+    tracker.start_study(study, config, total)
     stop, interrupted = threading.Event(), threading.Event()
     objective = make_objective(config, study, total, tracker, interrupted)
     deadline = time.monotonic() + timeout if timeout else None
 
     failures: list[str] = []  # reasons of the consecutive FAIL trials of this worker
+    disk_full: list[str] = []  # why this worker stopped on a full disk (a trial's reason or a storage error)
+    started: list[optuna.Trial] = []  # this worker's trials: one left RUNNING is closed on a full disk
     invalid: list[str] = []  # reasons of the consecutive trials whose choices could not run
 
     def callback(study_, trial):
@@ -68,6 +70,9 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
             return
         if on_trial:
             on_trial(study_, trial)
+        if trial.state == optuna.trial.TrialState.FAIL and faults.is_disk_full(Exception(r.failure or "")):
+            disk_full.append(r.failure)  # every next trial would fail the same way
+            stop.set()
         if r.invalid_choice:  # says nothing about this worker
             invalid.append(r.failure)
         elif trial.state == optuna.trial.TrialState.FAIL and not interrupted.is_set():
@@ -98,7 +103,15 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
                         break
                     time.sleep(_POLL_SECONDS)
                     continue
-            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[callback])
+            try:
+                study.optimize(_recording(objective, started), n_trials=1, catch=(Exception,),
+                               callbacks=[callback])
+            except Exception as exc:  # noqa: BLE001 - Optuna could not write to its storage
+                if not faults.is_disk_full(exc):
+                    raise
+                cause = faults.disk_full_cause(exc)
+                disk_full.append(f"{type(cause).__name__}: {first_line(cause)}")
+                stop.set()
 
     try:
         with _graceful_signals(interrupted, raise_now=n_jobs <= 1):
@@ -115,12 +128,18 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
                     raise KeyboardInterrupt
     finally:
         if interrupted.is_set():
-            tracker.end_study(study)  # a second signal already exits at once (see _graceful_signals.__exit__)
+            # Bounded wait; a second signal already exits at once (see _graceful_signals.__exit__).
+            tracker.end_study(study, interrupted=True)
         else:
             # A Ctrl-C while the last tracking writes finish must not drop them, nor pass for an interrupted
             # trial: the first is absorbed, a second exits at once.
             with _graceful_signals(threading.Event(), raise_now=False):
                 tracker.end_study(study)
+    if disk_full:
+        left = _close_orphans(study, started, disk_full[0])
+        raise UserError(f"the disk is full ({disk_full[0]}); free space, then run the study again" +
+                        (f" (trial {', '.join(map(str, left))} could not be marked FAIL: a worker reclaims it "
+                         f"{config.study.grace_period} s after its last heartbeat)" if left else ""))
     if len(failures) >= MAX_CONSECUTIVE_FAILURES:
         raise UserError(f"{len(failures)} trials in a row failed on this worker (last: {failures[-1]}); "
                         f"stopping it so it does not burn through the study")
@@ -128,6 +147,32 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
         raise UserError(f"{len(invalid)} trials in a row had choices that cannot run (last: {invalid[-1]}); "
                         f"narrow the search space or fix the config")
     return study
+
+
+def _recording(objective, started: list[optuna.Trial]):
+    def run(trial):
+        started.append(trial)
+        return objective(trial)
+
+    return run
+
+
+def _close_orphans(study: optuna.Study, started: list[optuna.Trial], reason: str) -> list[int]:
+    # A full disk can fail Optuna's own write of a trial's end and leave it RUNNING: mark it FAIL with the reason
+    # and queue it again where the storage still takes a write (it is on another disk, or space came back).
+    # Returns the numbers of those still RUNNING: their heartbeat goes stale and a later worker retries them.
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    left = []
+    for trial in started:
+        if trial.number not in running:
+            continue
+        try:
+            trial.set_user_attr("failure", f"disk full: {reason}"[:300])
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            _requeue(study, trial)
+        except Exception:  # noqa: BLE001 - still full
+            left.append(trial.number)
+    return left
 
 
 def _preflight(config: Config) -> None:

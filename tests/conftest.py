@@ -50,3 +50,14 @@ def tiny_task():
         return dataclasses.replace(TaskOptions(name=name, max_per_domain=300), **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_tracking_store(tmp_path_factory):
+    """A test that leaves `tracking.mlflow_uri` unset tracks into a session-wide temporary store (`study create`
+    opens the tracking store), never into an mlflow.db in the checkout."""
+    import os
+
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    yield

@@ -26,8 +26,11 @@ def make_tracker(config):
 class NullTracker:
     """Tracking disabled (`tracking.enabled: false`)."""
 
-    def start_study(self, study, config) -> None:
-        """Called once per worker before its first trial."""
+    def prepare_study(self, study, config) -> None:
+        """Called by `study create`: a real tracker initialises its store, the experiment and the parent run."""
+
+    def start_study(self, study, config, total: int | None = None) -> None:
+        """Called once per worker before its first trial; `total` is the count of finished trials it runs to."""
 
     def log_teacher(self, info, model) -> None:
         """Called with each trial's teacher (and donor); a real tracker logs each distinct one once."""
@@ -44,5 +47,5 @@ class NullTracker:
         """Close the trial's run: state is COMPLETE, PRUNED, FAIL or KILLED; a COMPLETE trial comes with its
         result and its (first) objective value."""
 
-    def end_study(self, study) -> None:
-        """Called when a worker stops."""
+    def end_study(self, study, interrupted: bool = False) -> None:
+        """Called when a worker stops (`interrupted`: by a signal, so it must not wait long)."""

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 
+import optuna
 import torch
 import yaml
 from mlflow import MlflowClient
@@ -32,11 +33,13 @@ from .writer import BackgroundWriter
 from ..config import Config
 from ..record import TrialRecord
 from ..storage import mask_url
-from . import tracking_uri
+from . import store, tracking_uri
 
 # Optuna state -> MLflow run status.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
+# How long an interrupted worker waits for its queued tracking writes before it exits anyway.
+INTERRUPT_WAIT_S = 15.0
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
@@ -77,67 +80,146 @@ def cpu_state(model) -> dict:
 
 
 class MlflowTracker:
-    """Records a study's trials in MLflow (see the module docstring)."""
+    """Records a study's trials in MLflow (see the module docstring).
+
+    When the tracking store becomes unavailable (a dead or hung server, an artifact folder or a disk that cannot be
+    written), the tracker says so in one warning, closes the runs it has open as FAILED if the store still lets it,
+    and drops every later call: the study goes on untracked, its results in the Optuna storage. A new worker
+    tracks again."""
 
     def __init__(self, config: Config):
-        # MLflow prints "View run ... at http://..." to stdout for every closed run on HTTP servers; a worker's
-        # stdout is its per-trial lines, and the run links are in the UI anyway.
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        store.configure_client()
         self.config = config
         self.uri = tracking_uri(config)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = None  # made under the store's lock: making it initialises a database store
         self.experiment = config.tracking.experiment or config.study.name
         self.experiment_id = ""
         self.parent_id = ""
         self.study = None
+        self.total = config.study.n_trials
+        self.offline = False  # set once on the first outage; then every call is dropped
+        self.unreachable = False  # the outage was a server that does not answer at all
+        self._open_runs: set[str] = set()  # trial runs opened and not yet closed, closed as FAILED on an outage
         self._teacher_runs: dict[str, str] = {}  # teacher cache key -> its run id ('' while being looked up)
-        self._lock = threading.Lock()  # guards only that dict, never logging
+        self._lock = threading.Lock()  # guards only that dict and the outage switch, never logging
         self.writer = BackgroundWriter("mlflow-writer")
 
     # ---- study --------------------------------------------------------------------------------------------------
-    def start_study(self, study, config: Config) -> None:
-        """Find or create the experiment and the study's parent run (shared by every worker). An unreachable
-        tracking server is a UserError before any trial starts (not minutes of retries, not a traceback)."""
+    def prepare_study(self, study, config: Config) -> None:
+        """`study create`: initialise the tracking store, the experiment and the parent run (SCHEDULED), so
+        workers starting together find them. A UserError when the store cannot be used."""
+        self._open(study, config, status="SCHEDULED")
+
+    def start_study(self, study, config: Config, total: int | None = None) -> None:
+        """Find (or create) the experiment and the study's parent run, shared by every worker, and mark the parent
+        RUNNING; `total` is the finished-trial count this worker runs the study to. An unreachable tracking server
+        or an unusable store is a UserError before any trial starts (not minutes of retries, not a traceback)."""
+        self.total = total or config.study.n_trials
+        self._open(study, config, status="RUNNING")
+
+    def _open(self, study, config: Config, status: str) -> None:
         self.study = study
         if self.uri.startswith(("http://", "https://")):
             _check_server(self.uri)
         try:
-            self._start_study(study, config)
-        except MlflowException as exc:
-            raise UserError(f"MLflow tracking at '{mask_url(self.uri)}' failed: {first_line(exc)} "
-                            f"(set tracking.enabled: false to run without it)") from None
+            store.locked_with_retry(self.uri, lambda: self._start_study(study, config, status))
+        except Exception as exc:  # noqa: BLE001 - an outage (OSError, database) or MLflow's own refusal
+            if not (isinstance(exc, MlflowException) or store.is_outage(exc)):
+                raise
+            raise UserError(f"MLflow tracking at '{mask_url(self.uri)}' failed: {type(exc).__name__}: "
+                            f"{mask_url(first_line(exc, 200))} (set tracking.enabled: false to run without it)"
+                            ) from None
 
-    def _start_study(self, study, config: Config) -> None:
-        self.experiment_id = self._experiment_id()
-        runs = self.client.search_runs([self.experiment_id], "tags.`distillstudy.role` = 'study'",
-                                       order_by=["attributes.start_time ASC"], max_results=1)
-        if runs:
-            self.parent_id = runs[0].info.run_id
+    def _start_study(self, study, config: Config, status: str) -> None:
+        # Under the store's lock: workers starting together initialise one database and create one experiment and
+        # one parent run.
+        self.client = self.client or MlflowClient(tracking_uri=self.uri)
+        owner = study.user_attrs.get("confirm_of", study.study_name)  # a confirmation nests in its study's run
+        self.experiment_id = store.experiment_id(self.client, self.experiment, owner)
+        self.parent_id = store.find_parent_run(self.client, self.experiment_id, owner)
+        if self.parent_id:
+            if status == "RUNNING":
+                self.client.update_run(self.parent_id, status="RUNNING")
             return
-        run = self.client.create_run(self.experiment_id, run_name=f"study {study.study_name}",
-                                     tags={"distillstudy.role": "study", "optuna.study": study.study_name,
+        run = self.client.create_run(self.experiment_id, run_name=f"study {owner}",
+                                     tags={"distillstudy.role": "study", "optuna.study": owner,
                                            "distillstudy.code_version": code_version()})
-        self.parent_id = run.info.run_id
-        # config.study.storage is already masked by the worker.
-        params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
-                  for k, v in flatten(config.to_dict()).items()}
-        self._log_params(self.parent_id, params)
-        self.client.log_text(self.parent_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
-        study.set_user_attr("mlflow_parent_run_id", self.parent_id)
-        study.set_user_attr("mlflow_experiment_id", self.experiment_id)
-
-    def _experiment_id(self) -> str:
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            return exp.experiment_id
         try:
-            return self.client.create_experiment(self.experiment)
-        except MlflowException:  # another worker created it first
-            return self.client.get_experiment_by_name(self.experiment).experiment_id
+            # config.study.storage is already masked by the worker.
+            params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                      for k, v in flatten(config.to_dict()).items()}
+            self._log_params(run.info.run_id, params)
+            self.client.log_text(run.info.run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
+            if status != "RUNNING":
+                self.client.update_run(run.info.run_id, status=status)
+        except Exception:
+            # Half-written (an artifact folder that cannot be written): gone, so the next start makes it again.
+            try:
+                self.client.delete_run(run.info.run_id)
+            except Exception:  # noqa: BLE001 - the store refuses everything: the original error says why
+                pass
+            raise
+        self.parent_id = run.info.run_id
+        if owner == study.study_name:
+            study.set_user_attr("mlflow_parent_run_id", self.parent_id)
+            study.set_user_attr("mlflow_experiment_id", self.experiment_id)
 
-    def end_study(self, study) -> None:
-        """Wait for the queued logging. The parent run stays open while any worker may still log (see README)."""
-        self.writer.close()
+    def end_study(self, study, interrupted: bool = False) -> None:
+        """Wait for the queued logging (when `interrupted`, at most INTERRUPT_WAIT_S: the worker is on its way
+        out), then set the parent run's status: FINISHED at the study's total, KILLED short of it with no trial
+        left running, still RUNNING while other workers run trials."""
+        if not self.writer.close(timeout=INTERRUPT_WAIT_S if interrupted else None):
+            print(f"warning: MLflow writes still queued after {INTERRUPT_WAIT_S} s were dropped",
+                  file=sys.stderr, flush=True)
+            return
+        if self.offline and (interrupted or self.unreachable) or not self.parent_id:
+            return
+        states = [t.state.name for t in study.get_trials(deepcopy=False)]
+        status = store.study_status(states.count("COMPLETE") + states.count("PRUNED"), self.total,
+                                    states.count("RUNNING"))
+        if status:
+            try:  # also after an outage: a store that only lost its artifact folder still takes it
+                self.client.set_terminated(self.parent_id, status)
+            except Exception as exc:  # noqa: BLE001 - one warning (none when the outage was reported already)
+                self._go_offline(exc)
+
+    # ---- outages ------------------------------------------------------------------------------------------------
+    def _submit(self, fn, *args, **kwargs) -> None:
+        """Queue `fn(*args, **kwargs)` to the writer, unless the store is known to be down."""
+        if not self.offline:
+            self.writer.submit(self._guarded, fn, *args, **kwargs)
+
+    def _guarded(self, fn, *args, **kwargs):
+        if self.offline:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not store.is_outage(exc):
+                raise  # the writer reports it in one line; tracking goes on
+            self._go_offline(exc)
+            return None
+
+    def _go_offline(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.offline:
+                return
+            self.offline = True
+            open_runs, self._open_runs = set(self._open_runs), set()
+        print(f"warning: MLflow tracking at '{mask_url(self.uri)}' is unavailable ({type(exc).__name__}: "
+              f"{mask_url(first_line(exc, 200))}); this worker goes on without tracking, every result is in the "
+              f"Optuna storage", file=sys.stderr, flush=True)
+        self.unreachable = store.is_unreachable(exc)
+        if self.unreachable:
+            return  # closing runs would only wait for the timeouts again, on this (maybe a trial's) thread
+        # A store that still answers (an unwritable artifact folder) gets the open runs closed; one refusal ends it.
+        reason = f"tracking stopped: {type(exc).__name__}: {first_line(exc, 200)}"
+        for run_id in open_runs:
+            try:
+                self.client.log_batch(run_id, tags=[RunTag("distillstudy.failure", reason)], synchronous=True)
+                self.client.set_terminated(run_id, "FAILED")
+            except Exception:  # noqa: BLE001 - the store is down: nothing more to close
+                break
 
     # ---- trials -------------------------------------------------------------------------------------------------
     def start_trial(self, trial, choices) -> str:
@@ -151,22 +233,29 @@ class MlflowTracker:
         if rec.confirm_role:  # a confirmation run: which configuration, of which trial
             tags["distillstudy.confirm"] = rec.confirm_role
             tags["distillstudy.confirm_of_trial"] = str(rec.confirm_of_trial)
+        if self.offline:
+            return None
         try:
+            # On the trial's thread (the trial needs the id), bounded by the HTTP timeouts of store.HTTP_DEFAULTS.
             run = self.client.create_run(self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
         except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail the trial: it runs untracked
-            print(f"warning: trial {trial.number} is not tracked: cannot open its MLflow run "
-                  f"({type(exc).__name__}: {first_line(exc, 200)})",
-                  file=sys.stderr, flush=True)
+            if store.is_outage(exc):
+                self._go_offline(exc)
+            else:
+                print(f"warning: trial {trial.number} is not tracked: cannot open its MLflow run "
+                      f"({type(exc).__name__}: {first_line(exc, 200)})", file=sys.stderr, flush=True)
             return None
-        self.writer.submit(self._log_params, run.info.run_id,
-                           trial_params(choices, rec.seed, trial.number))
+        with self._lock:
+            self._open_runs.add(run.info.run_id)
+        self._submit(self._log_params, run.info.run_id, trial_params(choices, rec.seed, trial.number))
         return run.info.run_id
 
     def log_epoch(self, run_id, stage: str, step: int, metrics: dict) -> None:
         """One batch per epoch: `<stage>/<metric>` at the global step, written by the background writer."""
         now = int(time.time() * 1000)
         batch = [Metric(f"{stage}/{k}", float(v), now, step) for k, v in metrics.items()]
-        self.writer.submit(self.client.log_batch, run_id, metrics=batch, synchronous=True)
+        if run_id:
+            self._submit(self.client.log_batch, run_id, metrics=batch, synchronous=True)
 
     def log_teacher(self, info, model) -> None:
         """Log each distinct teacher once per study (its own run); trials link to it by tag."""
@@ -176,7 +265,7 @@ class MlflowTracker:
             self._teacher_runs[info.key] = ""  # claimed: later trials of this worker skip straight past
             state = cpu_state(model) if model is not None and self.config.tracking.log_weights != "none" else None
             # Queued under the lock: no other trial's end can be queued before it (and miss the link tag).
-            self.writer.submit(self._log_teacher, info, state)
+            self._submit(self._log_teacher, info, state)
 
     def _log_teacher(self, info, state: dict | None) -> None:
         try:
@@ -210,6 +299,8 @@ class MlflowTracker:
                   value: float | None = None) -> None:
         """Final metrics, artifacts, tags, and the run status mapped from the Optuna state (queued to the writer;
         only "is this the best trial so far" is decided now, before Optuna records this trial)."""
+        if state in ("COMPLETE", "PRUNED") and trial is not None:
+            self._log_best(trial, result)
         if not run_id:
             return
         tracking = self.config.tracking
@@ -225,7 +316,25 @@ class MlflowTracker:
             if tracking.log_weights == "all" or (tracking.log_weights == "best" and improved):
                 weights = cpu_state(model)
             result = dataclasses.replace(result, student=None, models={})
-        self.writer.submit(self._end_trial, run_id, state, result, reason, improved, meta, weights)
+        self._submit(self._end_trial, run_id, state, result, reason, improved, meta, weights)
+
+    def _log_best(self, trial, result) -> None:
+        # The parent run's `best_target_val_acc`: the best delivered target val accuracy of the study's complete
+        # trials, at step = its number of finished trials, this one included (it is told to Optuna after this).
+        if not self.parent_id or "confirm_of" in self.study.user_attrs:
+            return
+        finished, best = 1, result.value if result is not None else None
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                               optuna.trial.TrialState.PRUNED)):
+            if t.number == trial.number:
+                continue
+            finished += 1
+            acc = TrialRecord(t).delivered["target_val_acc"] if t.state.name == "COMPLETE" else None
+            if acc is not None and (best is None or acc > best):
+                best = acc
+        if best is not None:
+            metric = Metric("best_target_val_acc", float(best), int(time.time() * 1000), finished)
+            self._submit(self.client.log_batch, self.parent_id, metrics=[metric], synchronous=True)
 
     def _end_trial(self, run_id, state: str, result, reason: str | None, improved: bool, meta: dict | None,
                    weights: dict | None) -> None:
@@ -249,6 +358,8 @@ class MlflowTracker:
         if result is not None:
             self._log_trial_artifacts(run_id, result, improved, meta, weights)
         self.client.set_terminated(run_id, RUN_STATUS[state])
+        with self._lock:
+            self._open_runs.discard(run_id)
 
     def _final_metrics(self, result) -> list[Metric]:
         now, out = int(time.time() * 1000), []

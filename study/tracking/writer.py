@@ -48,14 +48,16 @@ class BackgroundWriter:
         if self._thread is not None:
             self._queue.join()
 
-    def close(self) -> None:
-        """Run everything queued, then end the thread."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Run everything queued, then end the thread. With a `timeout` (seconds), stop waiting after it: returns
+        False when calls were still running or queued then (the daemon thread dies with the process)."""
         with self._start_lock:
             thread, self._thread = self._thread, None
             if thread is None:
-                return
+                return True
             self._queue.put(None)  # the stop marker, after everything already queued
-        thread.join()
+        thread.join(timeout)
+        return not thread.is_alive()
 
     def _run(self) -> None:
         while True:

@@ -1,0 +1,252 @@
+"""Tracking faults never stall, hang or break a study (worker processes, real `mlflow server`s, real SQLite stores):
+
+- the server dies mid-study: the next trials run untracked after one warning, with no minutes of retries;
+- the server hangs (SIGSTOP) and the worker gets SIGTERM: it exits 130 at once, the interrupted trial is FAIL with
+  its reason and queued again;
+- the artifact folder cannot be written (`chattr +i`: EPERM even for root), at start: one `error:` line, no
+  traceback, no run left RUNNING; mid-study: one warning, the study reaches its total, no run left RUNNING;
+- the disk fills up (a 1 MiB tmpfs in a user+mount namespace): one line saying so, no traceback, no trial left
+  RUNNING.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = REPO / "cli.py"
+QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+TINY = ["pipeline.device=cpu", "pipeline.cpu_threads=1", "task.max_per_domain=300", "pipeline.teacher_epochs=1",
+        "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1",
+        "search.generations=0", "study.confirm.top=0", "study.pruner.name=none", "study.pruner.kwargs={}"]
+WARNING = "is unavailable"  # the one line a tracking outage prints
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A fresh `mlflow server` on a free loopback port (its own session, so the test can stop or kill it all)."""
+    root = tmp_path / "server"
+    root.mkdir()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 150
+    while not _healthy(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"mlflow server did not come up:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url, proc
+    for sig in (signal.SIGCONT, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+    proc.wait()
+    log.close()
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DISTILLSTUDY_"))}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _worker(tmp_path: Path, name: str, tracking: str, n_trials: int, extra=(), prefix=()) -> subprocess.Popen:
+    sets = [*TINY, f"tracking.mlflow_uri={tracking}", f"pipeline.cache_dir={tmp_path}/cache",
+            f"study.checkpoint_dir={tmp_path}/ck", *extra]
+    args = [*prefix, sys.executable, str(CLI), "study", "run", name, "--config", QUICKSTART, "--quiet",
+            "--storage", f"sqlite:///{tmp_path}/optuna.db", "--n-trials", str(n_trials),
+            *[a for s in sets for a in ("--set", s)]]
+    return subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=open(tmp_path / "out", "w"),
+                            stderr=open(tmp_path / "err", "w"), start_new_session=True)
+
+
+def _wait(proc: subprocess.Popen, timeout: float, tmp_path: Path) -> tuple[int, str]:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"worker still running after {timeout} s:\n{(tmp_path / 'err').read_text()[-3000:]}")
+    return rc, (tmp_path / "out").read_text() + (tmp_path / "err").read_text()
+
+
+def _trials(tmp_path: Path, name: str):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db")
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def _when(predicate, timeout: float, proc: subprocess.Popen, tmp_path: Path, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:  # noqa: BLE001 - the study or its storage is not created yet
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited {proc.returncode} before {what}:\n{(tmp_path / 'err').read_text()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _finished(tmp_path: Path, name: str) -> int:
+    return sum(t.state.name in ("COMPLETE", "PRUNED") for t in _trials(tmp_path, name))
+
+
+def test_a_dead_server_mid_study_means_untracked_trials_after_one_warning(server, tmp_path):
+    url, proc = server
+    worker = _worker(tmp_path, "dead", url, 6)
+    _when(lambda: _finished(tmp_path, "dead") >= 2, 300, worker, tmp_path, "2 finished trials")
+    os.killpg(proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    # MLflow's defaults would retry each trial's run for about 4 minutes.
+    rc, output = _wait(worker, 120, tmp_path)
+    assert rc == 0 and "Traceback" not in output, output
+    assert output.count(WARNING) == 1, output
+    assert "tracking call failed" not in output, output
+    trials = [t for t in _trials(tmp_path, "dead") if not t.user_attrs.get("skipped")]
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 6
+    assert time.monotonic() - killed < 110
+
+
+def test_sigterm_with_a_hung_server_exits_at_once_and_requeues_the_trial(server, tmp_path):
+    url, proc = server
+    worker = _worker(tmp_path, "hung", url, 20, extra=["pipeline.distill_epochs=4"])
+    _when(lambda: _finished(tmp_path, "hung") >= 1, 300, worker, tmp_path, "a finished trial")
+    os.killpg(proc.pid, signal.SIGSTOP)  # accepts connections (the kernel's backlog), never answers
+    time.sleep(2)
+    worker.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    rc, output = _wait(worker, 90, tmp_path)
+    assert rc == 130 and "Traceback" not in output, output
+    assert time.monotonic() - sent < 30, output
+    trials = _trials(tmp_path, "hung")
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 1 and failed[0].user_attrs["failure"].startswith("interrupted"), \
+        [(t.number, t.state.name, t.user_attrs.get("failure")) for t in trials]
+    waiting = [t for t in trials if t.state.name == "WAITING"]
+    assert any(t.params == failed[0].params for t in waiting) or \
+        any(t.system_attrs.get("fixed_params") == failed[0].params for t in waiting)
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+
+
+def _immutable(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    chattr = shutil.which("chattr")
+    done = chattr and subprocess.run([chattr, "+i", str(path)], capture_output=True, text=True)
+    if not done or done.returncode:
+        pytest.skip(f"cannot make a folder unwritable here (chattr +i): {done.stderr.strip() if done else 'no chattr'}")
+
+
+def _mutable(path: Path) -> None:
+    subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def _runs(tracking: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+
+
+def test_an_unwritable_artifact_folder_at_start_is_one_error_line(tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"  # artifacts default to ./mlruns beside it
+    _immutable(tmp_path / "mlruns")
+    try:
+        rc, output = _wait(_worker(tmp_path, "ro", tracking, 2), 300, tmp_path)
+    finally:
+        _mutable(tmp_path / "mlruns")
+    assert rc == 2 and "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: MLflow tracking") and "PermissionError" in lines[0], output
+    assert not [r for r in _runs(tracking) if r.info.status == "RUNNING"]
+
+
+def test_an_artifact_folder_unwritable_mid_study_means_one_warning_and_no_running_run(tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    worker = _worker(tmp_path, "ro-mid", tracking, 4)
+    _when(lambda: _finished(tmp_path, "ro-mid") >= 1, 300, worker, tmp_path, "a finished trial")
+    experiments = [p for p in (tmp_path / "mlruns").iterdir() if p.name not in ("0", ".trash")]
+    for p in experiments:
+        _immutable(p)  # no new run can make its artifact folder
+    try:
+        rc, output = _wait(worker, 300, tmp_path)
+    finally:
+        for p in experiments:
+            _mutable(p)
+    assert rc == 0 and "Traceback" not in output, output
+    assert output.count(WARNING) == 1 and "PermissionError" in output, output
+    assert [t.state.name for t in _trials(tmp_path, "ro-mid")] == ["COMPLETE"] * 4
+    runs = _runs(tracking)
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    (parent,) = [r for r in runs if r.data.tags.get("distillstudy.role") == "study"]
+    assert parent.info.status == "FINISHED"
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_orphan_trial(tmp_path):
+    """A study on a 1 MiB tmpfs (mounted in a private user+mount namespace, so no root on the host is needed) runs
+    until its disk fills: the stage checkpoints and the Optuna SQLite file share it."""
+    unshare = shutil.which("unshare")
+    probe = unshare and subprocess.run([unshare, "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {tmp_path}"],
+                                       capture_output=True, text=True)
+    if not probe or probe.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {probe.stderr.strip() if probe else 'no unshare'}")
+    mnt, keep = tmp_path / "mnt", tmp_path / "kept"
+    mnt.mkdir()
+    keep.mkdir()
+    sets = [*TINY, "tracking.enabled=false", f"pipeline.cache_dir={tmp_path}/cache", "study.n_trials=30"]
+    command = " ".join([sys.executable, str(CLI), "study", "run", "full", "--config", QUICKSTART, "--quiet",
+                        *[f"--set '{s}'" for s in sets]])
+    # The storage is copied out before the namespace, and its tmpfs, goes away.
+    script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} && cd {mnt} && {command}; rc=$?; "
+              f"cp {mnt}/distillstudy.db {keep}/; exit $rc")
+    done = subprocess.run([unshare, "-rm", "sh", "-c", script], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: the disk is full ("), output
+    # No orphan: every trial left RUNNING is reclaimed by the next worker's heartbeat check (FAIL, queued again).
+    from study.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{keep}/distillstudy.db", heartbeat_interval=1, grace_period=1, max_retry=2)
+    study = optuna.load_study(study_name="full", storage=storage)
+    running = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
+    time.sleep(1.5)
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    assert [t.state.name for t in trials if t.number in running] == ["FAIL"] * len(running)
+    assert len([t for t in trials if t.state.name == "WAITING"]) >= len(running)
