@@ -41,7 +41,7 @@ def test_registered_best_model_loads_in_a_new_process(tmp_path, monkeypatch, tea
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = CliRunner().invoke(cli.main, [
-        "study", "run", "tiny", "--config", str(REPO / "examples" / "quickstart.yaml"), "--n-trials", "2",
+        "study", "run", "tiny", "--config", str(REPO / "examples" / "quickstart.yaml"), "--n-trials", "1",
         "--storage", f"sqlite:///{tmp_path}/optuna.db", "--set", f"tracking.mlflow_uri={uri}",
         "--set", f"pipeline.cache_dir={teacher_cache_dir}", "--quiet", *TINY])
     assert result.exit_code == 0, result.output
