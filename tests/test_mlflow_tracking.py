@@ -20,6 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
+
 import optuna
 import pytest
 import torch
@@ -143,9 +145,19 @@ class Study:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
 
     def artifacts(self, run_id: str, path: str | None = None) -> set[str]:
+        # MLflow lists a run's logged models (the registered best) through the process-wide tracking URI, not the
+        # client's: point it at the server for the listing.
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.url)
+        try:
+            return self._artifacts(run_id, path)
+        finally:
+            mlflow.set_tracking_uri(previous)
+
+    def _artifacts(self, run_id: str, path: str | None) -> set[str]:
         out = set()
         for f in self.client.list_artifacts(run_id, path):
-            out |= self.artifacts(run_id, f.path) if f.is_dir else {f.path}
+            out |= self._artifacts(run_id, f.path) if f.is_dir else {f.path}
         return out
 
 
