@@ -11,17 +11,25 @@ import sys
 
 import click
 
-from models.errors import UserError
+from models.errors import UserError, mask_secrets
 
 
 class _Group(click.Group):
-    """Turns UserError into one line on stderr and exit code 2, never a traceback."""
+    """Turns UserError, and a bad option or argument of a subcommand, into one line on stderr and exit code 2,
+    never a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            # Click's own form is four lines (usage, a hint, a blank line, "Error: ..."); ours is the one line every
+            # bad input gets, with where to look.
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see: {where} -h)", err=True)
+            ctx.exit(2)
         except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
+            # Masked here too: no error line ever shows a password, whichever message quoted a URL.
+            click.echo(f"error: {mask_secrets(str(exc))}", err=True)
             ctx.exit(2)
         except RuntimeError as exc:
             from objectives.train import TrainingDiverged
@@ -147,7 +155,8 @@ def study_create(config_path, name, storage, overrides, load_if_exists):
 @set_option
 @click.option("--n-trials", type=click.IntRange(min=1), default=None,
               help="The study's TOTAL of finished trials (default: the config's study.n_trials).")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop starting trials after S seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting trials after S seconds (> 0).")
 @click.option("--n-jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Trials on threads.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's pipeline.device).")
 @click.option("--quiet", is_flag=True, help="No per-trial lines.")
@@ -223,17 +232,14 @@ study_best = _study_view("best", "best_summary", "format_best", "The winning lay
 @click.argument("name")
 @storage_option
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write to a file instead of stdout.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write to this file instead of stdout (missing folders are created).")
 def study_export(name, storage, fmt, out):
     """One row per trial: params, values, state, epochs, seconds, per-stage accuracies."""
-    from study.storage import resolve_storage_url
-    from study.studies import export_trials
+    from study.commands import export
 
-    text = export_trials(name, resolve_storage_url(storage), fmt)
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
-    else:
+    text = export(name, storage, fmt, out)
+    if text is not None:
         click.echo(text, nl=False)
 
 

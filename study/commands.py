@@ -12,6 +12,7 @@ import optuna
 from models.errors import UserError
 
 from .config import load_config
+from .names import check_study_name
 from .output import format_best, format_confirmation, format_stage_lines, format_trial_line
 from .progress import TrialProgress
 from .record import TrialRecord
@@ -46,6 +47,7 @@ def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device
         url = resolve_storage_url(storage, config.study.storage)
         create_study(config, name, url, load_if_exists=True)
     else:
+        check_study_name(name)
         if overrides:
             raise UserError("--set changes a config: use it with --config (a stored study's config is fixed)")
         url = resolve_storage_url(storage)
@@ -97,6 +99,7 @@ def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, 
     from .worker import run_worker
 
     url = resolve_storage_url(storage)
+    check_study_name(name)
     study, config = loaded or load_study(name, url)
     top, seeds = top or config.study.confirm.top or 3, seeds or config.study.confirm.seeds
     companion, total = prepare(study, config, url, top, seeds)
@@ -146,10 +149,28 @@ def _closing(name: str, url: str, study: optuna.Study, config) -> str:
     return "\n".join(lines)
 
 
+def export(name: str, storage: str | None, fmt: str, out: str | None) -> str | None:
+    """`study export`: the trials as CSV/JSON text, returned (to print) or written to `out`, whose missing parent
+    folders are created (as `study report --out` does). Nothing is written when the study cannot be read."""
+    from .studies import export_trials
+
+    text = export_trials(name, resolve_storage_url(storage), fmt)
+    if out is None:
+        return text
+    path = Path(out).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    return None
+
+
 def replay(name: str, number: int, storage: str | None):
     """Rerun a stored trial's pipeline with its stored choices and seed. Returns (result, stored value)."""
     from objectives.pipeline import run_trial
 
+    check_study_name(name)
     study, config = load_study(name, resolve_storage_url(storage))
     trials = [TrialRecord(t) for t in study.get_trials(deepcopy=False) if t.number == number]
     if not trials or not trials[0].get("choices"):

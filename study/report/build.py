@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from models.errors import first_line
 
 from ..baselines import BASELINES
+from ..names import check_study_name
 from ..record import TrialRecord
 from ..storage import mask_url
 from ..studies import load_study
@@ -102,6 +103,7 @@ def confirmation(name: str, url: str) -> dict | None:
 def write_report(name: str, url: str, fmt: str = "html", out: str | None = None) -> list[str]:
     """Write the report (report.html + PNGs, report.md + PNGs, or report.json) to `out` (default
     reports/<study>/), log it to the study's parent MLflow run when tracking is on. Returns the lines to print."""
+    check_study_name(name)  # the name becomes the default folder: never '../..'
     data, study, config, trials, effective = build_report(name, url)
     out_dir = Path(out) if out else Path("reports") / name
     out_dir.mkdir(parents=True, exist_ok=True)
