@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,13 +27,13 @@ QUICKSTART = Path(__file__).parent / "quickstart.yaml"  # examples/quickstart.ya
 def create(config_path: str, name: str | None, storage: str | None, overrides, load_if_exists: bool) -> str:
     """`study create`: validate, create, store the config, enqueue baselines. Returns the message to print."""
     config = load_config(config_path, overrides)
-    name = name or config.study.name
+    name = config.study.name if name is None else name  # an explicit --name "" is an error, not the default
     url = resolve_storage_url(storage, config.study.storage)
     study, created = create_study(config, name, url, load_if_exists)
     queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     verb = "created" if created else "loaded existing"
     return (f"{verb} study '{name}' in {mask_url(url)} ({queued} baseline trials queued)\n"
-            f"run a worker: distillstudy study run {name} --storage '{mask_url(url)}'")
+            f"run a worker: distillstudy study run {shlex.quote(name)} --storage {shlex.quote(mask_url(url))}")
 
 
 def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device, quiet, verbose, echo) -> int:
@@ -43,7 +44,7 @@ def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device
         config_path = str(QUICKSTART)
     if config_path is not None:
         config = load_config(config_path, overrides)
-        name = name or config.study.name
+        name = config.study.name if name is None else name  # an explicit --name "" is an error, not the default
         url = resolve_storage_url(storage, config.study.storage)
         create_study(config, name, url, load_if_exists=True)
     else:
@@ -143,9 +144,10 @@ def _closing(name: str, url: str, study: optuna.Study, config) -> str:
     if config.tracking.enabled and uri.startswith("http"):
         lines.append(f"browse the trials: open {mask_url(uri)} (experiment '{config.tracking.experiment or name}')")
     elif config.tracking.enabled:
-        lines.append(f"browse the trials: mlflow ui --backend-store-uri {mask_url(uri)}   (or: distillstudy ui)")
+        lines.append(f"browse the trials: mlflow ui --backend-store-uri {shlex.quote(mask_url(uri))}   "
+                     f"(or: distillstudy ui)")
     # optuna-dashboard takes a journal file as a plain path.
-    lines.append(f"optuna dashboard:  optuna-dashboard {mask_url(url).removeprefix('journal:')}")
+    lines.append(f"optuna dashboard:  optuna-dashboard {shlex.quote(mask_url(url).removeprefix('journal:'))}")
     return "\n".join(lines)
 
 
@@ -166,8 +168,9 @@ def export(name: str, storage: str | None, fmt: str, out: str | None) -> str | N
     return None
 
 
-def replay(name: str, number: int, storage: str | None):
-    """Rerun a stored trial's pipeline with its stored choices and seed. Returns (result, stored value)."""
+def replay(name: str, number: int, storage: str | None, device: str | None = None):
+    """Rerun a stored trial's pipeline with its stored choices and seed (on `device`, else the stored config's
+    pipeline.device). Returns (result, stored value)."""
     from objectives.pipeline import run_trial
 
     check_study_name(name)
@@ -176,6 +179,8 @@ def replay(name: str, number: int, storage: str | None):
     if not trials or not trials[0].get("choices"):
         raise UserError(f"study '{name}' has no trial {number} with stored choices")
     r = trials[0]
+    if device:
+        config = config.with_changes("pipeline", device=device)
     # The stored seed is the trial's run seed (a confirmation run's fresh one); splits and teacher stay the study's.
     result = run_trial(config.task, config.model, config.pipeline, r.trial_choices(), run_seed=r.seed)
     # What to compare the replay's value (target val acc) with: the trial's value when that is its objective.
@@ -192,18 +197,18 @@ def run_fixed_trial(config, on_epoch=None):
     return run_trial(config.task, config.model, config.pipeline, config.search.defaults(), on_epoch=on_epoch)
 
 
-def start_ui(config_path: str, port: int, storage: str | None, echo) -> int:
-    """Start `mlflow ui` bound to 127.0.0.1 on the config's tracking URI; print the URL and the dashboard command."""
+def start_ui(config_path: str, port: int, storage: str | None, echo, host: str = "127.0.0.1") -> int:
+    """Start `mlflow ui` bound to `host` on the config's tracking URI; print the URL and the dashboard command."""
     from .tracking import tracking_uri
 
     config = load_config(config_path)
     uri = tracking_uri(config)
     url = resolve_storage_url(storage, config.study.storage)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    echo(f"MLflow UI: http://127.0.0.1:{port}  (tracking URI {mask_url(uri)}; Ctrl-C to stop)")
-    echo(f"Optuna dashboard: optuna-dashboard {mask_url(url)}")
+    echo(f"MLflow UI: http://{host}:{port}  (tracking URI {mask_url(uri)}; Ctrl-C to stop)")
+    echo(f"Optuna dashboard: optuna-dashboard {shlex.quote(mask_url(url).removeprefix('journal:'))}")
     try:
-        return subprocess.call([mlflow, "ui", "--host", "127.0.0.1", "--port", str(port),
+        return subprocess.call([mlflow, "ui", "--host", host, "--port", str(port),
                                 "--backend-store-uri", uri])
     except KeyboardInterrupt:
         return 0

@@ -74,16 +74,6 @@ def storage_exists(url: str) -> bool:
     return path is None or path.exists()
 
 
-def _with_installed_driver(url: str) -> str:
-    """A bare `postgresql://` URL means SQLAlchemy's default driver, which is psycopg (3) since SQLAlchemy 2.1;
-    we install psycopg2, so use it unless psycopg is there."""
-    import importlib.util
-
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
-        return "postgresql+psycopg2://" + url[len("postgresql://"):]
-    return url
-
-
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  max_retry: int | None = None, create: bool = True) -> optuna.storages.BaseStorage:
     """Open the storage; `create=False` refuses to create a new file (for commands that only read).
@@ -102,7 +92,6 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         raise UserError(f"storage '{mask_url(url)}' has more than one '@': write an '@' inside the password as %40")
     if create and _sqlite_path(url) is not None:
         _check_writable(_sqlite_path(url).expanduser(), "SQLite file")
-    url = _with_installed_driver(url)
     engine_kwargs = {}
     if url.startswith("sqlite"):
         # Several workers on one SQLite file: wait for the write lock instead of failing with "database is locked".
