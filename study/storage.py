@@ -144,8 +144,11 @@ def _open_journal(text: str, writing: bool):
         raise UserError(f"journal file '{path}' is a directory; name a file in it, e.g. journal:{path / 'studies.log'}")
     if path.is_file():
         with open(path, "rb") as f:
-            if f.read(16) == b"SQLite format 3\0":
-                raise UserError(f"'{path}' is a SQLite database, not a journal file: use --storage sqlite:///{path}")
+            head = f.read(16)
+        if head == b"SQLite format 3\0":
+            raise UserError(f"'{path}' is a SQLite database, not a journal file: use --storage sqlite:///{path}")
+        if head.strip() and not head.lstrip().startswith(b"{"):  # every journal record is a JSON object
+            raise UserError(f"'{path}' is not an Optuna journal file (its records are JSON objects, one a line)")
     try:
         if writing:
             path.parent.mkdir(parents=True, exist_ok=True)
