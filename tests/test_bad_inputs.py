@@ -125,7 +125,8 @@ CASES = [
     ("set-without-config", ["study", "run", "good", "--storage", "{store}", "--set", "pipeline.seed=1"],
      ["--set", "--config"], []),
     # -- study names
-    ("name-dotdot-path", ["study", "create", "{cfg}", "--storage", "{store}", "--name", "../../evil"], ["../../evil"], []),
+    ("name-dotdot-path", ["study", "create", "{cfg}", "--storage", "{store}", "--name", "../../evil"], ["../../evil"],
+     []),
     ("name-slash", ["study", "create", "{cfg}", "--storage", "{store}", "--name", "a/b"], ["'a/b'"], []),
     ("name-newline", ["study", "create", "{cfg}", "--storage", "{store}", "--name", "a\nb"], ["'a\\nb'"], []),
     ("name-empty", ["study", "create", "{cfg}", "--storage", "{store}", "--name", ""], ["empty"], []),
