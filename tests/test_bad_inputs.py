@@ -163,6 +163,8 @@ CASES = [
     ("config-missing", ["trial", "run", "--config", "nope.yaml"], ["not found"], []),
     ("config-malformed", ["trial", "run", "--config", "bad.yaml"], ["not valid YAML at line"], []),
     ("config-a-list", ["study", "create", "list.yaml", "--storage", "{store}"], ["must be a mapping"], []),
+    ("report-out-under-a-file", ["study", "report", "good", "--storage", "{store}", "--out", "afile/r"],
+     ["cannot create the report folder", "afile/r"], []),
     ("export-out-under-a-file", ["study", "export", "good", "--storage", "{store}", "--out", "afile/t.csv"],
      ["cannot write", "afile/t.csv"], []),
     # -- studies that are not there, or not ready

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from models.errors import first_line
+from models.errors import UserError, first_line
 
 from ..baselines import BASELINES
 from ..names import check_study_name
@@ -106,7 +106,10 @@ def write_report(name: str, url: str, fmt: str = "html", out: str | None = None)
     check_study_name(name)  # the name becomes the default folder: never '../..'
     data, study, config, trials, effective = build_report(name, url)
     out_dir = Path(out) if out else Path("reports") / name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # under a file, read-only, ...: one line, nothing written
+        raise UserError(f"cannot create the report folder '{out_dir}': {exc.strerror or exc}") from None
     written, figures = [], {}
     lines = [n for n in data["notes"] if n.startswith(FEW_TRIALS)]
     if fmt in ("html", "md") and data["counts"]["COMPLETE"] >= 2:
