@@ -11,17 +11,25 @@ import sys
 
 import click
 
-from models.errors import UserError
+from models.errors import UserError, mask_secrets
 
 
 class _Group(click.Group):
-    """Turns UserError into one line on stderr and exit code 2, never a traceback."""
+    """Turns UserError, and a bad option or argument of a subcommand, into one line on stderr and exit code 2,
+    never a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            # Click's own form is four lines (usage, a hint, a blank line, "Error: ..."); ours is the one line every
+            # bad input gets, with where to look.
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see: {where} -h)", err=True)
+            ctx.exit(2)
         except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
+            # Masked here too: no error line ever shows a password, whichever message quoted a URL.
+            click.echo(f"error: {mask_secrets(str(exc))}", err=True)
             ctx.exit(2)
         except RuntimeError as exc:
             from objectives.train import TrainingDiverged
@@ -41,7 +49,29 @@ def _show(data, as_json: bool, text) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
+def _print_version(ctx, _param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from objectives.version import code_version
+
+    def installed(package):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    # The package version with the hash of the training code (the same string that tags MLflow runs and teacher
+    # cache keys), and the libraries whose versions change results.
+    click.echo(f"distillstudy {code_version()} (optuna {installed('optuna')}, mlflow {installed('mlflow')}, "
+               f"torch {installed('torch')})")
+    ctx.exit()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version (package + code hash) and the versions of Optuna, MLflow and torch.")
 def main():
     """distillstudy: which layers to freeze, fine-tune or replace, and how to distill, found by an Optuna study."""
 
@@ -119,6 +149,10 @@ def models_show(arch, num_classes, in_channels, as_json):
 storage_option = click.option("--storage", default=None, metavar="URL",
                               help="Optuna storage URL or journal:PATH (default: $DISTILLSTUDY_STORAGE, "
                                    "else the config's study.storage, else sqlite:///distillstudy.db).")
+# Commands that read an existing study take no config, so no config's study.storage either.
+stored_option = click.option("--storage", default=None, metavar="URL",
+                             help="Optuna storage URL or journal:PATH (default: $DISTILLSTUDY_STORAGE, "
+                                  "else sqlite:///distillstudy.db).")
 
 
 @main.group(cls=_Group)
@@ -147,7 +181,8 @@ def study_create(config_path, name, storage, overrides, load_if_exists):
 @set_option
 @click.option("--n-trials", type=click.IntRange(min=1), default=None,
               help="The study's TOTAL of finished trials (default: the config's study.n_trials).")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop starting trials after S seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting trials after S seconds (> 0).")
 @click.option("--n-jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Trials on threads.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's pipeline.device).")
 @click.option("--quiet", is_flag=True, help="No per-trial lines.")
@@ -168,7 +203,7 @@ def study_run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, 
 
 @study.command("confirm")
 @click.argument("name")
-@storage_option
+@stored_option
 @click.option("--top", type=click.IntRange(min=1), default=None,
               help="Distinct top configurations to confirm (default: the config's study.confirm.top, else 3).")
 @click.option("--seeds", type=click.IntRange(min=2), default=None,
@@ -185,7 +220,7 @@ def study_confirm(name, storage, top, seeds, n_jobs, device, quiet):
 
 
 @study.command("list")
-@storage_option
+@stored_option
 @json_option
 def study_list(storage, as_json):
     """Studies in the storage with trial counts and best value."""
@@ -202,7 +237,7 @@ def _study_view(command: str, view: str, text: str, doc: str):
 
     @study.command(command, help=doc)
     @click.argument("name")
-    @storage_option
+    @stored_option
     @json_option
     def show(name, storage, as_json):
         from study import output, studies
@@ -221,25 +256,22 @@ study_best = _study_view("best", "best_summary", "format_best", "The winning lay
 
 @study.command("export")
 @click.argument("name")
-@storage_option
+@stored_option
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write to a file instead of stdout.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write to this file instead of stdout (missing folders are created).")
 def study_export(name, storage, fmt, out):
     """One row per trial: params, values, state, epochs, seconds, per-stage accuracies."""
-    from study.storage import resolve_storage_url
-    from study.studies import export_trials
+    from study.commands import export
 
-    text = export_trials(name, resolve_storage_url(storage), fmt)
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
-    else:
+    text = export(name, storage, fmt, out)
+    if text is not None:
         click.echo(text, nl=False)
 
 
 @study.command("delete")
 @click.argument("name")
-@storage_option
+@stored_option
 @click.option("--yes", is_flag=True, required=True, help="Confirm.")
 def study_delete(name, storage, yes):
     """Delete study NAME (its MLflow runs stay)."""
@@ -253,14 +285,16 @@ def study_delete(name, storage, yes):
 @trial.command("replay")
 @click.argument("name")
 @click.argument("number", type=int)
-@storage_option
+@stored_option
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the stored config's "
+                                               "pipeline.device).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def trial_replay(name, number, storage, as_json):
+def trial_replay(name, number, storage, device, as_json):
     """Rerun trial NUMBER of study NAME with its stored choices and seed; compares with the stored accuracy."""
     from study.commands import replay
     from study.output import format_trial
 
-    result, stored = replay(name, number, storage)
+    result, stored = replay(name, number, storage, device)
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "stored_value": stored}, indent=2))
     else:
@@ -272,13 +306,15 @@ def trial_replay(name, number, storage, as_json):
 @main.command("ui")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="Config whose tracking URI and storage to use (default: the quickstart's).")
-@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (0.0.0.0: every interface; the UI has no login, so only on a trusted network).")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 @storage_option
-def ui(config_path, port, storage):
-    """Start the MLflow UI on 127.0.0.1 for the study's tracking URI (and print the optuna-dashboard command)."""
+def ui(config_path, host, port, storage):
+    """Start the MLflow UI for the study's tracking URI (and print the optuna-dashboard command)."""
     from study.commands import QUICKSTART, start_ui
 
-    sys.exit(start_ui(config_path or str(QUICKSTART), port, storage, click.echo))
+    sys.exit(start_ui(config_path or str(QUICKSTART), port, storage, click.echo, host=host))
 
 
 @study.command("report")
@@ -287,7 +323,7 @@ def ui(config_path, port, storage):
               help="Output folder (default: reports/<NAME>/).")
 @click.option("--format", "fmt", type=click.Choice(["html", "md", "json"]), default="html", show_default=True,
               help="html: report.html with plots (+ PNGs); md: report.md (+ PNGs); json: report.json.")
-@storage_option
+@stored_option
 def study_report(name, out, fmt, storage):
     """Winner vs baselines, per-group effects with bootstrap intervals, importances and plots of study NAME."""
     from study.report import write_report
@@ -298,7 +334,7 @@ def study_report(name, out, fmt, storage):
 
 @study.command("compare")
 @click.argument("names", nargs=-1, required=True)
-@storage_option
+@stored_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def study_compare(names, storage, as_json):
     """One table across studies NAMES: task, the winner's action per group, winner vs best baseline accuracy."""

@@ -28,7 +28,7 @@ def digitnet(num_classes: int, in_channels: int = 1, width: float = 1.0, group_w
     if pretrained:
         from .errors import UserError
 
-        raise UserError("digitnet has no pretrained weights; use teacher.source: train or checkpoint")
+        raise UserError("digitnet has no pretrained weights; set model.teacher to train or checkpoint")
 
     def factory(name: str, w: float) -> nn.Module:
         if name == "stem":

@@ -20,7 +20,7 @@ def lenet5(num_classes: int, in_channels: int = 1, width: float = 1.0, group_wid
     if pretrained:
         from .errors import UserError
 
-        raise UserError("lenet5 has no pretrained weights; use teacher.source: train or checkpoint")
+        raise UserError("lenet5 has no pretrained weights; set model.teacher to train or checkpoint")
 
     def factory(name: str, w: float) -> nn.Module:
         if name == "stem":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import optuna
 from models.errors import UserError
 
 from .config import load_config
+from .names import check_study_name
 from .output import format_best, format_confirmation, format_stage_lines, format_trial_line
 from .progress import TrialProgress, pipeline_lines
 from .record import TrialRecord
@@ -25,14 +27,14 @@ QUICKSTART = Path(__file__).parent / "quickstart.yaml"  # examples/quickstart.ya
 def create(config_path: str, name: str | None, storage: str | None, overrides, load_if_exists: bool) -> str:
     """`study create`: validate, create, store the config, enqueue baselines. Returns the message to print."""
     config = load_config(config_path, overrides)
-    name = name or config.study.name
+    name = config.study.name if name is None else name  # an explicit --name "" is an error, not the default
     url = resolve_storage_url(storage, config.study.storage)
     study, created = create_study(config, name, url, load_if_exists)
     _prepare_tracking(study, name, url, created)
     queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     verb = "created" if created else "loaded existing"
     return (f"{verb} study '{name}' in {mask_url(url)} ({queued} baseline trials queued)\n"
-            f"run a worker: distillstudy study run {name} --storage '{mask_url(url)}'")
+            f"run a worker: distillstudy study run {shlex.quote(name)} --storage {shlex.quote(mask_url(url))}")
 
 
 def _prepare_tracking(study: optuna.Study, name: str, url: str, created: bool) -> None:
@@ -59,10 +61,11 @@ def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device
         config_path = str(QUICKSTART)
     if config_path is not None:
         config = load_config(config_path, overrides)
-        name = name or config.study.name
+        name = config.study.name if name is None else name  # an explicit --name "" is an error, not the default
         url = resolve_storage_url(storage, config.study.storage)
         create_study(config, name, url, load_if_exists=True)
     else:
+        check_study_name(name)
         if overrides:
             raise UserError("--set changes a config: use it with --config (a stored study's config is fixed)")
         url = resolve_storage_url(storage)
@@ -115,6 +118,7 @@ def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, 
     from .worker import run_worker
 
     url = resolve_storage_url(storage)
+    check_study_name(name)
     study, config = loaded or load_study(name, url)
     top, seeds = top or config.study.confirm.top or 3, seeds or config.study.confirm.seeds
     companion, total = prepare(study, config, url, top, seeds)
@@ -158,21 +162,43 @@ def _closing(name: str, url: str, study: optuna.Study, config) -> str:
     if config.tracking.enabled and uri.startswith("http"):
         lines.append(f"browse the trials: open {mask_url(uri)} (experiment '{config.tracking.experiment or name}')")
     elif config.tracking.enabled:
-        lines.append(f"browse the trials: mlflow ui --backend-store-uri {mask_url(uri)}   (or: distillstudy ui)")
+        lines.append(f"browse the trials: mlflow ui --backend-store-uri {shlex.quote(mask_url(uri))}   "
+                     f"(or: distillstudy ui)")
     # optuna-dashboard takes a journal file as a plain path.
-    lines.append(f"optuna dashboard:  optuna-dashboard {mask_url(url).removeprefix('journal:')}")
+    lines.append(f"optuna dashboard:  optuna-dashboard {shlex.quote(mask_url(url).removeprefix('journal:'))}")
     return "\n".join(lines)
 
 
-def replay(name: str, number: int, storage: str | None):
-    """Rerun a stored trial's pipeline with its stored choices and seed. Returns (result, stored value)."""
+def export(name: str, storage: str | None, fmt: str, out: str | None) -> str | None:
+    """`study export`: the trials as CSV/JSON text, returned (to print) or written to `out`, whose missing parent
+    folders are created (as `study report --out` does). Nothing is written when the study cannot be read."""
+    from .studies import export_trials
+
+    text = export_trials(name, resolve_storage_url(storage), fmt)
+    if out is None:
+        return text
+    path = Path(out).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    return None
+
+
+def replay(name: str, number: int, storage: str | None, device: str | None = None):
+    """Rerun a stored trial's pipeline with its stored choices and seed (on `device`, else the stored config's
+    pipeline.device). Returns (result, stored value)."""
     from objectives.pipeline import run_trial
 
+    check_study_name(name)
     study, config = load_study(name, resolve_storage_url(storage))
     trials = [TrialRecord(t) for t in study.get_trials(deepcopy=False) if t.number == number]
     if not trials or not trials[0].get("choices"):
         raise UserError(f"study '{name}' has no trial {number} with stored choices")
     r = trials[0]
+    if device:
+        config = config.with_changes("pipeline", device=device)
     # The stored seed is the trial's run seed (a confirmation run's fresh one); splits and teacher stay the study's.
     result = run_trial(config.task, config.model, config.pipeline, r.trial_choices(), run_seed=r.seed)
     # What to compare the replay's value (target val acc) with: the trial's value when that is its objective.
@@ -190,18 +216,18 @@ def run_fixed_trial(config, on_epoch=None):
         return run_trial(config.task, config.model, config.pipeline, config.search.defaults(), on_epoch=on_epoch)
 
 
-def start_ui(config_path: str, port: int, storage: str | None, echo) -> int:
-    """Start `mlflow ui` bound to 127.0.0.1 on the config's tracking URI; print the URL and the dashboard command."""
+def start_ui(config_path: str, port: int, storage: str | None, echo, host: str = "127.0.0.1") -> int:
+    """Start `mlflow ui` bound to `host` on the config's tracking URI; print the URL and the dashboard command."""
     from .tracking import tracking_uri
 
     config = load_config(config_path)
     uri = tracking_uri(config)
     url = resolve_storage_url(storage, config.study.storage)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    echo(f"MLflow UI: http://127.0.0.1:{port}  (tracking URI {mask_url(uri)}; Ctrl-C to stop)")
-    echo(f"Optuna dashboard: optuna-dashboard {mask_url(url)}")
+    echo(f"MLflow UI: http://{host}:{port}  (tracking URI {mask_url(uri)}; Ctrl-C to stop)")
+    echo(f"Optuna dashboard: optuna-dashboard {shlex.quote(mask_url(url).removeprefix('journal:'))}")
     try:
-        return subprocess.call([mlflow, "ui", "--host", "127.0.0.1", "--port", str(port),
+        return subprocess.call([mlflow, "ui", "--host", host, "--port", str(port),
                                 "--backend-store-uri", uri])
     except KeyboardInterrupt:
         return 0

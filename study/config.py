@@ -17,6 +17,7 @@ from models.errors import UserError, did_you_mean
 from objectives.settings import ModelSettings, PipelineSettings
 from objectives.tasks import TaskOptions
 
+from .names import check_study_name
 from .search import SearchSpace, parse_search
 from .storage import DEFAULT_STORAGE
 
@@ -135,7 +136,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not path.is_file():
             raise UserError(f"config file '{path}' not found")
         try:
-            raw = parse_yaml(path.read_text()) or {}
+            raw = parse_yaml(_read_text(path)) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -145,7 +146,24 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise UserError(f"config file '{path}' must be a mapping with sections {', '.join(SECTIONS)}")
     for item in overrides:
         apply_override(raw, item)
-    return config_from_dict(raw)
+    config = config_from_dict(raw)
+    try:  # checked here, not in config_from_dict: a study stored before the rule must stay readable
+        check_study_name(config.study.name, creating=True)
+    except UserError as exc:
+        raise UserError(f"study.name: {exc}") from None
+    return config
+
+
+def _read_text(path: Path) -> str:
+    """The file's text as UTF-8 (a BOM allowed), else a one-line UserError saying where it is not."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise UserError(f"config file '{path}' is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at line "
+                        f"{line}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file '{path}': {exc.strerror or exc}") from None
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -188,6 +206,7 @@ def config_from_dict(raw: dict) -> Config:
     if not cfg.study.objective:
         raise UserError("study.objective: give at least one objective")
     _check_names(cfg)
+    _check_task(cfg.task)
     cfg.search = parse_search(raw.get("search"), cfg)
     if cfg.pipeline.dann_group and cfg.pipeline.dann_group not in cfg.search.groups:
         raise UserError(f"pipeline.dann_group: unknown layer group '{cfg.pipeline.dann_group}'"
@@ -215,6 +234,17 @@ def _check_names(cfg: Config) -> None:
             raise UserError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
 
 
+def _check_task(task: TaskOptions) -> None:
+    """What the single keys' ranges cannot say: the splits leave data to train on, and imagefolder has its folders."""
+    if task.val_fraction + task.test_fraction >= 1:
+        raise UserError(f"task.val_fraction + task.test_fraction is {task.val_fraction + task.test_fraction:g}: "
+                        f"it must be below 1 to leave a training split")
+    if task.name == "imagefolder":
+        for key in ("source_dir", "target_dir"):
+            if not getattr(task, key).strip():
+                raise UserError(f"task.{key}: required by task imagefolder (a folder with one subfolder per class)")
+
+
 def _check_keys(data, allowed, path: str) -> None:
     if not isinstance(data, dict):
         raise UserError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
@@ -240,7 +270,10 @@ def build_dataclass(cls, data, path: str):
                             f"{did_you_mean(value, choices)}")
         if "range" in f.metadata:
             low, high = f.metadata["range"]
-            if not low <= values[name] <= high:
+            if f.metadata.get("open"):  # both ends excluded
+                if not low < values[name] < high:
+                    raise UserError(f"{where}: {value} is out of range ({low:g}, {high:g}): both ends excluded")
+            elif not low <= values[name] <= high:
                 raise UserError(f"{where}: {value} is out of range [{low}, {high}]")
     return cls(**values)
 

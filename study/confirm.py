@@ -28,10 +28,11 @@ from objectives.settings import TrialChoices
 
 from .baselines import BASELINES, baseline_choices, enqueue_params
 from .config import Config
+from .names import COMPANION_SUFFIX
 from .record import TrialRecord, confirm_attrs
 from .studies import storage_for
 
-SUFFIX = "-confirm"
+SUFFIX = COMPANION_SUFFIX
 LEVEL = 0.95
 
 

@@ -42,19 +42,36 @@ def format_stage_lines(trial: optuna.trial.FrozenTrial) -> list[str]:
             f"epochs {acc['epochs']}" for stage, acc in TrialRecord(trial).stages.items()]
 
 
+def format_value(value) -> str:
+    """An objective value as shown: accuracies to 4 decimals, whole numbers (parameters, epochs) as integers, a
+    Pareto front's values as lists, '-' for none yet."""
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+        return str(int(value))
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_epochs_to_threshold(epochs) -> str:
+    """`epochs to threshold`: the first epoch at the threshold, or that it was never reached."""
+    return "not reached" if epochs is None else str(epochs)
+
+
 def format_list(rows: list[dict]) -> str:
     if not rows:
         return "no studies"
     out = [f"{'study':<24}{'complete':>9}{'pruned':>8}{'fail':>6}{'running':>9}{'waiting':>9}  best"]
     for r in rows:
         out.append(f"{r['name']:<24}{r['COMPLETE']:>9}{r['PRUNED']:>8}{r['FAIL']:>6}{r['RUNNING']:>9}"
-                   f"{r['WAITING']:>9}  {r['best']}")
+                   f"{r['WAITING']:>9}  {format_value(r['best'])}")
     return "\n".join(out)
 
 
 def format_status(data: dict) -> str:
     counts = ", ".join(f"{n} {s.lower()}" for s, n in data["counts"].items() if n) or "no trials"
-    lines = [f"study '{data['name']}': {counts}", f"best so far: {data['best']}"]
+    lines = [f"study '{data['name']}': {counts}", f"best so far: {format_value(data['best'])}"]
     for r in data["running"]:
         lines.append(f"  running trial {r['number']} for {r['age_s']} s")
     return "\n".join(lines)
@@ -73,7 +90,7 @@ def format_best(data: dict) -> str:
         accs = "  ".join(f"{k} {v:.4f}" for k, v in acc.items() if v is not None)
         return [f"{label} trial {row['number']} (delivers stage {stage}): {accs}",
                 f"    layers: {layers}", f"    {hyper}", f"    student params {row.get('student_params')}, "
-                f"epochs to threshold {row.get('epochs_to_threshold')}"]
+                f"epochs to threshold {format_epochs_to_threshold(row.get('epochs_to_threshold'))}"]
 
     lines = []
     if "best" in data:
@@ -81,7 +98,7 @@ def format_best(data: dict) -> str:
     else:
         lines.append(f"Pareto front ({', '.join(data['objective'])}):")
         for row in data["pareto_front"]:
-            lines += describe(row, f"  values {row['values']}")
+            lines += describe(row, f"  values {format_value(row['values'])}")
     for row in data["baselines"]:
         lines += describe(row, f"baseline {row['baseline']}:")[:1]
     return "\n".join(lines)
@@ -119,7 +136,7 @@ def format_trial(result: TrialResult) -> str:
     lines.append(f"student params: {result.student_params:,}, trained {result.trainable_params:,} "
                  f"(teacher {result.teacher_params:,}); "
                  f"teacher cache: {result.teacher.cache}; epochs trained: {result.total_epochs} of {result.budget}; "
-                 f"epochs to threshold: {result.epochs_to_threshold}; "
+                 f"epochs to threshold: {format_epochs_to_threshold(result.epochs_to_threshold)}; "
                  f"{result.seconds:.1f} s on {result.device}")
     return "\n".join(lines)
 

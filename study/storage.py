@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from pathlib import Path
 
 import warnings
 
 import optuna
 
-from models.errors import UserError, first_line
+from models.errors import UserError, first_line, mask_secrets, mask_userinfo
 
 # Heartbeats and their retry callback are marked experimental in Optuna; we rely on them on purpose and the
 # warnings would otherwise print on every worker start.
@@ -49,8 +48,18 @@ def resolve_storage_url(cli_value: str | None, config_value: str | None = None) 
 
 
 def mask_url(url: str) -> str:
-    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """A storage URL or tracking URI as it may be shown: `postgresql://user:secret@host/db` ->
+    `postgresql://user:***@host/db`, also with an empty user, an unescaped '@' in the password, or a
+    `?password=` query parameter. SQLAlchemy renders the URLs it parses; what it would misread (two '@') or cannot
+    parse falls back to masking everything between the user and the last '@'."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url) if url.count("@") <= 1 else None
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL (journal:PATH, a typo): the fallback masks it
+        parsed = None
+    shown = parsed.render_as_string(hide_password=True) if parsed is not None else mask_userinfo(url)
+    return mask_secrets(shown)
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -66,16 +75,6 @@ def storage_exists(url: str) -> bool:
     return path is None or path.exists()
 
 
-def _with_installed_driver(url: str) -> str:
-    """A bare `postgresql://` URL means SQLAlchemy's default driver, which is psycopg (3) since SQLAlchemy 2.1;
-    we install psycopg2, so use it unless psycopg is there."""
-    import importlib.util
-
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
-        return "postgresql+psycopg2://" + url[len("postgresql://"):]
-    return url
-
-
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  max_retry: int | None = None, create: bool = True) -> optuna.storages.BaseStorage:
     """Open the storage; `create=False` refuses to create a new file (for commands that only read).
@@ -86,14 +85,14 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     if not create and not storage_exists(url):
         raise UserError(f"storage '{mask_url(url)}' does not exist (create a study first: distillstudy study create)")
     if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = Path(url[len("journal:"):]).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return _open_journal(url[len("journal:"):], writing=create)
     if "://" not in url:
         raise UserError(f"storage '{mask_url(url)}' is not a URL (sqlite:///file.db, postgresql://..., journal:PATH)")
-    url = _with_installed_driver(url)
+    if not url.startswith("sqlite") and url.count("@") > 1:
+        # Read as the host, the part after the extra '@' would go to DNS and come back in the driver's error.
+        raise UserError(f"storage '{mask_url(url)}' has more than one '@': write an '@' inside the password as %40")
+    if create and _sqlite_path(url) is not None:
+        _check_writable(_sqlite_path(url).expanduser(), "SQLite file")
     engine_kwargs = {}
     if url.startswith("sqlite"):
         # Several workers on one SQLite file: wait for the write lock instead of failing with "database is locked".
@@ -115,8 +114,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         if key is not None:
             _checked.add(key)
     except Exception as exc:  # noqa: BLE001 - driver errors differ per database; all mean "cannot use this URL"
-        message = mask_url(first_line(exc, limit=10_000))[:300]  # masked before cutting: no half password shows
-        raise UserError(f"cannot open storage '{mask_url(url)}': {message}") from None
+        raise UserError(f"cannot open storage '{mask_url(url)}': {first_line(exc)}") from None
     if _sqlite_path(url) is not None:  # a file (an in-memory database would be lost by the reconnect)
         _fast_sqlite(storage.engine)
     return storage
@@ -142,6 +140,48 @@ def _first_open_lock(path: Path | None):
         yield
     finally:
         lock.release()
+
+
+def _check_writable(path: Path, kind: str) -> None:
+    """A storage file that workers will write: the file (when it exists) and its directory must be writable
+    (SQLite writes its -wal/-shm and journal files beside the database), else one line instead of a traceback
+    ("attempt to write a readonly database") at the first write."""
+    if path.is_dir():
+        raise UserError(f"{kind} '{path}' is a directory; name a file in it")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{kind} '{path}' is read-only; make it writable, or copy it somewhere writable")
+    folder = path.parent if str(path.parent) else Path(".")
+    if folder.is_dir() and not os.access(folder, os.W_OK):
+        raise UserError(f"{kind} '{path}': its directory '{folder}' is read-only (the storage writes files beside "
+                        f"it); use a writable directory")
+
+
+def _open_journal(text: str, writing: bool):
+    """`journal:PATH`: an Optuna JournalStorage file. Refuses an empty path, a directory, a SQLite database (it
+    would be appended to and ruined) and, for writers, a read-only file, each in one line."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if not text.strip():
+        raise UserError("storage 'journal:' needs a file path, e.g. journal:studies.log")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise UserError(f"journal file '{path}' is a directory; name a file in it, e.g. journal:{path / 'studies.log'}")
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if head == b"SQLite format 3\0":
+            raise UserError(f"'{path}' is a SQLite database, not a journal file: use --storage sqlite:///{path}")
+        if head.strip() and not head.lstrip().startswith(b"{"):  # every journal record is a JSON object
+            raise UserError(f"'{path}' is not an Optuna journal file (its records are JSON objects, one a line)")
+    try:
+        if writing:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _check_writable(path, "journal file")
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as exc:
+        raise UserError(f"cannot open journal file '{path}': {first_line(exc)}") from None
+    except ValueError as exc:  # lines that are not Optuna's journal records
+        raise UserError(f"'{path}' is not an Optuna journal file ({first_line(exc)})") from None
 
 
 def _fast_sqlite(engine) -> None:

@@ -17,6 +17,7 @@ from models.errors import UserError, did_you_mean
 
 from .baselines import BASELINES, baseline_choices, enqueue_params
 from .config import OBJECTIVES, Config, config_from_dict
+from .names import check_study_name
 from .record import TrialRecord, baseline_attrs
 from .search import active_params
 from .storage import mask_url, open_storage
@@ -44,6 +45,7 @@ def storage_for(url: str, config: Config | None = None, create: bool = True):
 def create_study(config: Config, name: str, url: str, load_if_exists: bool = False) -> tuple[optuna.Study, bool]:
     """Create study `name` from a validated config: store the config, enqueue the baselines.
     Returns (study, created)."""
+    check_study_name(name, creating=True)
     if config.search.is_empty():
         raise UserError("search: every choice is pinned, so there is nothing to search (use `trial run` instead)")
     from .samplers import make_pruner, make_sampler
@@ -201,6 +203,7 @@ def best_summary(name: str, url: str, loaded: tuple[optuna.Study, Config] | None
 
 def export_trials(name: str, url: str, fmt: str) -> str:
     """All trials as CSV or JSON text."""
+    check_study_name(name)
     study, _ = load_study(name, url)
     rows = [trial_row(t) for t in study.get_trials(deepcopy=False)]
     if fmt == "json":
@@ -217,5 +220,5 @@ def export_trials(name: str, url: str, fmt: str) -> str:
 def delete_study(name: str, url: str) -> None:
     """Delete study `name` from the storage."""
     load_study(name, url)
-    optuna.delete_study(study_name=name, storage=storage_for(url, create=False))
+    optuna.delete_study(study_name=name, storage=storage_for(url))  # a writer: a read-only file is one line
 

@@ -213,6 +213,10 @@ def _guard(loop, stop: threading.Event):
     def run():
         try:
             loop()
+        except KeyboardInterrupt:
+            # A trial stopped by Ctrl-C/SIGTERM (its record and requeue are done): the main thread reports the
+            # interruption once; letting it out would print a thread traceback per job.
+            pass
         finally:
             stop.set()
 

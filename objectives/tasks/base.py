@@ -74,11 +74,16 @@ class TaskOptions:
     name: str = "digits-invert"
     data_root: str = "~/.cache/distillstudy/data"  # where torchvision-backed tasks look for / download files
     download: bool = True  # try to download missing files (falls back to a clear error offline)
-    target_labeled_per_class: int = 5  # labelled target examples per class; 0 = unsupervised target
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15  # used only when the dataset has no official test split
-    max_per_domain: int = 6000  # cap on each domain's pool, so big datasets stay quick; 0 = no cap
-    image_size: int = 0  # resize side for image-folder tasks (0 = task default)
+    # labelled target examples per class; 0 = unsupervised target
+    target_labeled_per_class: int = field(default=5, metadata={"range": (0, 10**6)})
+    # Shares of each domain's pool held out for validation and test: never empty, never all of it (study.config
+    # also checks that together they leave a training split).
+    val_fraction: float = field(default=0.15, metadata={"range": (0.0, 1.0), "open": True})
+    # used only when the dataset has no official test split
+    test_fraction: float = field(default=0.15, metadata={"range": (0.0, 1.0), "open": True})
+    # cap on each domain's pool, so big datasets stay quick; 0 = no cap
+    max_per_domain: int = field(default=6000, metadata={"range": (0, 10**9)})
+    image_size: int = field(default=0, metadata={"range": (0, 4096)})  # image-folder side (0 = task default)
     source_dir: str = ""  # imagefolder: class-per-folder directory of the source domain
     target_dir: str = ""  # imagefolder: class-per-folder directory of the target domain
 

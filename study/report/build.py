@@ -17,9 +17,10 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from models.errors import first_line
+from models.errors import UserError, first_line
 
 from ..baselines import BASELINES
+from ..names import check_study_name
 from ..record import TrialRecord
 from ..search import applicable_choices
 from ..storage import mask_url
@@ -107,9 +108,13 @@ def confirmation(name: str, url: str) -> dict | None:
 def write_report(name: str, url: str, fmt: str = "html", out: str | None = None) -> list[str]:
     """Write the report (report.html + PNGs, report.md + PNGs, or report.json) to `out` (default
     reports/<study>/), log it to the study's parent MLflow run when tracking is on. Returns the lines to print."""
+    check_study_name(name)  # the name becomes the default folder: never '../..'
     data, study, config, trials, effective = build_report(name, url)
     out_dir = Path(out) if out else Path("reports") / name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # under a file, read-only, ...: one line, nothing written
+        raise UserError(f"cannot create the report folder '{out_dir}': {exc.strerror or exc}") from None
     written, figures = [], {}
     lines = [n for n in data["notes"] if n.startswith(FEW_TRIALS)]
     if fmt in ("html", "md") and data["counts"]["COMPLETE"] >= 2:
