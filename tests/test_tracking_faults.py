@@ -236,7 +236,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_orphan_trial(tmp_path):
                           timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 2 and "Traceback" not in output, output
-    lines = [line for line in output.splitlines() if line.strip()]
+    # --quiet leaves warnings (the tiny teacher is near chance) and the one error line.
+    lines = [line for line in output.splitlines() if line.strip() and not line.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("error: the disk is full ("), output
     # No orphan: every trial left RUNNING is reclaimed by the next worker's heartbeat check (FAIL, queued again).
     from study.storage import open_storage
