@@ -12,7 +12,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from models.errors import UserError
 from study.baselines import BASELINES, baseline_choices, enqueue_params
 from study.config import PrunerSettings, SamplerSettings, load_config
-from study.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
+from study.samplers import DEFAULT_KWARGS, PRUNERS, SAMPLERS, make_pruner, make_sampler
 from study.search import grid_space, suggest_choices
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -132,7 +132,7 @@ def test_grid_space_with_steps(cfg):
     assert grid["layers.head"] == ["finetune", "freeze", "replace"]
     assert "layers.stem" not in grid and "beta" not in grid and "temperature" not in grid
     sampler = make_sampler(SamplerSettings(name="grid"), space, 1)
-    assert isinstance(sampler, optuna.samplers.GridSampler)
+    assert isinstance(sampler.base, optuna.samplers.GridSampler)
     # The grid sampler drives ask/tell over exactly that space.
     study = optuna.create_study(direction="maximize", sampler=sampler)
     trial = study.ask()
@@ -185,11 +185,35 @@ def test_every_sampler_name_builds(cfg):
     space = cfg(*GRID_SETS).search
     for name in SAMPLERS:
         sampler = make_sampler(SamplerSettings(name=name, seed=1), space, 1)
-        assert isinstance(sampler, SAMPLERS[name]), name
-    assert isinstance(make_sampler(SamplerSettings(name="auto"), space, 1), optuna.samplers.TPESampler)
-    assert isinstance(make_sampler(SamplerSettings(name="auto"), space, 2), optuna.samplers.NSGAIISampler)
-    sampler = make_sampler(SamplerSettings(name="tpe", kwargs={"n_startup_trials": 3}), space, 1)
-    assert isinstance(sampler, optuna.samplers.TPESampler)
+        assert isinstance(getattr(sampler, "base", sampler), SAMPLERS[name]), name  # QMC is not seeded per trial
+    assert isinstance(make_sampler(SamplerSettings(name="auto"), space, 1).base, optuna.samplers.TPESampler)
+    assert isinstance(make_sampler(SamplerSettings(name="auto"), space, 2).base, optuna.samplers.NSGAIISampler)
+    # The benchmark's defaults, each overridable through kwargs.
+    default = make_sampler(SamplerSettings(name="tpe"), space, 1).base
+    assert default._group and default._n_startup_trials == DEFAULT_KWARGS["tpe"]["n_startup_trials"]
+    sampler = make_sampler(SamplerSettings(name="tpe", kwargs={"n_startup_trials": 3, "group": False}), space, 1)
+    assert sampler.base._n_startup_trials == 3 and not sampler.base._group
+
+
+def test_trials_draw_from_their_own_seed(cfg):
+    """Two samplers built alike (two workers starting together) propose different trials 0 and 1 from an empty
+    study, and the same trial number draws the same way in both (a study stays reproducible)."""
+    space = cfg().search
+
+    def first_draws(numbers):
+        study = optuna.create_study(direction="maximize",
+                                    sampler=make_sampler(SamplerSettings(name="tpe", seed=7), space, 1))
+        out = {}
+        for n in range(max(numbers) + 1):
+            trial = study.ask()
+            out[trial.number] = suggest_choices(trial, space, "reinit")
+            study.tell(trial, 0.5)
+        return [out[n] for n in numbers]
+
+    a0, a1 = first_draws([0, 1])
+    b0, b1 = first_draws([0, 1])
+    assert a0 == b0 and a1 == b1
+    assert a0 != a1
 
 
 def test_unknown_sampler_and_bad_kwargs(cfg):
