@@ -196,24 +196,21 @@ def test_every_sampler_name_builds(cfg):
 
 
 def test_trials_draw_from_their_own_seed(cfg):
-    """Two samplers built alike (two workers starting together) propose different trials 0 and 1 from an empty
-    study, and the same trial number draws the same way in both (a study stays reproducible)."""
+    """Two workers' samplers built alike (same config, same seed) on one study: the trials they ask at once differ,
+    and a study run again draws the same trials (each trial's draws come from seed + its number)."""
     space = cfg().search
 
-    def first_draws(numbers):
-        study = optuna.create_study(direction="maximize",
-                                    sampler=make_sampler(SamplerSettings(name="tpe", seed=7), space, 1))
-        out = {}
-        for n in range(max(numbers) + 1):
-            trial = study.ask()
-            out[trial.number] = suggest_choices(trial, space, "reinit")
-            study.tell(trial, 0.5)
-        return [out[n] for n in numbers]
+    def two_workers_ask():
+        storage = optuna.storages.InMemoryStorage()
+        workers = [optuna.create_study(storage=storage, study_name="s", direction="maximize", load_if_exists=True,
+                                       sampler=make_sampler(SamplerSettings(name="tpe", seed=7), space, 1))
+                   for _ in range(2)]
+        trials = [w.ask() for w in workers]  # both asked before either is told
+        return [suggest_choices(t, space, "reinit") for t in trials]
 
-    a0, a1 = first_draws([0, 1])
-    b0, b1 = first_draws([0, 1])
-    assert a0 == b0 and a1 == b1
-    assert a0 != a1
+    first, again = two_workers_ask(), two_workers_ask()
+    assert first[0] != first[1]
+    assert first == again
 
 
 def test_unknown_sampler_and_bad_kwargs(cfg):
