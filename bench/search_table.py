@@ -142,7 +142,8 @@ def main() -> None:
         values = sorted((c["value"] for c in table["cells"].values() if c["value"] is not None), reverse=True)
         near = sum(v >= values[0] - 0.01 for v in values)
         print(f"{task}: {len(values)} cells, best {values[0]:.3f}, {near} within 1 point, "
-              f"median {values[len(values) // 2]:.3f}; " + ", ".join(f"{b} {r['value']:.3f}" for b, r in table["baselines"].items()))
+              f"median {values[len(values) // 2]:.3f}; "
+              + ", ".join(f"{b} {r['value']:.3f}" for b, r in table["baselines"].items()))
 
 
 if __name__ == "__main__":
