@@ -271,8 +271,8 @@ def lines(per_task: dict, tables: dict, quick: bool) -> list[str]:
            f"baselines take the first trials of the budget but are no find of the search; median [IQR]; a study "
            f"that never got there counts as budget + 1; budget {BUDGET} trials, random {RANDOM_BUDGET}, GP "
            f"{GP_BUDGET}). Best after n = best target val acc among the sampled trials of the first n told (median "
-           f"[IQR]). Duplicates = sampled proposals that land in the same table cell as a trial still running (4 workers); revisits = same cell "
-           f"as any earlier trial.", ""]
+           f"[IQR]). Duplicates = sampled proposals that land in the same table cell as a trial still running "
+           f"(4 workers); revisits = same cell as any earlier trial.", ""]
     default = DEFAULT
     for task, rows in per_task.items():
         out += [f"**{task}** (best {TABLES[task].best:.3f})", "",
