@@ -14,12 +14,13 @@ import common
 import overhead
 import pruning
 import pruning_regret
+import search_efficiency
 import teacher_reuse
 import throughput
 import workers
 
 BENCHMARKS = {"overhead": overhead, "teacher_reuse": teacher_reuse, "pruning": pruning, "workers": workers,
-              "throughput": throughput, "pruning_regret": pruning_regret}
+              "throughput": throughput, "pruning_regret": pruning_regret, "search_efficiency": search_efficiency}
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import optuna
 from models.errors import UserError, unknown
 
 from .config import PrunerSettings, SamplerSettings
+from .per_trial_seed import PerTrialSeedSampler
 from .search import SearchSpace, grid_space
 
 SAMPLERS = {
@@ -19,6 +20,13 @@ SAMPLERS = {
     "qmc": optuna.samplers.QMCSampler,
     "grid": optuna.samplers.GridSampler,
     "nsga2": optuna.samplers.NSGAIISampler,
+}
+# Keyword arguments a sampler gets unless `study.sampler.kwargs` sets them, chosen with bench/search_efficiency.py
+# on the tabular benchmark of the layer-action space (bench/RESULTS.md, section 7): TPE starts modelling after the
+# 3 baselines + 2 random trials, not 3 + 7 (24 vs 44 trials to within 1 point of the best on digits-permute);
+# `group` (neutral there) models conditional choices (T, the slim width) with the ones they depend on.
+DEFAULT_KWARGS = {
+    "tpe": {"group": True, "n_startup_trials": 5},
 }
 PRUNERS = {
     "none": optuna.pruners.NopPruner,
@@ -31,18 +39,27 @@ PRUNERS = {
 }
 
 
-def make_sampler(settings: SamplerSettings, space: SearchSpace, n_objectives: int,
-                 seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-    """Build the sampler; `auto` is TPE for one objective and NSGA-II for several. Its seed is
-    `settings.seed + seed_offset` unless `kwargs` sets one."""
+def make_sampler(settings: SamplerSettings, space: SearchSpace, n_objectives: int) -> optuna.samplers.BaseSampler:
+    """Build the sampler; `auto` is TPE for one objective and NSGA-II for several, with DEFAULT_KWARGS under the
+    config's `kwargs`. Trial n draws with seed `settings.seed + n` (`kwargs.seed` wins; `seed: null` = unseeded),
+    so workers sharing a study never draw alike (see `PerTrialSeedSampler`); QMC keeps one seed for its one
+    sequence."""
     name = settings.name if settings.name != "auto" else ("tpe" if n_objectives == 1 else "nsga2")
     if name not in SAMPLERS:
         raise unknown("sampler", name, [*SAMPLERS, "auto"])
-    kwargs = dict(settings.kwargs)
+    kwargs = {**DEFAULT_KWARGS.get(name, {}), **settings.kwargs}
     if name == "grid":
         kwargs.setdefault("search_space", grid_space(space))
-    kwargs.setdefault("seed", settings.seed + seed_offset)
-    return _construct("study.sampler", SAMPLERS[name], kwargs)
+    seed = kwargs.pop("seed", settings.seed)
+    if name == "qmc" or seed is None:
+        return _construct("study.sampler", SAMPLERS[name], {**kwargs, "seed": seed})
+
+    def factory(trial_seed: int) -> optuna.samplers.BaseSampler:
+        with warnings.catch_warnings():  # `group` is "experimental" since v2.8: a warning on every trial otherwise
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return SAMPLERS[name](**kwargs, seed=trial_seed)
+
+    return _construct("study.sampler", PerTrialSeedSampler, {"factory": factory, "seed": seed})
 
 
 def make_pruner(settings: PrunerSettings) -> optuna.pruners.BasePruner:

@@ -7,7 +7,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import time
 from datetime import datetime
 
@@ -108,24 +107,13 @@ def load_study(name: str, url: str, with_heartbeat: bool = False) -> tuple[optun
         from .samplers import make_pruner, make_sampler
 
         storage = storage_for(url, config)
-        # Workers starting on a study at different moments see different trial counts: offsetting the sampler's
-        # seed by it keeps parallel workers from proposing identical trials (one worker stays reproducible).
-        offset = len(study.get_trials(deepcopy=False)) + 1000 * worker_index()
+        # The sampler seeds each trial by its number (unique in the study), so parallel workers never propose
+        # alike from a shared seed, and one worker stays reproducible.
         study = optuna.load_study(study_name=name, storage=storage,
                                   sampler=make_sampler(config.study.sampler, config.search,
-                                                       len(config.study.objective), seed_offset=offset),
+                                                       len(config.study.objective)),
                                   pruner=make_pruner(config.study.pruner))
     return study, config
-
-
-def worker_index() -> int:
-    """This worker's index from the launcher (Slurm array task, Kubernetes indexed job, torchrun rank), else 0:
-    workers started at the same moment then still seed their samplers differently."""
-    for var in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX", "RANK", "LOCAL_RANK", "SLURM_LOCALID"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 0
 
 
 def list_studies(url: str) -> list[dict]:
@@ -221,4 +209,3 @@ def delete_study(name: str, url: str) -> None:
     """Delete study `name` from the storage."""
     load_study(name, url)
     optuna.delete_study(study_name=name, storage=storage_for(url))  # a writer: a read-only file is one line
-

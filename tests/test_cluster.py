@@ -4,6 +4,7 @@
 - `kill -9` of a worker mid-trial: its trial goes FAIL after the grace period, is retried with the same parameters
   (resuming at its last finished stage), its MLflow run is closed as FAILED, and no finished trial changes.
 - 2 workers on one SQLite file: no 'database is locked'.
+- 2 workers started together: their first sampled trials differ.
 - SIGTERM: exit 130, the trial FAIL ('interrupted') and queued again; two SIGTERMs exit at once.
 - The teacher cache's lock from two threads: one trains, the other loads.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,6 +192,19 @@ def wait_for(predicate, timeout: float, what: str, workers: list[Worker] = (), i
     pytest.fail(f"timed out after {timeout} s waiting for {what}" + "".join(f"\n{w.describe()}" for w in workers))
 
 
+def warm_teacher(sets: list[str]) -> None:
+    """Train the config's teacher into its cache now, so workers started next load it instead of one training it."""
+    from objectives.device import resolve_device
+    from objectives.pipeline import get_task
+    from objectives.teacher import get_teacher
+    from study.config import load_config
+
+    config = load_config(QUICKSTART, sets)
+    device = resolve_device(config.pipeline.device)
+    task = get_task(config.task, config.pipeline.seed, device)
+    get_teacher("teacher", config.model.arch, config.model.width, task, config.model, config.pipeline, device)
+
+
 def assert_clean_stderr(w: Worker) -> None:
     err = w.stderr
     bad = [line for line in err.splitlines() if any(b in line for b in BAD_STDERR)]
@@ -343,6 +358,31 @@ def test_two_workers_share_one_sqlite_file(request, study_name, workers, tmp_pat
     assert len(finished) == 6
     assert_baselines_once(finished)
     assert not [t for t in all_trials if t.state in (S.RUNNING, S.WAITING)]
+
+
+def test_two_workers_started_together_sample_different_first_trials(request, study_name, workers, tmp_path,
+                                                                     shared_cache):
+    # Same config, same seed, same trial count at start: with one seed per worker both samplers drew one stream.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    # Trials of a few seconds and the teacher trained beforehand, so both workers are busy at once from the start.
+    sets = [*TINY, f"pipeline.cache_dir={shared_cache}", "study.pruner.name=none", "study.pruner.kwargs={}",
+            "pipeline.distill_epochs=4"]
+    create(request, study_name, url, sets, tmp_path)
+    warm_teacher(sets)
+    procs = [Worker(["study", "run", study_name, "--storage", url, "--n-trials", "7"], tmp_path, f"w{i}")
+             for i in range(2)]  # not --quiet: each worker prints a line per trial it ran
+    workers.all.extend(procs)
+    for w in procs:
+        w.wait(timeout=LONG)
+        assert w.proc.returncode == 0, w.describe()
+    by_number = {t.number: t for t in trials(study_name, url)}
+    firsts = []
+    for w in procs:
+        ran = [by_number[int(n)] for n in re.findall(r"\] trial\s+(\d+) ", w.stdout)]
+        sampled = [t for t in ran if not t.user_attrs.get("baseline")]
+        assert sampled, f"worker {w.tag} ran no sampled trial:\n{w.stdout}"
+        firsts.append(sampled[0].params)
+    assert firsts[0] != firsts[1], f"both workers' first sampled trials are {firsts[0]}"
 
 
 # ---- 4: graceful stop -----------------------------------------------------------------------------------------------

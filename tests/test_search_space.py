@@ -12,7 +12,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from models.errors import UserError
 from study.baselines import BASELINES, baseline_choices, enqueue_params
 from study.config import PrunerSettings, SamplerSettings, load_config
-from study.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
+from study.samplers import DEFAULT_KWARGS, PRUNERS, SAMPLERS, make_pruner, make_sampler
 from study.search import grid_space, suggest_choices
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -132,7 +132,7 @@ def test_grid_space_with_steps(cfg):
     assert grid["layers.head"] == ["finetune", "freeze", "replace"]
     assert "layers.stem" not in grid and "beta" not in grid and "temperature" not in grid
     sampler = make_sampler(SamplerSettings(name="grid"), space, 1)
-    assert isinstance(sampler, optuna.samplers.GridSampler)
+    assert isinstance(sampler.base, optuna.samplers.GridSampler)
     # The grid sampler drives ask/tell over exactly that space.
     study = optuna.create_study(direction="maximize", sampler=sampler)
     trial = study.ask()
@@ -186,11 +186,32 @@ def test_every_sampler_name_builds(cfg):
     space = cfg(*GRID_SETS).search
     for name in SAMPLERS:
         sampler = make_sampler(SamplerSettings(name=name, seed=1), space, 1)
-        assert isinstance(sampler, SAMPLERS[name]), name
-    assert isinstance(make_sampler(SamplerSettings(name="auto"), space, 1), optuna.samplers.TPESampler)
-    assert isinstance(make_sampler(SamplerSettings(name="auto"), space, 2), optuna.samplers.NSGAIISampler)
-    sampler = make_sampler(SamplerSettings(name="tpe", kwargs={"n_startup_trials": 3}), space, 1)
-    assert isinstance(sampler, optuna.samplers.TPESampler)
+        assert isinstance(getattr(sampler, "base", sampler), SAMPLERS[name]), name  # QMC is not seeded per trial
+    assert isinstance(make_sampler(SamplerSettings(name="auto"), space, 1).base, optuna.samplers.TPESampler)
+    assert isinstance(make_sampler(SamplerSettings(name="auto"), space, 2).base, optuna.samplers.NSGAIISampler)
+    # The benchmark's defaults, each overridable through kwargs.
+    default = make_sampler(SamplerSettings(name="tpe"), space, 1).base
+    assert default._group and default._n_startup_trials == DEFAULT_KWARGS["tpe"]["n_startup_trials"]
+    sampler = make_sampler(SamplerSettings(name="tpe", kwargs={"n_startup_trials": 3, "group": False}), space, 1)
+    assert sampler.base._n_startup_trials == 3 and not sampler.base._group
+
+
+def test_trials_draw_from_their_own_seed(cfg):
+    """Two workers' samplers built alike (same config, same seed) on one study: the trials they ask at once differ,
+    and a study run again draws the same trials (each trial's draws come from seed + its number)."""
+    space = cfg().search
+
+    def two_workers_ask():
+        storage = optuna.storages.InMemoryStorage()
+        workers = [optuna.create_study(storage=storage, study_name="s", direction="maximize", load_if_exists=True,
+                                       sampler=make_sampler(SamplerSettings(name="tpe", seed=7), space, 1))
+                   for _ in range(2)]
+        trials = [w.ask() for w in workers]  # both asked before either is told
+        return [suggest_choices(t, space, "reinit") for t in trials]
+
+    first, again = two_workers_ask(), two_workers_ask()
+    assert first[0] != first[1]
+    assert first == again
 
 
 def test_unknown_sampler_and_bad_kwargs(cfg):
