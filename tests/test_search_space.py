@@ -196,6 +196,22 @@ def test_every_sampler_name_builds(cfg):
     assert sampler.base._n_startup_trials == 3 and not sampler.base._group
 
 
+def test_every_sampler_samples_the_search_space(cfg):
+    """Each sampler name asks and is told real trials of the quickstart's space (CMA-ES needs the `cmaes` package,
+    GP torch and scipy: a missing dependency fails here, not in a user's study)."""
+    space = cfg().search
+    for name in SAMPLERS:
+        settings = SamplerSettings(name=name, seed=1)
+        if name == "grid":
+            space = cfg(*GRID_SETS).search
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(settings, space, 1))
+        for i in range(6):
+            trial = study.ask()
+            choices = suggest_choices(trial, space, "reinit")
+            study.tell(trial, choices.lr * 100 + i)
+        assert len(study.trials) == 6, name
+
+
 def test_trials_draw_from_their_own_seed(cfg):
     """Two workers' samplers built alike (same config, same seed) on one study: the trials they ask at once differ,
     and a study run again draws the same trials (each trial's draws come from seed + its number)."""
