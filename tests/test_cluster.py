@@ -364,12 +364,13 @@ def test_two_workers_started_together_sample_different_first_trials(request, stu
                                                                      shared_cache):
     # Same config, same seed, same trial count at start: with one seed per worker both samplers drew one stream.
     url = f"sqlite:///{tmp_path / 's.db'}"
-    # Trials of a few seconds and the teacher trained beforehand, so both workers are busy at once from the start.
+    # No baselines (each worker's first trial is a sampled one), trials longer than the workers' start-up skew and
+    # the teacher trained beforehand, so both workers ask their first trial before either has finished one.
     sets = [*TINY, f"pipeline.cache_dir={shared_cache}", "study.pruner.name=none", "study.pruner.kwargs={}",
-            "pipeline.distill_epochs=4"]
+            "pipeline.distill_epochs=8", "study.baselines=false"]
     create(request, study_name, url, sets, tmp_path)
     warm_teacher(sets)
-    procs = [Worker(["study", "run", study_name, "--storage", url, "--n-trials", "7"], tmp_path, f"w{i}")
+    procs = [Worker(["study", "run", study_name, "--storage", url, "--n-trials", "4"], tmp_path, f"w{i}")
              for i in range(2)]  # not --quiet: each worker prints a line per trial it ran
     workers.all.extend(procs)
     for w in procs:
