@@ -57,14 +57,23 @@ def reversal_coefficient(progress: float, gamma: float = 10.0) -> float:
     return 2.0 / (1.0 + math.exp(-gamma * progress)) - 1.0
 
 
+class TokenMean(nn.Module):
+    """(N, tokens, F) -> (N, F): a transformer group's features averaged over its tokens."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
 class DomainClassifier(nn.Module):
-    """Features of one group -> one logit (target vs source): a global average pool for (C, H, W) features (else
-    a flatten), then Linear(C, 100), ReLU, Linear(100, 1)."""
+    """Features of one group -> one logit (target vs source): a global average pool for (C, H, W) features, a mean
+    over the tokens for (tokens, F) ones, then Linear(C or F, 100), ReLU, Linear(100, 1)."""
 
     def __init__(self, feature_shape: tuple[int, ...]):
         super().__init__()
         if len(feature_shape) == 3:  # (C, H, W): DANN classifies a feature vector, so pool the positions away
             self.pool, in_features = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), feature_shape[0]
+        elif len(feature_shape) == 2:  # (tokens, F): likewise, pool the tokens away (not 197 x 768 inputs)
+            self.pool, in_features = TokenMean(), feature_shape[-1]
         else:
             self.pool, in_features = nn.Flatten(), math.prod(feature_shape)
         self.net = nn.Sequential(nn.Linear(in_features, HIDDEN_UNITS), nn.ReLU(), nn.Linear(HIDDEN_UNITS, 1))
@@ -73,13 +82,16 @@ class DomainClassifier(nn.Module):
         return self.net(self.pool(f)).squeeze(1)
 
 
-def domain_loss(logits: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
+def domain_loss(logits: torch.Tensor, is_target: torch.Tensor,
+                counts: tuple[int, int] | None = None) -> torch.Tensor:
     """The mean BCE of each domain's examples, averaged over the two domains (so the larger one does not dominate);
-    0 when the batch holds one domain only."""
+    0 when the batch holds one domain only. `counts` (source rows, target rows), when the caller knows them on the
+    host, spares reading them back from the device every step (a GPU sync)."""
     target = is_target.float()
     per_example = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
-    n_target = target.sum()
-    n_source = len(target) - n_target
+    if counts is None:
+        counts = (int((~is_target).sum()), int(is_target.sum()))
+    n_source, n_target = counts
     if n_target == 0 or n_source == 0:
         return per_example.sum() * 0.0
     return 0.5 * ((per_example * target).sum() / n_target + (per_example * (1 - target)).sum() / n_source)
@@ -115,10 +127,13 @@ def dann(ctx: LayerTermContext) -> LayerTerm:
     and moved to the device once, on the output of `pipeline.dann_group` captured by a forward hook."""
     group = dann_group(ctx.student.group_names, ctx.pipeline.dann_group)
     shape = group_output_shapes(ctx.student, ctx.image_shape)[group]
+    if shape is None or len(shape) not in (1, 2, 3):
+        raise InvalidChoice(f"layer term dann cannot read group '{group}': its output has shape {shape} (need (C, H, "
+                            f"W), (tokens, F) or (F,)); set pipeline.dann_group")
     with seeded_init(derive_seed(ctx.seed, "dann", ctx.stage)):
         classifier = DomainClassifier(shape)
     classifier = classifier.to(ctx.device)
-    state: dict = {"coeff": 0.0, "is_target": None, "layout": None}
+    state: dict = {"coeff": 0.0, "is_target": None, "layout": None, "counts": None}
     outputs: dict = {}  # the group's output of the last forward pass, put there by a hook
 
     def on_step(step: StepInfo) -> None:
@@ -127,10 +142,12 @@ def dann(ctx: LayerTermContext) -> LayerTerm:
             state["layout"] = step.domains
             state["is_target"] = torch.cat([torch.full((n,), d == "target", dtype=torch.bool)
                                             for d, n in step.domains]).to(ctx.device)
+            n_target = sum(n for d, n in step.domains if d == "target")
+            state["counts"] = (sum(n for _, n in step.domains) - n_target, n_target)
 
     def term() -> torch.Tensor:
         features = reverse_gradient(outputs[group].float(), state["coeff"])
-        return domain_loss(classifier(features), state["is_target"])
+        return domain_loss(classifier(features), state["is_target"], state["counts"])
 
     handles = hook_group_outputs(ctx.student, [group], outputs)  # the group's output, whatever the network
 

@@ -144,7 +144,11 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
         except Exception as exc:  # noqa: BLE001 - any failure ends this trial only; the study goes on
             # An enqueued trial (a baseline, a confirmation run, a retry) exists once: failing it for the worker's
             # sake (an unwritable cache, a full disk, a lost device) must not use it up.
-            requeue = bool(baseline or confirm or queued.get("retry_of") is not None) and is_infrastructure_failure(exc)
+            # At most `study.max_retry` times: a failure that recurs on every copy (a bug, a model too big for the
+            # device) must end, not loop through the queue forever.
+            enqueued = bool(baseline or confirm or queued.get("retry_of") is not None)
+            requeue = (enqueued and is_infrastructure_failure(exc)
+                       and int(queued.get("requeues") or 0) < config.study.max_retry)
             _fail(trial, tracker, run_id, exc, "FAIL", note="; queued again" if requeue else "")
             if requeue:
                 _requeue(study, trial)

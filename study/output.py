@@ -165,8 +165,8 @@ def format_tasks(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         shape = "x".join(map(str, r["image_shape"])) if "image_shape" in r else "-"
-        sizes = "/".join(str(r["sizes"][k]) for k in ("source_train", "target_labeled", "target_unlabeled",
-                                                         "target_val", "target_test")) if "sizes" in r else "(your data)"
+        parts = ("source_train", "target_labeled", "target_unlabeled", "target_val", "target_test")
+        sizes = "/".join(str(r["sizes"][k]) for k in parts) if "sizes" in r else "(your data)"
         lines.append(f"{r['name']:<15} {r['shift']:<8} {shape:<8} {sizes:<22} {r['description']}")
     return "\n".join(lines)
 

@@ -3,8 +3,8 @@
 An Optuna sampler draws from one random stream per process. Two workers that start together on one study with
 the same seed (the same config, the same trial count when they start) then draw the same stream, and their first
 sampled trials are identical. The storage hands out trial numbers atomically, so seeding each trial's draws with
-`seed + trial.number` gives every trial of a study its own stream however many workers run, and keeps a study
-reproducible: the same trial number always draws the same way given the same finished trials.
+a seed derived from (seed, trial.number) gives every trial of a study its own stream however many workers run,
+and keeps a study reproducible: the same trial number always draws the same way given the same finished trials.
 """
 
 from __future__ import annotations
@@ -12,13 +12,21 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """Trial `number`'s sampler seed: hashed from (seed, number) by NumPy's SeedSequence, not `seed + number`, so
+    studies with neighbouring seeds (a benchmark's, a study and its companion) share no trial's stream (with
+    `seed + number`, seed s's trial n would draw what seed s+1's trial n-1 draws)."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
 class PerTrialSeedSampler(optuna.samplers.BaseSampler):
-    """Samples trial n with `factory(seed + n)`: a fresh sampler built for that trial, dropped when it ends.
+    """Samples trial n with `factory(trial_seed(seed, n))`: a fresh sampler for that trial, dropped when it ends.
 
     Fit for samplers that keep their state in the study's storage (TPE, random, GP, CMA-ES, NSGA-II, grid); a
     fresh instance loses only caches (GP refits its kernel from scratch). Not for QMC, whose seed scrambles one
@@ -42,7 +50,7 @@ class PerTrialSeedSampler(optuna.samplers.BaseSampler):
     def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
         with self._lock:
             if trial.number not in self._by_trial:
-                self._by_trial[trial.number] = self._factory(self._seed + trial.number)
+                self._by_trial[trial.number] = self._factory(trial_seed(self._seed, trial.number))
             return self._by_trial[trial.number]
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:

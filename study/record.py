@@ -8,7 +8,8 @@ parameter, the MLflow param and the key in `choices`, and `--set` takes it as `s
 
 Attributes (all optional until the trial gets there):
 - identity: `choices` (flat, by name), `seed` (the run seed), `baseline` (its name), for a confirmation run
-  `confirm_role`, `confirm_of_trial`, `confirm_choices`; `retry_of` for a re-queued interrupted trial;
+  `confirm_role`, `confirm_of_trial`, `confirm_choices`; `retry_of` for a re-queued trial and
+  `requeues`, how many copies came before it;
 - result: `stages` (stage -> accuracies on both domains, epochs, first step, teacher, sources), `best_stage` (the
   delivered stage) and `select`, `budget`, `total_epochs`, `epochs_to_threshold`, `student_params` (all of the
   delivered model's parameters), `trainable_params` (those the trial trained), `model_hash`, `layer_map`,
@@ -90,7 +91,8 @@ def requeue_attrs(record: "TrialRecord") -> dict:
     confirmation run and its seed), and which trial it retries."""
     keep = ("baseline", "confirm_role", "confirm_of_trial", "confirm_choices") + (("seed",) if record.confirm_role
                                                                                  else ())
-    return {"retry_of": record.number, **{k: record.attrs[k] for k in keep if k in record.attrs}}
+    return {"retry_of": record.number, "requeues": int(record.attrs.get("requeues") or 0) + 1,
+            **{k: record.attrs[k] for k in keep if k in record.attrs}}
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------

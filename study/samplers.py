@@ -41,9 +41,9 @@ PRUNERS = {
 
 def make_sampler(settings: SamplerSettings, space: SearchSpace, n_objectives: int) -> optuna.samplers.BaseSampler:
     """Build the sampler; `auto` is TPE for one objective and NSGA-II for several, with DEFAULT_KWARGS under the
-    config's `kwargs`. Trial n draws with seed `settings.seed + n` (`kwargs.seed` wins; `seed: null` = unseeded),
-    so workers sharing a study never draw alike (see `PerTrialSeedSampler`); QMC keeps one seed for its one
-    sequence."""
+    config's `kwargs`. Trial n draws with a seed derived from (`settings.seed`, n) (`kwargs.seed` wins; `seed:
+    null` = unseeded), so workers sharing a study never draw alike (see `PerTrialSeedSampler`); QMC keeps one seed
+    for its one sequence."""
     name = settings.name if settings.name != "auto" else ("tpe" if n_objectives == 1 else "nsga2")
     if name not in SAMPLERS:
         raise unknown("sampler", name, [*SAMPLERS, "auto"])

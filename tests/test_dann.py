@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models import InvalidChoice, create_model
-from objectives.dann import dann_group, domain_loss, reversal_coefficient, reverse_gradient
+from objectives.dann import DomainClassifier, dann_group, domain_loss, reversal_coefficient, reverse_gradient
 from objectives.layer_terms import LayerTermContext, get_layer_term, layer_term_choices
 from objectives.pipeline import run_trial
 from objectives.settings import ModelSettings, PipelineSettings, TrialChoices
@@ -45,7 +45,16 @@ def test_the_domain_loss_weighs_both_domains_equally_and_needs_both():
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     want = 0.5 * (bce(logits[:1], torch.ones(1)) + bce(logits[1:], torch.zeros(4)))
     assert domain_loss(logits, is_target) == pytest.approx(want.item())
+    assert domain_loss(logits, is_target, counts=(4, 1)) == pytest.approx(want.item())  # counts known on the host
     assert domain_loss(logits, torch.zeros(5, dtype=torch.bool)).item() == 0.0
+
+
+def test_the_domain_classifier_pools_positions_and_tokens_away():
+    """A (C, H, W) group output is average-pooled, a (tokens, F) one averaged over its tokens: the classifier's
+    first layer sees C or F inputs, not every position (a ViT block's 197 x 768)."""
+    assert DomainClassifier((12, 4, 4)).net[0].in_features == 12
+    tokens = DomainClassifier((197, 16))
+    assert tokens.net[0].in_features == 16 and tokens(torch.randn(3, 197, 16)).shape == (3,)
 
 
 def _context(student, teacher, pipeline=None):

@@ -131,6 +131,20 @@ def test_a_baseline_failed_by_its_worker_is_queued_again(tmp_path):
     assert all(0 < t.value <= 1 and t.user_attrs["retry_of"] is not None for t in done.values())
 
 
+def test_requeueing_stops_after_max_retry_copies(tmp_path):
+    """A failure that recurs on every copy ends: with study.max_retry 1 each baseline is queued again once."""
+    cache = tmp_path / "cache"
+    storage, sets = f"sqlite:///{tmp_path / 's.db'}", [*tiny(cache, tmp_path), "--set", "study.max_retry=1"]
+    assert cli("study", "create", QUICKSTART, "--name", "rq1", "--storage", storage, *sets).exit_code == 0
+    cache.write_text("not a directory")  # the fault stays: every copy fails the same way
+    for _ in range(2):  # the first run queues each baseline once more, the second fails the copies for good
+        assert cli("study", "run", "rq1", "--storage", storage, "--n-trials", 3).exit_code == 2
+    trials = optuna.load_study(study_name="rq1", storage=storage).get_trials()
+    copies = [t for t in trials if t.user_attrs.get("baseline")]
+    assert len(copies) == 6 and all(t.state == S.FAIL for t in copies), [(t.number, t.state) for t in copies]
+    assert max(t.user_attrs.get("requeues", 0) for t in copies) == 1
+
+
 def test_a_teacher_near_chance_is_warned_about_and_a_hit_is_said_once(tmp_path, tiny_pipeline, tiny_task, model,
                                                                      caplog):
     # No source epochs: the teacher is its random initialisation, at chance on the source.

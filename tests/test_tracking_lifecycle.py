@@ -145,3 +145,9 @@ def test_parent_run_lifecycle_view_and_best_metric(tmp_path, teacher_cache_dir, 
     want = {t.user_attrs["mlflow_run_id"] for t in study.trials if t.user_attrs.get("choices", {}).get(
         "layers.head") == head and t.user_attrs.get("mlflow_run_id")}
     assert want and {r.info.run_id for r in found} == want
+    # Its confirmation nests in the same parent run and leaves the study's status alone (FINISHED, not KILLED or
+    # RUNNING by the companion's own totals).
+    result = _cli(["study", "confirm", "life", "--storage", optuna_url, "--top", "1", "--seeds", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert len(_runs(client, "life", "study")) == 1

@@ -27,7 +27,8 @@ def user_task_info(name: str) -> TaskInfo:
     """The TaskInfo of `name` = `package.module:function` (the function is imported now, so a typo fails at
     config validation)."""
     fn = load_callable(name, "task.name")
-    description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else f"user dataset {name}"
+    lines = (fn.__doc__ or "").strip().splitlines()
+    description = lines[0] if lines else f"user dataset {name}"
     return TaskInfo(name, "dataset", description, _builder(name, fn))
 
 

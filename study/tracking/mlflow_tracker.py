@@ -139,7 +139,7 @@ class MlflowTracker:
         self.experiment_id = store.experiment_id(self.client, self.experiment, owner)
         self.parent_id = store.find_parent_run(self.client, self.experiment_id, owner)
         if self.parent_id:
-            if status == "RUNNING":
+            if status == "RUNNING" and "confirm_of" not in study.user_attrs:  # its study's status stays its own
                 self.client.update_run(self.parent_id, status="RUNNING")
             return
         run = self.client.create_run(self.experiment_id, run_name=f"study {owner}",
@@ -174,6 +174,8 @@ class MlflowTracker:
                   file=sys.stderr, flush=True)
             return
         if self.offline and (interrupted or self.unreachable) or not self.parent_id:
+            return
+        if "confirm_of" in study.user_attrs:  # a confirmation shares its study's parent run, and its own totals
             return
         states = [t.state.name for t in study.get_trials(deepcopy=False)]
         status = store.study_status(states.count("COMPLETE") + states.count("PRUNED"), self.total,
@@ -313,7 +315,7 @@ class MlflowTracker:
             # be held there for as long as the queue is behind.
             model = result.student
             meta = {"arch": model.arch, "num_classes": model.num_classes, "in_channels": model.in_channels,
-                    "group_widths": model.group_widths, "groups": model.custom_groups}
+                    "group_widths": model.group_widths, "model_groups": model.custom_groups}
             if tracking.log_weights == "all" or (tracking.log_weights == "best" and improved):
                 weights = cpu_state(model)
             if improved and tracking.register_best and weights is not None and result.example_input is not None:
