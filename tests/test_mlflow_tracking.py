@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
-
 import optuna
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from mlflow_server import free_port, mlflow_server
 
 import cli
 from models import create_model
@@ -39,7 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 # A worker thread that dies (e.g. an Optuna error on tell) fails the test instead of printing a warning.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
-MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 CHOICES = ("temperature", "alpha", "beta", "threshold", "lr", "source_weight", "generations", "slim_width",
            "augment")
@@ -48,56 +41,13 @@ TINY = ["--set", "pipeline.device=cpu", "--set", "pipeline.teacher_epochs=2", "-
         "--set", "pipeline.distill_epochs=3", "--set", "pipeline.retrain_epochs=1", "--set", "study.confirm.top=0"]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`mlflow server` on a free loopback port, SQLite backend, artifacts proxied to a local folder. Yields
     (tracking URL, working folder); the whole process group is killed at the end."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-           "--workers", "1"]
-    # No job-execution runner (a handful of huey consumers this test never uses): the server starts much faster.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 150  # ~15 s on an idle 2-core machine; much longer when it is loaded
-        while not _healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"mlflow server did not come up (exit {proc.poll()}):\n"
-                            f"{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    with mlflow_server(root) as (url, _):
         yield url, root
-    finally:
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)  # the server's own session: mlflow, uvicorn and anything they started
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -471,7 +421,7 @@ def test_donor_logged_once_and_linked_from_the_trial(server, workdir):
 
 
 def test_unreachable_tracking_server_is_a_one_line_error(tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     result = CliRunner().invoke(cli.main, ["study", "run", "down", "--config", QUICKSTART, "--quiet",
                                            *_common(url, tmp_path, "down"), *TINY])
     assert result.exit_code == 2, (result.output, result.exception)

@@ -14,38 +14,22 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
+from mlflow_server import mlflow_server
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "cli.py"
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
-MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 TINY = ["pipeline.device=cpu", "pipeline.cpu_threads=1", "task.max_per_domain=300", "pipeline.teacher_epochs=1",
         "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1",
         "search.generations=0", "study.confirm.top=0", "study.pruner.name=none", "study.pruner.kwargs={}"]
 WARNING = "is unavailable"  # the one line a tracking outage prints
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -53,27 +37,8 @@ def server(tmp_path):
     """A fresh `mlflow server` on a free loopback port (its own session, so the test can stop or kill it all)."""
     root = tmp_path / "server"
     root.mkdir()
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                             "--artifacts-destination", str(root / "artifacts")],
-                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 150
-    while not _healthy(url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"mlflow server did not come up:\n{(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url, proc
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-    proc.wait()
-    log.close()
+    with mlflow_server(root) as (url, proc):
+        yield url, proc
 
 
 def _env() -> dict:

@@ -60,13 +60,9 @@ def bootstrap_ci(values, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTS
     return [float(lo), float(hi)]
 
 
-def group_effects(trials, groups: list[str], objective: list[str]) -> dict:
-    """For every layer group and action: completed trials, pruned trials, mean and best target val acc, the
-    bootstrap interval of the mean (from MIN_INTERVAL_TRIALS on), the best trial; per group the action with the
-    best mean. Actions come from the trial's `choices` user attribute, so pinned groups and baselines count; a
-    completed trial whose delivered model is identical to an earlier one's (`model_hash`) is not counted again."""
-    cells: dict[str, dict[str, list]] = {g: {} for g in groups}
-    pruned: dict[str, dict[str, int]] = {g: {} for g in groups}
+def distinct_trials(trials):
+    """(trial, its TrialRecord) in trial-number order, leaving out a completed trial whose delivered model is
+    identical to an earlier one's (`model_hash`): identical models count once in an effect table."""
     seen: set[str] = set()
     for t in sorted(trials, key=lambda t: t.number):
         r = TrialRecord(t)
@@ -74,6 +70,17 @@ def group_effects(trials, groups: list[str], objective: list[str]) -> dict:
             if r.model_hash in seen:
                 continue
             seen.add(r.model_hash)
+        yield t, r
+
+
+def group_effects(trials, groups: list[str], objective: list[str]) -> dict:
+    """For every layer group and action: completed trials, pruned trials, mean and best target val acc, the
+    bootstrap interval of the mean (from MIN_INTERVAL_TRIALS on), the best trial; per group the action with the
+    best mean. Actions come from the trial's `choices` user attribute, so pinned groups and baselines count; a
+    completed trial whose delivered model is identical to an earlier one's (`model_hash`) is not counted again."""
+    cells: dict[str, dict[str, list]] = {g: {} for g in groups}
+    pruned: dict[str, dict[str, int]] = {g: {} for g in groups}
+    for t, r in distinct_trials(trials):
         for g, action in r.layers.items():
             cells.setdefault(g, {})
             pruned.setdefault(g, {})
@@ -95,13 +102,7 @@ def choice_effects(trials, names: list[str], objective: list[str], applies: Call
     models count once."""
     cells: dict[str, dict] = {n: {} for n in names}
     pruned: dict[str, dict] = {n: {} for n in names}
-    seen: set[str] = set()
-    for t in sorted(trials, key=lambda t: t.number):
-        r = TrialRecord(t)
-        if t.state == TrialState.COMPLETE and r.model_hash is not None:
-            if r.model_hash in seen:
-                continue
-            seen.add(r.model_hash)
+    for t, r in distinct_trials(trials):
         had_a_say = applies(r.choices) if r.attrs.get("choices") else set()
         for n in names:
             if n not in had_a_say or n not in r.choices:  # records older than the choice have no value for it

@@ -1,0 +1,73 @@
+"""A real `mlflow server` for the tests that need one: a free loopback port, a SQLite backend, artifacts proxied to
+a local folder, its own session so that the test can stop (SIGSTOP) or kill all of it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    """Whether the server at `url` answers its health check."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path):
+    """Start `mlflow server` with its store under `root`; yields (tracking URL, process). At the end the whole
+    process group is woken (it may have been stopped) and terminated, killed if it does not go."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # No job-execution runner (a handful of huey consumers no test uses): the server starts much faster.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150  # ~15 s on an idle 2-core machine; much longer when it is loaded
+        while not healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"mlflow server did not come up (exit {proc.poll()}):\n"
+                            f"{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        for sig, wait in ((signal.SIGCONT, None), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)  # the server's own session: mlflow, uvicorn and anything they started
+            except ProcessLookupError:
+                break
+            if wait is None:  # SIGCONT: a stopped server must wake to take the SIGTERM
+                continue
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
