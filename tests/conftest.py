@@ -8,6 +8,7 @@ teacher is trained once and loaded by every later test.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from objectives.settings import PipelineSettings
 from objectives.tasks import TaskOptions
 
 REPO = Path(__file__).resolve().parent.parent
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"  # this machine's PostgreSQL: trust authentication
 
 # Small models on tiny batches run fastest on one thread (and do not fight over the cores of a loaded machine).
 torch.set_num_threads(1)
@@ -61,3 +63,18 @@ def default_tracking_store(tmp_path_factory):
     if "MLFLOW_TRACKING_URI" not in os.environ:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
     yield
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The test PostgreSQL URL. Unreachable server: skip, but fail when $CI is set (CI must run these tests)."""
+    try:
+        import psycopg
+
+        psycopg.connect(PG_URL, connect_timeout=3).close()
+    except Exception as exc:  # noqa: BLE001 - missing driver or server: both mean "no PostgreSQL here"
+        reason = f"PostgreSQL at {PG_URL} unreachable: {type(exc).__name__}: {str(exc).strip()[:200]}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
+        pytest.skip(reason)
+    return PG_URL

@@ -4,7 +4,6 @@ command takes, rounded values and printed commands that paste into a shell."""
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
@@ -52,20 +51,7 @@ def test_messages_quoting_urls_or_dsns_are_masked():
     assert "host=db" in mask_secrets(text) and "postgresql://:***@db/x" in mask_secrets(text)
 
 
-@pytest.fixture
-def postgres():
-    """The test PostgreSQL server (trust authentication: a password in the URL is accepted and ignored)."""
-    try:
-        import psycopg
-
-        psycopg.connect(f"postgresql://postgres@{PG}", connect_timeout=3).close()
-    except Exception as exc:  # noqa: BLE001 - no driver or no server: both mean "no PostgreSQL here"
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL at {PG} unreachable under CI: {exc}")
-        pytest.skip(f"PostgreSQL at {PG} unreachable: {exc}")
-
-
-def test_a_password_never_shows_in_messages_listings_or_the_stored_config(postgres, tmp_path, monkeypatch):
+def test_a_password_never_shows_in_messages_listings_or_the_stored_config(postgres_url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     name = f"masked-{uuid.uuid4().hex[:8]}"
     storage = f"postgresql://postgres:TopSecret@{PG}"  # a bare URL: psycopg 3, SQLAlchemy's default driver
@@ -86,7 +72,7 @@ def test_a_password_never_shows_in_messages_listings_or_the_stored_config(postgr
         optuna.delete_study(study_name=name, storage=f"postgresql://postgres@{PG}")
 
 
-def test_optuna_cli_reads_a_bare_postgresql_url(postgres):
+def test_optuna_cli_reads_a_bare_postgresql_url(postgres_url):
     proc = subprocess.run([str(Path(sys.executable).with_name("optuna")), "studies", "--storage",
                            f"postgresql://postgres@{PG}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

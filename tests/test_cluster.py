@@ -32,7 +32,6 @@ REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "cli.py"
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 S = optuna.trial.TrialState
 
@@ -53,21 +52,6 @@ BAD_STDERR = ("Traceback", "Error", "error:", "database is locked", "failed with
 
 
 # ---- fixtures ----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """The test PostgreSQL URL. Unreachable server: skip, but fail when $CI is set (CI must run these tests)."""
-    try:
-        import psycopg2
-
-        psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3).close()
-    except Exception as exc:  # noqa: BLE001 - missing driver or server: both mean "no PostgreSQL here"
-        reason = f"PostgreSQL at {PG_URL} unreachable: {type(exc).__name__}: {str(exc).strip()[:200]}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
-        pytest.skip(reason)
-    return PG_URL
-
-
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory) -> str:
     """A teacher cache shared by this module's tests that do not count teacher trainings."""

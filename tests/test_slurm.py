@@ -23,7 +23,6 @@ from study.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "examples" / "cluster" / "slurm_array.sh"
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 SLURM_CI_DIR = Path(os.environ.get("SLURM_CI_DIR", "/var/tmp/distillstudy-slurm"))
 TINY = ["tracking.enabled=false", "pipeline.device=cpu", "pipeline.cpu_threads=1", "task.max_per_domain=300",
         "pipeline.teacher_epochs=2", "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1",
@@ -55,20 +54,6 @@ def slurm():
     reason = _slurm_unavailable()
     if reason:
         pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> str:
-    try:
-        import psycopg2
-
-        psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3).close()
-    except Exception as exc:  # noqa: BLE001 - missing driver or server: both mean "no PostgreSQL here"
-        reason = f"PostgreSQL at {PG_URL} unreachable: {type(exc).__name__}: {str(exc).strip()[:200]}"
-        if os.environ.get("CI"):  # as in test_cluster.py: CI has PostgreSQL, so its absence is a failure
-            pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
-        pytest.skip(reason)
-    return PG_URL
 
 
 def test_slurm_array_recipe_runs_a_postgres_study_to_its_total(slurm, postgres_url, tmp_path):
