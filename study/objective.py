@@ -147,11 +147,11 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             # At most `study.max_retry` times: a failure that recurs on every copy (a bug, a model too big for the
             # device) must end, not loop through the queue forever.
             enqueued = bool(baseline or confirm or queued.get("retry_of") is not None)
-            requeue = (enqueued and is_infrastructure_failure(exc)
-                       and int(queued.get("requeues") or 0) < config.study.max_retry)
-            _fail(trial, tracker, run_id, exc, "FAIL", note="; queued again" if requeue else "")
-            if requeue:
-                _requeue(study, trial)
+            again = (enqueued and is_infrastructure_failure(exc)
+                     and int(queued.get("requeues") or 0) < config.study.max_retry)
+            _fail(trial, tracker, run_id, exc, "FAIL", note="; queued again" if again else "")
+            if again:
+                requeue(study, trial)
             raise
         checkpoints.clear()
         record.write_result(trial, result)
@@ -178,7 +178,7 @@ def _fail(trial, tracker, run_id, exc: BaseException, state: str, note: str = ""
 
 def _interrupted(study, trial, tracker, run_id, exc: KeyboardInterrupt) -> None:
     _fail(trial, tracker, run_id, exc, "KILLED")
-    _requeue(study, trial)
+    requeue(study, trial)
 
 
 def _close_stale_run(trial: optuna.Trial, tracker) -> None:
@@ -191,7 +191,7 @@ def _close_stale_run(trial: optuna.Trial, tracker) -> None:
                           reason=f"worker died (heartbeat stale); retried as trial {trial.number}")
 
 
-def _requeue(study: optuna.Study, trial: optuna.Trial) -> None:
-    # An interrupted trial (or an enqueued one failed by its worker) is not the trial's fault: queue the same
-    # parameters so a later run retries it.
+def requeue(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Queue `trial`'s parameters and identity again (`retry_of`, `requeues`): an interrupted trial, or an enqueued
+    one failed by its worker, is not the trial's fault, so a later run retries it."""
     study.enqueue_trial(trial.params, user_attrs=record.requeue_attrs(TrialRecord(trial)), skip_if_exists=False)

@@ -31,7 +31,7 @@ def _check_key(url: str):
     # (possibly under a reused inode): key SQLite by its absolute path and the file itself, never an empty one.
     if not url.startswith("sqlite"):
         return url
-    path = _sqlite_path(url)
+    path = sqlite_path(url)
     if path is None:
         return None  # in-memory: every open is a new database
     try:
@@ -62,7 +62,8 @@ def mask_url(url: str) -> str:
     return mask_secrets(shown)
 
 
-def _sqlite_path(url: str) -> Path | None:
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///PATH` URL; None for an in-memory database or any other kind of URL."""
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         return None if path in ("", ":memory:") else Path(path)
@@ -71,7 +72,7 @@ def _sqlite_path(url: str) -> Path | None:
 
 def storage_exists(url: str) -> bool:
     """False when the URL names a local file (SQLite, journal) that does not exist yet."""
-    path = _sqlite_path(url) or (Path(url[len("journal:"):]) if url.startswith("journal:") else None)
+    path = sqlite_path(url) or (Path(url[len("journal:"):]) if url.startswith("journal:") else None)
     return path is None or path.exists()
 
 
@@ -91,8 +92,8 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     if not url.startswith("sqlite") and url.count("@") > 1:
         # Read as the host, the part after the extra '@' would go to DNS and come back in the driver's error.
         raise UserError(f"storage '{mask_url(url)}' has more than one '@': write an '@' inside the password as %40")
-    if create and _sqlite_path(url) is not None:
-        _check_writable(_sqlite_path(url).expanduser(), "SQLite file")
+    if create and sqlite_path(url) is not None:
+        _check_writable(sqlite_path(url).expanduser(), "SQLite file")
     engine_kwargs = {}
     if url.startswith("sqlite"):
         # Several workers on one SQLite file: wait for the write lock instead of failing with "database is locked".
@@ -107,7 +108,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     key = _check_key(url)
     checked = key is not None and key in _checked
     try:
-        with _first_open_lock(None if checked else _sqlite_path(url)):
+        with _first_open_lock(None if checked else sqlite_path(url)):
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=checked,
                                                  skip_table_creation=checked, **kwargs)
         key = _check_key(url)  # now that the file exists
@@ -115,7 +116,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
             _checked.add(key)
     except Exception as exc:  # noqa: BLE001 - driver errors differ per database; all mean "cannot use this URL"
         raise UserError(f"cannot open storage '{mask_url(url)}': {first_line(exc)}") from None
-    if _sqlite_path(url) is not None:  # a file (an in-memory database would be lost by the reconnect)
+    if sqlite_path(url) is not None:  # a file (an in-memory database would be lost by the reconnect)
         _fast_sqlite(storage.engine)
     return storage
 

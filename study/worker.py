@@ -20,7 +20,7 @@ from models.errors import UserError, first_line
 from . import compat, faults
 from .config import Config
 from .confirm import is_companion
-from .objective import _requeue, make_objective
+from .objective import make_objective, requeue
 from .record import TrialRecord
 from .storage import mask_url
 from .studies import load_study
@@ -169,7 +169,7 @@ def _close_orphans(study: optuna.Study, started: list[optuna.Trial], reason: str
         try:
             trial.set_user_attr("failure", f"disk full: {reason}"[:300])
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            _requeue(study, trial)
+            requeue(study, trial)
         except Exception:  # noqa: BLE001 - still full
             left.append(trial.number)
     return left
@@ -191,9 +191,9 @@ def _lock_queue_pops(study: optuna.Study, url: str) -> None:
     # already does).
     import fcntl
 
-    from .storage import _sqlite_path
+    from .storage import sqlite_path
 
-    thread_lock, path = threading.Lock(), _sqlite_path(url)
+    thread_lock, path = threading.Lock(), sqlite_path(url)
 
     def locked(pop):
         def locked_pop():

@@ -14,9 +14,10 @@ import os
 import random
 import tempfile
 import time
-from pathlib import Path
 
 from filelock import FileLock
+
+from ..storage import sqlite_path
 
 # MLflow's defaults retry a failed request 7 times with exponential backoff and wait 120 s for each answer: about
 # 4 minutes for a dead server and over 15 for a hung one, per call. A study goes on without tracking instead (see
@@ -76,8 +77,9 @@ def _lock_path(uri: str) -> str:
     # A SQLite store is locked beside its file (workers on one machine share it); any other store by a lock file
     # named after its URI in the temp folder (a server initialises its own database; this only orders the
     # experiment and parent-run lookups of one machine's workers).
-    if uri.startswith("sqlite:///") and uri[len("sqlite:///"):] not in ("", ":memory:"):
-        return str(Path(uri[len("sqlite:///"):]).expanduser()) + ".init.lock"
+    path = sqlite_path(uri)
+    if path is not None:
+        return f"{path.expanduser()}.init.lock"
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), f"distillstudy-mlflow-{digest}.lock")
 
