@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,12 +23,17 @@ def checkpoint_key(study: str, params: dict, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def atomic_save(state: dict, path: Path) -> None:
-    """`torch.save` to a temporary name, then rename: a reader never sees half a file, and a killed writer leaves
-    no corrupt entry (for stage checkpoints and the teacher cache alike)."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary name beside `path`, then rename: a reader never sees half a file, and a killed
+    writer leaves no corrupt entry (stage checkpoints, the teacher cache's weights and their seal alike)."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_save(state: dict, path: Path) -> None:
+    """`torch.save` atomically (see `atomic_write`)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 class StageCheckpoints:

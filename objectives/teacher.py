@@ -31,7 +31,7 @@ from models import GroupedModel, UserError, create_model, derive_seed, seeded_in
 from models.errors import first_line
 from models.registry import arch_fingerprint
 
-from .checkpoints import atomic_save
+from .checkpoints import atomic_save, atomic_write
 from .device import place
 from .settings import ModelSettings, PipelineSettings
 from .tasks import TaskData
@@ -106,7 +106,7 @@ def get_teacher(role: str, arch: str, width: float, task: TaskData, model: Model
         info.path = str(weights)
         atomic_save(net.state_dict(), weights)
         # The meta file is the entry's seal: written (atomically) after the weights, with their size and hash.
-        _atomic_write_text(meta, json.dumps({**asdict(info), "file": _file_stamp(weights)}))
+        atomic_write(meta, lambda tmp: tmp.write_text(json.dumps({**asdict(info), "file": _file_stamp(weights)})))
         _first_time(str(weights))
         _warn_if_near_chance(info, task.num_classes)
     return net, info
@@ -135,12 +135,6 @@ def _file_stamp(path: Path, expected_size: int | None = None) -> dict:
     if expected_size is not None and size != expected_size:
         return {"size": size, "sha256": None}
     return {"size": size, "sha256": _sha256(path)}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _first_time(entry: str) -> bool:
