@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.seeding import dropout_generator
+from models.seeding import GLOBAL_RNG, dropout_generator, torch_compute
 
 from .augment import augment_batch
 from .losses import distill_loss
@@ -134,10 +134,12 @@ def accuracy(model: nn.Module, data: Images, batch_size: int, num_workers: int =
     with torch.inference_mode(), autocast(device):
         if isinstance(data, LabeledImages):
             for i in range(0, len(data), batch_size):
-                correct += (model(data.x[i:i + batch_size]).argmax(dim=1) == data.y[i:i + batch_size]).sum()
+                with torch_compute():  # one batch at a time: see `models.seeding.TORCH_STATE`
+                    correct += (model(data.x[i:i + batch_size]).argmax(dim=1) == data.y[i:i + batch_size]).sum()
         else:
             for batch in data.batches(batch_size, num_workers):
-                correct += (model(batch.x).argmax(dim=1) == batch.y).sum()
+                with torch_compute():
+                    correct += (model(batch.x).argmax(dim=1) == batch.y).sum()
     model.train(was_training)
     return correct.item() / len(data)
 
@@ -226,7 +228,8 @@ def _train_epochs(model, forward, spec: StageSpec, ctx: LoopContext, sources, st
         sums = torch.zeros(3, device=ctx.device)  # loss, distill/CE term, layer term: summed on the device
         for i in range(steps):
             progress = (epoch * steps + i) / planned
-            sums += _train_step(forward, spec, ctx, sources, streams, optimizer, progress)
+            with _step_guard(forward is not model):
+                sums += _train_step(forward, spec, ctx, sources, streams, optimizer, progress)
         ctx.step += 1
         run.epochs += 1
         val = accuracy(model, ctx.target_val, ctx.eval_batch_size, ctx.num_workers)
@@ -245,6 +248,18 @@ def _train_epochs(model, forward, spec: StageSpec, ctx: LoopContext, sources, st
         if spec.threshold is not None and val >= spec.threshold:
             run.threshold_epoch = ctx.step
             break
+
+
+def _step_guard(compiled: bool) -> ExitStack:
+    """What one training step holds: `torch_compute` (no process-wide torch state changes under it, see
+    `models.seeding`); compiled, also the global generator's lock, since torch.compile restores the generator's
+    state after compiling (at the first step, and again whenever it recompiles), which would overwrite another
+    thread's seeded draws."""
+    stack = ExitStack()
+    stack.enter_context(torch_compute())
+    if compiled:
+        stack.enter_context(GLOBAL_RNG)
+    return stack
 
 
 def _train_step(model, spec: StageSpec, ctx: LoopContext, sources, streams, optimizer,

@@ -6,6 +6,10 @@ batch dimension dynamic. Loading it needs torch and mlflow only -- not distillst
 `MLFLOW_ALLOW_PICKLE_DESERIALIZATION` is set, and a pickled `GroupedModel` would need distillstudy importable.
 `mlflow.pytorch.load_model(...)` returns a module mapping a float32 batch (N, C, H, W) in [0, 1] to (N, classes)
 logits. It is exported in eval mode: BatchNorm uses its running statistics, as in every reported accuracy.
+
+`torch.export` changes torch's process-wide state while it runs (oneDNN and cuDNN off, the global generator's
+state put back at the end), so it runs under `models.seeding.exclusive_torch_state`: the worker's trial threads
+pause for it (at their next training step), and no trial's result depends on when a best model was logged.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import os
 from contextlib import contextmanager
 
 import torch
+
+from models.seeding import exclusive_torch_state
 
 
 def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -60,7 +66,7 @@ def log_pytorch_model(client, uri: str, experiment_id: str, run_id: str, model: 
         logits = model(torch.from_numpy(example)).numpy()
     logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id,
                                         params={k: str(v) for k, v in params.items()})
-    with _global_tracking_uri(uri):
+    with _global_tracking_uri(uri), exclusive_torch_state():
         mlflow.pytorch.log_model(
             model, name="model", model_id=logged.model_id, serialization_format="pt2",
             signature=infer_signature(example, logits), input_example=example,
