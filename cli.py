@@ -290,17 +290,17 @@ def study_delete(name, storage, yes):
                                                "pipeline.device).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def trial_replay(name, number, storage, device, as_json):
-    """Rerun trial NUMBER of study NAME with its stored choices and seed; compares with the stored accuracy."""
+    """Rerun trial NUMBER of study NAME with its stored choices and seed; compares it bit for bit with the stored
+    value, weights and per-epoch accuracies ("identical" only when all are exactly equal)."""
     from study.commands import replay
-    from study.output import format_trial
+    from study.output import format_replay, format_trial
 
-    result, stored = replay(name, number, storage, device)
+    replayed = replay(name, number, storage, device)
     if as_json:
-        click.echo(json.dumps({**result.to_dict(), "stored_value": stored}, indent=2))
+        click.echo(json.dumps({**replayed.result.to_dict(), **replayed.to_dict()}, indent=2))
     else:
-        click.echo(format_trial(result))
-        click.echo(f"stored value: {stored}  replayed: {result.value}  "
-                   f"{'identical' if stored == result.value else 'DIFFERENT'}")
+        click.echo(format_trial(replayed.result))
+        click.echo(format_replay(replayed))
 
 
 @main.command("ui")

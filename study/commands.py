@@ -188,8 +188,10 @@ def export(name: str, storage: str | None, fmt: str, out: str | None) -> str | N
 
 def replay(name: str, number: int, storage: str | None, device: str | None = None):
     """Rerun a stored trial's pipeline with its stored choices and seed (on `device`, else the stored config's
-    pipeline.device). Returns (result, stored value)."""
+    pipeline.device). Returns a `study.replay.Replayed`: the result beside what the trial stored, compared."""
     from objectives.pipeline import run_trial
+
+    from .replay import Replayed
 
     check_study_name(name)
     study, config = load_study(name, resolve_storage_url(storage))
@@ -199,12 +201,16 @@ def replay(name: str, number: int, storage: str | None, device: str | None = Non
     r = trials[0]
     if device:
         config = config.with_changes("pipeline", device=device)
+    curve: dict[int, float] = {}
     # The stored seed is the trial's run seed (a confirmation run's fresh one); splits and teacher stay the study's.
-    result = run_trial(config.task, config.model, config.pipeline, r.trial_choices(), run_seed=r.seed)
+    result = run_trial(config.task, config.model, config.pipeline, r.trial_choices(), run_seed=r.seed,
+                       report=lambda step, value, _stage: curve.__setitem__(step, value))
+    pruned = r.state == optuna.trial.TrialState.PRUNED
     # What to compare the replay's value (target val acc) with: the trial's value when that is its objective.
-    stored = r.values[0] if r.values and config.study.objective == ["target_val_acc"] else \
+    stored = r.values[0] if r.values and (pruned or config.study.objective == ["target_val_acc"]) else \
         r.delivered["target_val_acc"]
-    return result, stored
+    return Replayed(result, stored, stored_hash=None if pruned else r.model_hash,
+                    stored_curve=dict(r.trial.intermediate_values), curve=curve, pruned=pruned)
 
 
 def run_fixed_trial(config, on_epoch=None):

@@ -141,6 +141,16 @@ def format_trial(result: TrialResult) -> str:
     return "\n".join(lines)
 
 
+def format_replay(replayed) -> str:
+    """`trial replay`'s verdict line (a `study.replay.Replayed`): identical only when bit for bit."""
+    head = f"stored value: {replayed.stored_value}  replayed: {replayed.result.value}"
+    if replayed.pruned:
+        head += "  (pruned: the stored value is its accuracy when pruned; the replay ran to the end)"
+    if replayed.identical:
+        return f"{head}  identical ({replayed.compared()} bit for bit)"
+    return f"{head}  DIFFERENT: " + "; ".join(replayed.differences())
+
+
 def format_compare(data: dict) -> str:
     """A text table: study, task, the winner's action per group, winner and best baseline target val acc."""
     def acc(v):

@@ -232,10 +232,36 @@ def test_replay_reproduces_stored_value(t1):
     data = json.loads(result.output)
     assert data["stored_value"] == trial.value
     assert data["value"] == trial.value  # bit-identical on CPU
+    assert data["model_hash"] == data["stored_model_hash"] == trial.user_attrs["model_hash"]
+    assert data["identical"] is True and data["differences"] == [] and data["delta"] == 0.0
     text = cli("trial", "replay", "t1", trial.number, "--storage", t1["storage"])
-    assert "identical" in text.output and "DIFFERENT" not in text.output
+    assert "identical (value, weights, " in text.output and "DIFFERENT" not in text.output
     missing = cli("trial", "replay", "t1", 999, "--storage", t1["storage"])
     assert_user_error(missing, "no trial 999")
+
+
+def test_replay_says_different_when_the_stored_weights_or_curve_differ(t1, tmp_path):
+    """`identical` means bit for bit: a stored record whose weights hash or one per-epoch accuracy differs from
+    the replay's (here edited in a copy of the storage) is reported DIFFERENT, naming what differs."""
+    import sqlite3
+
+    db = tmp_path / "copy.db"
+    with sqlite3.connect(Path(t1["work"]) / "s.db") as source, sqlite3.connect(db) as copy:
+        source.backup(copy)  # the write-ahead log included
+    study = load("t1", url(db))
+    trial = next(t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if t.intermediate_values)
+    step = max(trial.intermediate_values)
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE trial_user_attributes SET value_json = ? WHERE trial_id = ? AND key = 'model_hash'",
+                    (json.dumps("0" * 16), trial._trial_id))
+        con.execute("UPDATE trial_intermediate_values SET intermediate_value = ? WHERE trial_id = ? AND step = ?",
+                    (trial.intermediate_values[step] + 0.5, trial._trial_id, step))
+    data = json.loads(cli("trial", "replay", "t1", trial.number, "--storage", url(db), "--json").output)
+    assert data["value"] == data["stored_value"] and data["identical"] is False
+    assert [d.split(" (")[0].split(":")[0] for d in data["differences"]] == \
+        ["weights differ", f"target val acc at step {step}"]
+    text = cli("trial", "replay", "t1", trial.number, "--storage", url(db)).output
+    assert "DIFFERENT: weights differ (model_hash 0000000000000000 stored, " in text and "identical" not in text
 
 
 def test_delete(tmp_path, teacher_cache_dir):
