@@ -1,0 +1,129 @@
+"""Worker processes against database faults: a PostgreSQL restart in the middle of a study (the test's own
+PostgreSQL instance, never the shared server), a database that stays down past `study.storage_retry`, and a worker
+paused (SIGSTOP) past the heartbeat grace period whose trial another worker reclaims.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import optuna
+import pytest
+
+from pg_server import own_postgres
+from test_cluster import (FINISHED, LONG, S, SLOW, TINY, create, running_trial, shared_cache, study_name,  # noqa: F401
+                          trials, wait_for, workers)
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+def _tracked(tmp_path) -> tuple[str, list[str]]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, ["tracking.enabled=true", f"tracking.mlflow_uri={uri}", "tracking.log_weights=none",
+                 "tracking.register_best=false"]
+
+
+def _mlflow_statuses(uri: str, name: str) -> dict[str, str]:
+    """run name -> status of every run of the study's experiment."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
+    return {r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])}
+
+
+def _no_traceback(*ws) -> None:
+    for w in ws:
+        assert "Traceback" not in w.stderr + w.stdout, w.describe()
+
+
+@pytest.fixture
+def postgres():
+    with own_postgres() as server:
+        yield server
+
+
+def test_workers_wait_out_a_postgresql_restart(request, postgres, study_name, workers, tmp_path, shared_cache):
+    uri, tracking = _tracked(tmp_path)
+    sets = [*SLOW, "pipeline.distill_epochs=3", f"pipeline.cache_dir={shared_cache}", *tracking]
+    create(request, study_name, postgres.url, sets, tmp_path)
+    procs = [workers.start(study_name, postgres.url, 6, tmp_path, f"w{i}") for i in range(2)]
+    # Restart once both workers are in a trial (and one trial is done): their next storage call meets the outage.
+    wait_for(lambda: [t for t in trials(study_name, postgres.url, FINISHED)], LONG, "a finished trial", procs)
+    wait_for(lambda: len(trials(study_name, postgres.url, (S.RUNNING,))) == 2, LONG, "two running trials", procs)
+    postgres.stop()
+    time.sleep(4)
+    postgres.start()
+
+    for w in procs:
+        assert w.wait(timeout=LONG) == 0, w.describe()
+    _no_traceback(*procs)
+    assert any("is unreachable" in w.stderr for w in procs), "the restart hit neither worker"
+    all_trials = trials(study_name, postgres.url)
+    assert len([t for t in all_trials if t.state in FINISHED]) == 6, [(t.number, t.state.name) for t in all_trials]
+    assert not [t.number for t in all_trials if t.state in (S.RUNNING, S.WAITING)]
+    statuses = _mlflow_statuses(uri, study_name)
+    assert "RUNNING" not in statuses.values(), statuses
+    assert statuses[f"study {study_name}"] == "FINISHED"
+
+
+def test_a_database_down_past_the_retry_window_stops_the_worker_in_one_line(request, postgres, study_name, workers,
+                                                                             tmp_path, shared_cache):
+    uri, tracking = _tracked(tmp_path)
+    sets = [*SLOW, f"pipeline.cache_dir={shared_cache}", *tracking, "study.storage_retry=2",
+            "study.heartbeat_interval=1", "study.grace_period=3", "study.baselines=false"]
+    create(request, study_name, postgres.url, sets, tmp_path)
+    w = workers.start(study_name, postgres.url, 3, tmp_path, "a")
+    victim = wait_for(lambda: running_trial(study_name, postgres.url, min_step=1), LONG, "a trial in training", [w])
+    postgres.stop()
+    rc = w.wait(timeout=LONG)
+    postgres.start()
+
+    assert rc == 2, w.describe()
+    _no_traceback(w)
+    errors = [line for line in w.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unreachable" in errors[0] and "study.storage_retry" in errors[0], w.stderr
+    statuses = _mlflow_statuses(uri, study_name)  # the tracking store (SQLite) is still there: all closed
+    assert statuses[f"trial {victim.number}"] == "FAILED" and statuses[f"study {study_name}"] == "KILLED", statuses
+
+    # Its trial stayed RUNNING (nothing could write it): the next worker fails it once its heartbeat is stale and
+    # runs its retry.
+    b = workers.start(study_name, postgres.url, 3, tmp_path, "b")
+    assert b.wait(timeout=LONG) == 0, b.describe()
+    _no_traceback(b)
+    after = {t.number: t for t in trials(study_name, postgres.url)}
+    assert after[victim.number].state == S.FAIL
+    assert [t for t in after.values() if t.system_attrs.get("failed_trial") == victim.number]
+    assert "RUNNING" not in _mlflow_statuses(uri, study_name).values()
+
+
+def test_a_paused_worker_whose_trial_was_reclaimed_goes_on(request, postgres_url, study_name, workers, tmp_path,
+                                                           shared_cache):
+    uri, tracking = _tracked(tmp_path)
+    sets = [*SLOW, "pipeline.distill_epochs=8", f"pipeline.cache_dir={shared_cache}", *tracking,
+            "study.heartbeat_interval=1", "study.grace_period=3", "study.baselines=false"]
+    create(request, study_name, postgres_url, sets, tmp_path)
+    a = workers.start(study_name, postgres_url, 4, tmp_path, "a")
+    victim = wait_for(lambda: running_trial(study_name, postgres_url, min_step=1), LONG, "a trial in training", [a])
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        b = workers.start(study_name, postgres_url, 4, tmp_path, "b")
+        # B fails A's silent trial when it starts its own, and queues a retry.
+        wait_for(lambda: [t for t in trials(study_name, postgres_url, (S.FAIL,)) if t.number == victim.number],
+                 LONG, f"trial {victim.number} reclaimed", [b])
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+
+    for w in (a, b):
+        assert w.wait(timeout=LONG) == 0, w.describe()
+    _no_traceback(a, b)
+    assert f"trial {victim.number} was reclaimed" in a.stderr, a.stderr
+    all_trials = trials(study_name, postgres_url)
+    assert len([t for t in all_trials if t.state in FINISHED]) == 4
+    assert not [t.number for t in all_trials if t.state in (S.RUNNING, S.WAITING)]
+    retries = [t for t in all_trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].state in FINISHED
+    statuses = _mlflow_statuses(uri, study_name)
+    assert statuses[f"trial {victim.number}"] == "FAILED", statuses
+    assert "RUNNING" not in statuses.values(), statuses
