@@ -57,12 +57,16 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _root_message(exc: BaseException) -> str:
+def _driver_message(exc: BaseException) -> str:
     # The driver's own words ("connection refused", "terminating connection due to administrator command"), not
     # SQLAlchemy's wrapper ("(psycopg.OperationalError) ...") nor Optuna's ("An exception is raised during ...").
-    while (exc.__cause__ or exc.__context__) is not None:
+    first, seen = exc, set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__module__.startswith("psycopg") and str(exc).strip():
+            return first_line(exc, 200)
         exc = exc.__cause__ or exc.__context__
-    return first_line(exc, 200)
+    return first_line(first, 200)
 
 
 class ResilientRDBStorage(RDBStorage):
@@ -107,7 +111,7 @@ class ResilientRDBStorage(RDBStorage):
                 waited = self._note_failure(exc)
                 if waited is None:
                     raise StorageUnavailable(f"the storage {self._shown_url} is unreachable "
-                                             f"({_root_message(exc)})") from None
+                                             f"({_driver_message(exc)})") from None
                 time.sleep(wait)
                 wait, retried = min(wait * 2, _MAX_WAIT_S), True
                 continue
@@ -122,7 +126,7 @@ class ResilientRDBStorage(RDBStorage):
                 return None
             if self._down_since is None:
                 self._down_since = now
-                print(f"warning: the storage {self._shown_url} is unreachable ({_root_message(exc)}); retrying "
+                print(f"warning: the storage {self._shown_url} is unreachable ({_driver_message(exc)}); retrying "
                       f"for up to {self._window:g} s", file=sys.stderr, flush=True)
             if now - self._down_since > self._window:
                 self._gave_up = True

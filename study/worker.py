@@ -145,9 +145,12 @@ class _Run:
             study.optimize(self._recording, n_trials=1, catch=(Exception,), callbacks=[self.callback])
         except TrialReclaimed as exc:
             _say_reclaimed(str(exc))
-        except StorageUnavailable:
-            raise
         except Exception as exc:  # noqa: BLE001 - Optuna could not write to its storage, or could not tell a trial
+            lost = _cause(exc, StorageUnavailable)
+            if lost is not None:
+                # Also behind Optuna's own UnboundLocalError: its `_run_trial` cannot re-read a trial it could not
+                # tell (Optuna 5.1).
+                raise lost from None
             if self._told_too_late(exc):
                 return True
             if not faults.is_disk_full(exc):
@@ -207,6 +210,17 @@ class _Run:
         if len(self.invalid) >= MAX_CONSECUTIVE_INVALID:
             raise UserError(f"{len(self.invalid)} trials in a row had choices that cannot run (last: "
                             f"{self.invalid[-1]}); narrow the search space or fix the config")
+
+
+def _cause(exc: BaseException, kind: type) -> BaseException | None:
+    """`exc`, or the exception of type `kind` it was raised from or while handling, or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _say_reclaimed(message: str) -> None:
