@@ -101,14 +101,14 @@ def test_a_database_down_past_the_retry_window_stops_the_worker_in_one_line(requ
 def test_a_paused_worker_whose_trial_was_reclaimed_goes_on(request, postgres_url, study_name, workers, tmp_path,
                                                            shared_cache):
     uri, tracking = _tracked(tmp_path)
-    sets = [*SLOW, "pipeline.distill_epochs=8", f"pipeline.cache_dir={shared_cache}", *tracking,
+    sets = [*SLOW, "pipeline.distill_epochs=5", f"pipeline.cache_dir={shared_cache}", *tracking,
             "study.heartbeat_interval=1", "study.grace_period=3", "study.baselines=false"]
     create(request, study_name, postgres_url, sets, tmp_path)
-    a = workers.start(study_name, postgres_url, 4, tmp_path, "a")
+    a = workers.start(study_name, postgres_url, 3, tmp_path, "a")
     victim = wait_for(lambda: running_trial(study_name, postgres_url, min_step=1), LONG, "a trial in training", [a])
     a.proc.send_signal(signal.SIGSTOP)
     try:
-        b = workers.start(study_name, postgres_url, 4, tmp_path, "b")
+        b = workers.start(study_name, postgres_url, 3, tmp_path, "b")
         # B fails A's silent trial when it starts its own, and queues a retry.
         wait_for(lambda: [t for t in trials(study_name, postgres_url, (S.FAIL,)) if t.number == victim.number],
                  LONG, f"trial {victim.number} reclaimed", [b])
@@ -120,7 +120,7 @@ def test_a_paused_worker_whose_trial_was_reclaimed_goes_on(request, postgres_url
     _no_traceback(a, b)
     assert f"trial {victim.number} was reclaimed" in a.stderr, a.stderr
     all_trials = trials(study_name, postgres_url)
-    assert len([t for t in all_trials if t.state in FINISHED]) == 4
+    assert len([t for t in all_trials if t.state in FINISHED]) == 3
     assert not [t.number for t in all_trials if t.state in (S.RUNNING, S.WAITING)]
     retries = [t for t in all_trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].state in FINISHED
