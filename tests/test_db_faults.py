@@ -118,7 +118,7 @@ def test_a_paused_worker_whose_trial_was_reclaimed_goes_on(request, postgres_url
     for w in (a, b):
         assert w.wait(timeout=LONG) == 0, w.describe()
     _no_traceback(a, b)
-    assert f"trial {victim.number} was reclaimed" in a.stderr, a.stderr
+    assert f"trial {victim.number} was reclaimed: its heartbeat" in a.stderr, a.stderr  # found by its next report
     all_trials = trials(study_name, postgres_url)
     assert len([t for t in all_trials if t.state in FINISHED]) == 3
     assert not [t.number for t in all_trials if t.state in (S.RUNNING, S.WAITING)]
