@@ -6,6 +6,7 @@ the server in that group. The guardian asks the kernel (prctl PR_SET_PDEATHSIG) 
 that started it dies, and on SIGTERM (or SIGINT, SIGHUP) kills its whole group with SIGKILL: the server and
 whatever it started (mlflow's uvicorn, PostgreSQL's backends). A server process itself cannot hold that wish for
 its children: the kernel clears it on every fork. `stop_server` and an atexit hook kill the group on a normal exit.
+The kernel sends that signal when the THREAD that started the guardian ends: start servers on the main thread.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ paused (SIGSTOP) past the heartbeat grace period whose trial another worker recl
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import optuna
@@ -127,3 +128,63 @@ def test_a_paused_worker_whose_trial_was_reclaimed_goes_on(request, postgres_url
     statuses = _mlflow_statuses(uri, study_name)
     assert statuses[f"trial {victim.number}"] == "FAILED", statuses
     assert "RUNNING" not in statuses.values(), statuses
+
+
+# ---- in-process: the retrying storage and the tracking store's retry, on the test's own PostgreSQL --------------------
+def _during_outage(postgres, call, seconds: float = 3):
+    """`call()` on a thread while the server is down for `seconds`; its result. (The server is started on this,
+    the main thread: it dies with the thread that started it, see tests/server_process.py.)"""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(call()))
+    postgres.stop()
+    thread.start()
+    time.sleep(seconds)
+    postgres.start()
+    thread.join(timeout=60)
+    assert result, "the call failed (see the thread's exception above)"
+    return result[0]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_storage_calls_wait_out_a_restart_and_give_up_past_the_window(postgres, capfd):
+    from study.storage import open_storage
+    from study.storage_retry import StorageUnavailable
+
+    storage = open_storage(postgres.url, heartbeat_interval=1, grace_period=5, retry_window=30)
+    study = optuna.create_study(study_name="outage", storage=storage)
+    trial = study.ask()
+    _during_outage(postgres, lambda: trial.report(0.5, 1))  # waits for the server to come back
+    study.tell(trial, 0.5)
+    assert [t.state for t in study.get_trials()] == [S.COMPLETE]
+    err = capfd.readouterr().err
+    assert "is unreachable" in err and "is back after" in err, err
+
+    short = open_storage(postgres.url, retry_window=1)
+    postgres.stop()
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable, match="is unreachable"):
+        optuna.load_study(study_name="outage", storage=short).get_trials()
+    assert time.monotonic() - started < 10
+    storage_started = time.monotonic()
+    short.record_heartbeat(trial._trial_id)  # skipped at once, not waited for
+    assert time.monotonic() - storage_started < 5
+
+
+def test_tracking_database_calls_wait_out_a_restart(postgres):
+    import sqlalchemy
+
+    from study.tracking.store import retry_database_outage
+
+    engine = sqlalchemy.create_engine(postgres.url.replace("postgresql://", "postgresql+psycopg://"),
+                                      pool_pre_ping=True)
+
+    def query():
+        with engine.connect() as connection:
+            return connection.execute(sqlalchemy.text("select 1")).scalar()
+
+    assert query() == 1
+    assert _during_outage(postgres, lambda: retry_database_outage(postgres.url, 30, query)) == 1
+    postgres.stop()
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        retry_database_outage(postgres.url, 1, query)
+    engine.dispose()

@@ -205,7 +205,8 @@ class MlflowTracker:
         if self.offline:
             return None
         try:
-            return fn(*args, **kwargs)
+            # A tracking database on a server (PostgreSQL) is waited for through a restart, like the Optuna storage.
+            return store.retry_database_outage(self.uri, self.config.study.storage_retry, fn, *args, **kwargs)
         except Exception as exc:
             if not store.is_outage(exc):
                 raise  # the writer reports it in one line; tracking goes on
@@ -257,7 +258,8 @@ class MlflowTracker:
             return None
         try:
             # On the trial's thread (the trial needs the id), bounded by the HTTP timeouts of store.HTTP_DEFAULTS.
-            run = self.client.create_run(self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
+            run = store.retry_database_outage(self.uri, self.config.study.storage_retry, self.client.create_run,
+                                              self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
         except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail the trial: it runs untracked
             if store.is_outage(exc):
                 self._go_offline(exc)
