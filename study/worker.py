@@ -3,6 +3,9 @@ so a resumed study or many parallel workers stop at exactly that number.
 
 Stopping: the first Ctrl-C/SIGTERM interrupts the running trial, which is marked FAIL (and queued again with
 the same parameters), its MLflow run closed as KILLED; the worker exits 130. A second signal exits at once.
+
+Faults: a database server unreachable past `study.storage_retry` seconds (storage_retry.py) stops the worker with
+one line; a trial another worker reclaimed while this one was paused is let go with one line, and the worker goes on.
 """
 
 from __future__ import annotations
