@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ INNER = textwrap.dedent("""
         forking = start_server([sys.executable, "-c", "import subprocess, time; "
                                 "subprocess.Popen(['sleep', '600']); time.sleep(600)"])
         with own_postgres() as pg:
-            Path({out!r}).write_text(json.dumps([forking.pid, pg.proc.pid]))
+            Path({out!r}).write_text(json.dumps({{"groups": [forking.pid, pg.proc.pid], "root": str(pg.root)}}))
             time.sleep(600)
 """)
 
@@ -52,7 +53,7 @@ def _alive_in_groups(groups: set[int]) -> list[str]:
 
 
 def test_servers_die_with_a_sigkilled_pytest(tmp_path):
-    out, groups = tmp_path / "groups.json", set()
+    out, groups, started = tmp_path / "groups.json", set(), {}
     (tmp_path / "test_inner.py").write_text(INNER.format(tests=str(TESTS), out=str(out)))
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     inner = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_inner.py"],
@@ -64,7 +65,8 @@ def test_servers_die_with_a_sigkilled_pytest(tmp_path):
             assert time.monotonic() < deadline, "the inner test did not start its servers in 120 s"
             time.sleep(0.2)
         time.sleep(0.2)  # written in one call; let it land
-        groups = set(json.loads(out.read_text()))
+        started = json.loads(out.read_text())
+        groups = set(started["groups"])
         assert _alive_in_groups(groups), "the servers are not running"
     finally:
         inner.send_signal(signal.SIGKILL)
@@ -74,3 +76,4 @@ def test_servers_die_with_a_sigkilled_pytest(tmp_path):
     while _alive_in_groups(groups) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive_in_groups(groups), f"left running after pytest was killed: {_alive_in_groups(groups)}"
+    shutil.rmtree(started["root"], ignore_errors=True)  # the PostgreSQL's files: the killed pytest left them
