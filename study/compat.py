@@ -37,6 +37,12 @@ def trial_system_attrs(trial: optuna.Trial) -> dict:
     return trial.study._storage.get_trial(trial._trial_id).system_attrs
 
 
+def trial_state(trial: optuna.Trial) -> optuna.trial.TrialState:
+    """A running trial's state as the storage has it now (another worker may have failed it): `Trial` has no
+    state in Optuna 5, the storage does (`Trial.study._storage`, `Trial._trial_id`)."""
+    return trial.study._storage.get_trial(trial._trial_id).state
+
+
 def distribution_contains(dist: optuna.distributions.BaseDistribution, value) -> bool:
     """Whether `value` is inside `dist`: `BaseDistribution._contains` (private; no public check exists) on its
     internal representation. False for a value the distribution cannot even represent."""

@@ -90,6 +90,8 @@ class StudySettings:
     heartbeat_interval: int = field(default=20, metadata={"range": (1, 86400)})  # seconds, RDB storages only
     grace_period: int = field(default=60, metadata={"range": (2, 86400)})  # a silent RUNNING trial is stale after
     max_retry: int = field(default=2, metadata={"range": (0, 100)})  # re-runs of a trial whose worker died
+    # seconds a worker waits out an unreachable database server (a restart) before it stops; server storages only
+    storage_retry: int = field(default=60, metadata={"range": (0, 86400)})
     checkpoint_dir: str = ".distillstudy/checkpoints"  # per-stage checkpoints for retried trials (shared FS)
     confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
 

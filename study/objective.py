@@ -31,6 +31,12 @@ class StudyFull(Exception):
     """The study already has its total of trials: this one is abandoned (FAIL, tagged `skipped`)."""
 
 
+class TrialReclaimed(BaseException):
+    """Another worker marked this worker's running trial FAIL (its heartbeat was silent past the grace period: the
+    worker was paused, or cut off from the database) and queued a retry. Not an Exception on purpose: Optuna must
+    let it through untold (telling a FAIL trial raises "Cannot tell a FAIL trial"), and the worker goes on."""
+
+
 def objective_value(result: TrialResult, name: str) -> float:
     """One objective of a finished trial, of its delivered model. A trial that never reached the (pinned)
     threshold counts as its epoch budget + 1."""
@@ -163,6 +169,23 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
         return values if multi else values[0]
 
     return objective
+
+
+def reclaim_aware(objective, tracker):
+    """`objective`, raising TrialReclaimed when its trial turns out to be finished by someone else: Optuna refuses
+    every write to it (UpdateFinishedTrialError: a report, a user attribute, the result). Its MLflow run is closed
+    as FAILED, like the run of a worker that died (the retry may close it too, the same way)."""
+    tracker = tracker or NullTracker()
+
+    def run(trial: optuna.Trial):
+        try:
+            return objective(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            reason = "reclaimed: its heartbeat was silent past the grace period (the worker was paused or cut off)"
+            tracker.end_trial(TrialRecord(trial).mlflow_run_id, None, "FAIL", reason=f"{reason}; retried")
+            raise TrialReclaimed(f"trial {trial.number} was {reason}; another worker retries it") from None
+
+    return run
 
 
 def _fail(trial, tracker, run_id, exc: BaseException, state: str, note: str = "") -> None:

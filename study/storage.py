@@ -13,6 +13,8 @@ import optuna
 
 from models.errors import UserError, first_line, mask_secrets, mask_userinfo
 
+from .storage_retry import DEFAULT_WINDOW_S, ResilientRDBStorage
+
 # Heartbeats and their retry callback are marked experimental in Optuna; we rely on them on purpose and the
 # warnings would otherwise print on every worker start.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -77,11 +79,13 @@ def storage_exists(url: str) -> bool:
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 max_retry: int | None = None, create: bool = True) -> optuna.storages.BaseStorage:
+                 max_retry: int | None = None, create: bool = True,
+                 retry_window: float = DEFAULT_WINDOW_S) -> optuna.storages.BaseStorage:
     """Open the storage; `create=False` refuses to create a new file (for commands that only read).
 
     RDB storages get a heartbeat (when `heartbeat_interval` is given): a RUNNING trial whose worker stops beating
-    for `grace_period` seconds is marked FAIL by the next worker and re-queued with the same parameters.
+    for `grace_period` seconds is marked FAIL by the next worker and re-queued with the same parameters. A database
+    server's storage waits out an outage of up to `retry_window` seconds in every call (study.storage_retry).
     """
     if not create and not storage_exists(url):
         raise UserError(f"storage '{mask_url(url)}' does not exist (create a study first: distillstudy study create)")
@@ -94,23 +98,28 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         raise UserError(f"storage '{mask_url(url)}' has more than one '@': write an '@' inside the password as %40")
     if create and sqlite_path(url) is not None:
         _check_writable(sqlite_path(url).expanduser(), "SQLite file")
-    engine_kwargs = {}
+    kwargs, storage_class = {}, optuna.storages.RDBStorage
     if url.startswith("sqlite"):
         # Several workers on one SQLite file: wait for the write lock instead of failing with "database is locked".
         engine_kwargs = {"connect_args": {"timeout": 120}}
     else:
+        # A pooled connection the server dropped (a restart) is tested and replaced before use, not failed with.
         engine_kwargs = {"pool_pre_ping": True}
-    kwargs = {}
+        if url.startswith("postgresql") and "connect_timeout" not in url:
+            # libpq waits forever for a server that accepts but never answers; an attempt gives up instead.
+            engine_kwargs["connect_args"] = {"connect_timeout": 10}
+        storage_class = ResilientRDBStorage
+        kwargs = {"retry_window": retry_window, "shown_url": f"'{mask_url(url)}'"}
     if heartbeat_interval:
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-        kwargs = dict(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+        kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                       heartbeat_stale_trial_callback=retry)
     key = _check_key(url)
     checked = key is not None and key in _checked
     try:
         with _first_open_lock(None if checked else sqlite_path(url)):
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=checked,
-                                                 skip_table_creation=checked, **kwargs)
+            storage = storage_class(url, engine_kwargs=engine_kwargs, skip_compatibility_check=checked,
+                                    skip_table_creation=checked, **kwargs)
         key = _check_key(url)  # now that the file exists
         if key is not None:
             _checked.add(key)

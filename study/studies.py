@@ -29,8 +29,10 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)
 def config_hash(config: Config) -> str:
     """Identifies a config: `--load-if-exists` refuses a different one."""
     data = config.to_dict()
-    # Run-time settings, not the study's identity: how far to run it and how to confirm it.
-    data["study"] = {k: v for k, v in data["study"].items() if k not in ("name", "storage", "n_trials", "confirm")}
+    # Run-time settings, not the study's identity: how far to run it, how to confirm it, how long a worker waits
+    # for its database.
+    data["study"] = {k: v for k, v in data["study"].items()
+                     if k not in ("name", "storage", "n_trials", "confirm", "storage_retry")}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -38,7 +40,7 @@ def storage_for(url: str, config: Config | None = None, create: bool = True):
     s = config.study if config else None
     return open_storage(url, heartbeat_interval=s.heartbeat_interval if s else None,
                         grace_period=s.grace_period if s else None, max_retry=s.max_retry if s else None,
-                        create=create)
+                        create=create, **({"retry_window": s.storage_retry} if s else {}))
 
 
 def create_study(config: Config, name: str, url: str, load_if_exists: bool = False) -> tuple[optuna.Study, bool]:

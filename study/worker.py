@@ -3,12 +3,16 @@ so a resumed study or many parallel workers stop at exactly that number.
 
 Stopping: the first Ctrl-C/SIGTERM interrupts the running trial, which is marked FAIL (and queued again with
 the same parameters), its MLflow run closed as KILLED; the worker exits 130. A second signal exits at once.
+
+Faults: a database server unreachable past `study.storage_retry` seconds (storage_retry.py) stops the worker with
+one line; a trial another worker reclaimed while this one was paused is let go with one line, and the worker goes on.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Callable
@@ -20,9 +24,10 @@ from models.errors import UserError, first_line
 from . import compat, faults
 from .config import Config
 from .confirm import is_companion
-from .objective import make_objective, requeue
+from .objective import TrialReclaimed, make_objective, reclaim_aware, requeue
 from .record import TrialRecord
 from .storage import mask_url
+from .storage_retry import StorageUnavailable
 from .studies import load_study
 from .tracking import make_tracker
 
@@ -55,122 +60,194 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
     _lock_queue_pops(study, url)
     tracker = make_tracker(config)
     tracker.start_study(study, config, total)
-    stop, interrupted = threading.Event(), threading.Event()
-    objective = make_objective(config, study, total, tracker, interrupted)
-    deadline = time.monotonic() + timeout if timeout else None
-
-    failures: list[str] = []  # reasons of the consecutive FAIL trials of this worker
-    disk_full: list[str] = []  # why this worker stopped on a full disk (a trial's reason or a storage error)
-    started: list[optuna.Trial] = []  # this worker's trials: one left RUNNING is closed on a full disk
-    invalid: list[str] = []  # reasons of the consecutive trials whose choices could not run
-
-    def callback(study_, trial):
-        r = TrialRecord(trial)
-        if r.skipped:
-            return
-        if on_trial:
-            on_trial(study_, trial)
-        if trial.state == optuna.trial.TrialState.FAIL and faults.is_disk_full(Exception(r.failure or "")):
-            disk_full.append(r.failure)  # every next trial would fail the same way
-            stop.set()
-        if r.invalid_choice:  # says nothing about this worker
-            invalid.append(r.failure)
-        elif trial.state == optuna.trial.TrialState.FAIL and not interrupted.is_set():
-            failures.append(r.failure or "unknown reason")
-            invalid.clear()
-        else:
-            failures.clear()
-            invalid.clear()
-        if _count(study_, FINISHED) >= total or len(failures) >= MAX_CONSECUTIVE_FAILURES \
-                or len(invalid) >= MAX_CONSECUTIVE_INVALID:
-            stop.set()
-
-    queue_only = is_companion(study)  # a confirmation study ends when its queue is empty
-
-    def loop():
-        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
-            finished = _count(study, FINISHED)
-            if finished >= total:
-                break
-            running = _count(study, (optuna.trial.TrialState.RUNNING,))
-            if queue_only or finished + running >= total:
-                # Others are running the last trials; stay until they end, in case one dies and is re-queued.
-                if compat.heartbeat_enabled(study):
-                    optuna.storages.fail_stale_trials(study)
-                waiting = _count(study, (optuna.trial.TrialState.WAITING,))
-                if not waiting:
-                    if queue_only and not running:
-                        break
-                    time.sleep(_POLL_SECONDS)
-                    continue
-            try:
-                study.optimize(_recording(objective, started), n_trials=1, catch=(Exception,),
-                               callbacks=[callback])
-            except Exception as exc:  # noqa: BLE001 - Optuna could not write to its storage
-                if not faults.is_disk_full(exc):
-                    raise
-                cause = faults.disk_full_cause(exc)
-                disk_full.append(f"{type(cause).__name__}: {first_line(cause)}")
-                stop.set()
-
+    run = _Run(study, config, total, tracker, on_trial, timeout)
     try:
-        with _graceful_signals(interrupted, raise_now=n_jobs <= 1):
+        with _graceful_signals(run.interrupted, raise_now=n_jobs <= 1):
             if n_jobs <= 1:
-                loop()
+                run.loop()
             else:
-                threads = [threading.Thread(target=_guard(loop, stop), daemon=True) for _ in range(n_jobs)]
+                threads = [threading.Thread(target=_guard(run.loop, run.stop), daemon=True) for _ in range(n_jobs)]
                 for t in threads:
                     t.start()
                 for t in threads:
                     while t.is_alive():
                         t.join(0.2)  # short joins keep the main thread responsive to signals
-                if interrupted.is_set():
+                if run.interrupted.is_set():
                     raise KeyboardInterrupt
     finally:
-        if interrupted.is_set():
+        run.end_tracking()
+    run.raise_why_stopped()
+    return study
+
+
+class _Run:
+    """One worker's run of a study: its trial loop (on one or more threads) and why it stopped."""
+
+    def __init__(self, study: optuna.Study, config: Config, total: int, tracker, on_trial, timeout: float | None):
+        self.study, self.config, self.total, self.tracker, self.on_trial = study, config, total, tracker, on_trial
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.stop, self.interrupted = threading.Event(), threading.Event()
+        self.objective = reclaim_aware(make_objective(config, study, total, tracker, self.interrupted), tracker)
+        self.queue_only = is_companion(study)  # a confirmation study ends when its queue is empty
+        self.failures: list[str] = []  # reasons of the consecutive FAIL trials of this worker
+        self.disk_full: list[str] = []  # why this worker stopped on a full disk (a trial's reason or a storage error)
+        self.storage_lost: list[str] = []  # why this worker stopped: its database stayed unreachable
+        self.started: list[optuna.Trial] = []  # this worker's trials: one left RUNNING is closed on a full disk
+        self.invalid: list[str] = []  # reasons of the consecutive trials whose choices could not run
+        self.current = threading.local()  # the trial this thread runs now
+
+    def callback(self, study_, trial) -> None:
+        """Optuna's callback after each trial: count this worker's failures, stop at the total."""
+        r = TrialRecord(trial)
+        if r.skipped:
+            return
+        if self.on_trial:
+            self.on_trial(study_, trial)
+        if trial.state == optuna.trial.TrialState.FAIL and faults.is_disk_full(Exception(r.failure or "")):
+            self.disk_full.append(r.failure)  # every next trial would fail the same way
+            self.stop.set()
+        if r.invalid_choice:  # says nothing about this worker
+            self.invalid.append(r.failure)
+        elif trial.state == optuna.trial.TrialState.FAIL and not self.interrupted.is_set():
+            self.failures.append(r.failure or "unknown reason")
+            self.invalid.clear()
+        else:
+            self.failures.clear()
+            self.invalid.clear()
+        if _count(study_, FINISHED) >= self.total or len(self.failures) >= MAX_CONSECUTIVE_FAILURES \
+                or len(self.invalid) >= MAX_CONSECUTIVE_INVALID:
+            self.stop.set()
+
+    def loop(self) -> None:
+        """Start trials until the study has its total (or this worker must stop)."""
+        while not self.stop.is_set() and (self.deadline is None or time.monotonic() < self.deadline):
+            try:
+                if not self._next_trial():
+                    break
+            except StorageUnavailable as exc:  # the storage already waited its whole window
+                self.storage_lost.append(str(exc))
+                self.stop.set()
+
+    def _next_trial(self) -> bool:
+        """Run one trial, or wait for others' last trials; False when there is nothing left to do."""
+        study = self.study
+        finished = _count(study, FINISHED)
+        if finished >= self.total:
+            return False
+        running = _count(study, (optuna.trial.TrialState.RUNNING,))
+        if self.queue_only or finished + running >= self.total:
+            # Others are running the last trials; stay until they end, in case one dies and is re-queued.
+            if compat.heartbeat_enabled(study):
+                optuna.storages.fail_stale_trials(study)
+            if not _count(study, (optuna.trial.TrialState.WAITING,)):
+                if self.queue_only and not running:
+                    return False
+                time.sleep(_POLL_SECONDS)
+                return True
+        try:
+            study.optimize(self._recording, n_trials=1, catch=(Exception,), callbacks=[self.callback])
+        except TrialReclaimed as exc:
+            _say_reclaimed(str(exc))
+        except Exception as exc:  # noqa: BLE001 - Optuna could not write to its storage, or could not tell a trial
+            lost = _cause(exc, StorageUnavailable)
+            if lost is not None:
+                # Also behind Optuna's own UnboundLocalError: its `_run_trial` cannot re-read a trial it could not
+                # tell (Optuna 5.1).
+                raise lost from None
+            if self._told_too_late(exc):
+                return True
+            if not faults.is_disk_full(exc):
+                raise
+            cause = faults.disk_full_cause(exc)
+            self.disk_full.append(f"{type(cause).__name__}: {first_line(cause)}")
+            self.stop.set()
+        return True
+
+    def _recording(self, trial: optuna.Trial):
+        self.started.append(trial)
+        self.current.trial = trial
+        return self.objective(trial)
+
+    def _told_too_late(self, exc: Exception) -> bool:
+        # A trial reclaimed after its objective returned, before Optuna told it: Optuna's "Cannot tell a FAIL
+        # trial". Its retry runs elsewhere; this worker goes on.
+        trial = getattr(self.current, "trial", None)
+        if not isinstance(exc, ValueError) or trial is None or \
+                compat.trial_state(trial) != optuna.trial.TrialState.FAIL:
+            return False
+        _say_reclaimed(f"trial {trial.number} was reclaimed by another worker as it ended (its heartbeat was "
+                       f"silent past the grace period); another worker retries it")
+        return True
+
+    def end_tracking(self) -> None:
+        """Close this worker's tracking: its parent run's status, or its open runs when it stops on a lost
+        database or a signal."""
+        if self.storage_lost:
+            self.tracker.end_study(self.study, storage_lost=self.storage_lost[0])
+        elif self.interrupted.is_set():
             # Bounded wait; a second signal already exits at once (see _graceful_signals.__exit__).
-            tracker.end_study(study, interrupted=True)
+            self.tracker.end_study(self.study, interrupted=True)
         else:
             # A Ctrl-C while the last tracking writes finish must not drop them, nor pass for an interrupted
             # trial: the first is absorbed, a second exits at once.
             with _graceful_signals(threading.Event(), raise_now=False):
-                tracker.end_study(study)
-    if disk_full:
-        left = _close_orphans(study, started, disk_full[0])
-        raise UserError(f"the disk is full ({disk_full[0]}); free space, then run the study again" +
-                        (f" (trial {', '.join(map(str, left))} could not be marked FAIL: a worker reclaims it "
-                         f"{config.study.grace_period} s after its last heartbeat)" if left else ""))
-    if len(failures) >= MAX_CONSECUTIVE_FAILURES:
-        raise UserError(f"{len(failures)} trials in a row failed on this worker (last: {failures[-1]}); "
-                        f"stopping it so it does not burn through the study")
-    if len(invalid) >= MAX_CONSECUTIVE_INVALID:
-        raise UserError(f"{len(invalid)} trials in a row had choices that cannot run (last: {invalid[-1]}); "
-                        f"narrow the search space or fix the config")
-    return study
+                self.tracker.end_study(self.study)
+
+    def raise_why_stopped(self) -> None:
+        """A UserError when this worker stopped before the study's end for its own sake."""
+        grace = self.config.study.grace_period
+        if self.storage_lost:
+            left = _close_orphans(self.study, self.started, f"storage unreachable: {self.storage_lost[0]}")
+            raise UserError(f"{self.storage_lost[0]} for over {self.config.study.storage_retry} s "
+                            f"(study.storage_retry); this worker stops" +
+                            (f"; its trial {', '.join(map(str, left))} is retried by another worker {grace} s "
+                             f"after its last heartbeat" if left else ""))
+        if self.disk_full:
+            left = _close_orphans(self.study, self.started, f"disk full: {self.disk_full[0]}")
+            raise UserError(f"the disk is full ({self.disk_full[0]}); free space, then run the study again" +
+                            (f" (trial {', '.join(map(str, left))} could not be marked FAIL: a worker reclaims it "
+                             f"{grace} s after its last heartbeat)" if left else ""))
+        if len(self.failures) >= MAX_CONSECUTIVE_FAILURES:
+            raise UserError(f"{len(self.failures)} trials in a row failed on this worker (last: "
+                            f"{self.failures[-1]}); stopping it so it does not burn through the study")
+        if len(self.invalid) >= MAX_CONSECUTIVE_INVALID:
+            raise UserError(f"{len(self.invalid)} trials in a row had choices that cannot run (last: "
+                            f"{self.invalid[-1]}); narrow the search space or fix the config")
 
 
-def _recording(objective, started: list[optuna.Trial]):
-    def run(trial):
-        started.append(trial)
-        return objective(trial)
+def _cause(exc: BaseException, kind: type) -> BaseException | None:
+    """`exc`, or the exception of type `kind` it was raised from or while handling, or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
-    return run
+
+def _say_reclaimed(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _close_orphans(study: optuna.Study, started: list[optuna.Trial], reason: str) -> list[int]:
-    # A full disk can fail Optuna's own write of a trial's end and leave it RUNNING: mark it FAIL with the reason
-    # and queue it again where the storage still takes a write (it is on another disk, or space came back).
-    # Returns the numbers of those still RUNNING: their heartbeat goes stale and a later worker retries them.
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+def _close_orphans(study: optuna.Study, started: list[optuna.Trial], failure: str) -> list[int]:
+    # A full disk or a lost database can fail Optuna's own write of a trial's end and leave it RUNNING: mark it
+    # FAIL with the reason and queue it again where the storage still takes a write (it is on another disk, space
+    # came back, the database is back). Returns the numbers of those still RUNNING: their heartbeat goes stale and
+    # a later worker retries them.
+    try:
+        running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    except Exception:  # noqa: BLE001 - the storage is gone: this worker's last trial may still be RUNNING
+        running = {t.number for t in started[-1:]}
     left = []
     for trial in started:
         if trial.number not in running:
             continue
         try:
-            trial.set_user_attr("failure", f"disk full: {reason}"[:300])
+            trial.set_user_attr("failure", failure[:300])
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             requeue(study, trial)
-        except Exception:  # noqa: BLE001 - still full
+        except Exception:  # noqa: BLE001 - still full, or still unreachable
             left.append(trial.number)
     return left
 

@@ -1,11 +1,11 @@
 """A real `mlflow server` for the tests that need one: a free loopback port, a SQLite backend, artifacts proxied to
-a local folder, its own session so that the test can stop (SIGSTOP) or kill all of it."""
+a local folder, its own session so that the test can stop (SIGSTOP) or kill all of it, and dying with the test
+process however that ends (tests/server_process.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from server_process import start_server, stop_server
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -36,18 +38,19 @@ def healthy(url: str) -> bool:
 
 @contextlib.contextmanager
 def mlflow_server(root: Path):
-    """Start `mlflow server` with its store under `root`; yields (tracking URL, process). At the end the whole
-    process group is woken (it may have been stopped) and terminated, killed if it does not go."""
+    """Start `mlflow server` with its store under `root`; yields (tracking URL, process: its guardian, whose pid is
+    the server's process group). At the end the whole group is killed (woken first, should a test have stopped
+    it); it dies with the test process too, even a SIGKILLed one."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # No job-execution runner (a handful of huey consumers no test uses): the server starts much faster.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                             "--artifacts-destination", str(root / "artifacts")],
-                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_server([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                         "--artifacts-destination", str(root / "artifacts")],
+                        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 150  # ~15 s on an idle 2-core machine; much longer when it is loaded
         while not healthy(url):
@@ -58,16 +61,5 @@ def mlflow_server(root: Path):
             time.sleep(0.5)
         yield url, proc
     finally:
-        for sig, wait in ((signal.SIGCONT, None), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)  # the server's own session: mlflow, uvicorn and anything they started
-            except ProcessLookupError:
-                break
-            if wait is None:  # SIGCONT: a stopped server must wake to take the SIGTERM
-                continue
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_server(proc)  # the server's own process group: mlflow, uvicorn and anything they started
         log.close()

@@ -47,5 +47,6 @@ class NullTracker:
         """Close the trial's run: state is COMPLETE, PRUNED, FAIL or KILLED; a COMPLETE trial comes with its
         result and its (first) objective value."""
 
-    def end_study(self, study, interrupted: bool = False) -> None:
-        """Called when a worker stops (`interrupted`: by a signal, so it must not wait long)."""
+    def end_study(self, study, interrupted: bool = False, storage_lost: str | None = None) -> None:
+        """Called when a worker stops (`interrupted`: by a signal, so it must not wait long; `storage_lost`: why
+        the Optuna storage stayed unreachable, so the study's trials cannot be read)."""

@@ -165,15 +165,24 @@ class MlflowTracker:
             study.set_user_attr("mlflow_parent_run_id", self.parent_id)
             study.set_user_attr("mlflow_experiment_id", self.experiment_id)
 
-    def end_study(self, study, interrupted: bool = False) -> None:
+    def end_study(self, study, interrupted: bool = False, storage_lost: str | None = None) -> None:
         """Wait for the queued logging (when `interrupted`, at most INTERRUPT_WAIT_S: the worker is on its way
         out), then set the parent run's status: FINISHED at the study's total, KILLED short of it with no trial
-        left running, still RUNNING while other workers run trials."""
-        if not self.writer.close(timeout=INTERRUPT_WAIT_S if interrupted else None):
+        left running, still RUNNING while other workers run trials. `storage_lost` (the Optuna storage is gone, so
+        the trials cannot be counted): this worker's open trial runs are closed as FAILED, the parent as KILLED
+        (a worker that runs the study again marks it RUNNING)."""
+        if not self.writer.close(timeout=INTERRUPT_WAIT_S if interrupted or storage_lost else None):
             print(f"warning: MLflow writes still queued after {INTERRUPT_WAIT_S} s were dropped",
                   file=sys.stderr, flush=True)
             return
         if self.offline and (interrupted or self.unreachable) or not self.parent_id:
+            return
+        if storage_lost:
+            if self._close_open_runs(f"worker stopped: {storage_lost}"):
+                try:
+                    self.client.set_terminated(self.parent_id, "KILLED")
+                except Exception:  # noqa: BLE001 - the tracking store went with it: nothing more to close
+                    pass
             return
         if "confirm_of" in study.user_attrs:  # a confirmation shares its study's parent run, and its own totals
             return
@@ -196,7 +205,8 @@ class MlflowTracker:
         if self.offline:
             return None
         try:
-            return fn(*args, **kwargs)
+            # A tracking database on a server (PostgreSQL) is waited for through a restart, like the Optuna storage.
+            return store.retry_database_outage(self.uri, self.config.study.storage_retry, fn, *args, **kwargs)
         except Exception as exc:
             if not store.is_outage(exc):
                 raise  # the writer reports it in one line; tracking goes on
@@ -216,13 +226,21 @@ class MlflowTracker:
         if self.unreachable:
             return  # closing runs would only wait for the timeouts again, on this (maybe a trial's) thread
         # A store that still answers (an unwritable artifact folder) gets the open runs closed; one refusal ends it.
-        reason = f"tracking stopped: {type(exc).__name__}: {first_line(exc, 200)}"
+        self._close_open_runs(f"tracking stopped: {type(exc).__name__}: {first_line(exc, 200)}", open_runs)
+
+    def _close_open_runs(self, reason: str, open_runs=None) -> bool:
+        """Close trial runs still open (default: this worker's) as FAILED, saying why; False when the store
+        refused (then nothing more is tried)."""
+        if open_runs is None:
+            with self._lock:
+                open_runs, self._open_runs = set(self._open_runs), set()
         for run_id in open_runs:
             try:
                 self.client.log_batch(run_id, tags=[RunTag("distillstudy.failure", reason)], synchronous=True)
                 self.client.set_terminated(run_id, "FAILED")
             except Exception:  # noqa: BLE001 - the store is down: nothing more to close
-                break
+                return False
+        return True
 
     # ---- trials -------------------------------------------------------------------------------------------------
     def start_trial(self, trial, choices) -> str:
@@ -240,7 +258,8 @@ class MlflowTracker:
             return None
         try:
             # On the trial's thread (the trial needs the id), bounded by the HTTP timeouts of store.HTTP_DEFAULTS.
-            run = self.client.create_run(self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
+            run = store.retry_database_outage(self.uri, self.config.study.storage_retry, self.client.create_run,
+                                              self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
         except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail the trial: it runs untracked
             if store.is_outage(exc):
                 self._go_offline(exc)

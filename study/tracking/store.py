@@ -64,6 +64,25 @@ def is_outage(exc: BaseException) -> bool:
     return False
 
 
+def retry_database_outage(uri: str, window: float, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, tried again with backoff while a database server behind the tracking store (a
+    `postgresql://` or `mysql://` URI) drops or refuses connections, for up to `window` seconds (a restart); then,
+    or for any other store or error, its exception is raised. MLflow's engine tests pooled connections before use,
+    so the first call after the restart gets a fresh one."""
+    from ..storage_retry import is_transient
+
+    deadline, wait = time.monotonic() + window, 0.5
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - only a server database's connection failures are retried
+            server_db = uri.startswith(("postgresql", "mysql"))
+            if not (server_db and is_transient(exc)) or time.monotonic() + wait > deadline:
+                raise
+            time.sleep(wait)
+            wait = min(wait * 2, 5.0)
+
+
 def is_unreachable(exc: BaseException) -> bool:
     """Whether the tracking server did not answer at all (refused, timed out): then nothing else can be sent."""
     import requests
