@@ -77,31 +77,58 @@ def format_status(data: dict) -> str:
     return "\n".join(lines)
 
 
-def format_best(data: dict) -> str:
-    """The winner's layer actions and hyperparameters with its accuracies, the baselines beside it."""
-    def describe(row: dict, label: str) -> list[str]:
-        layers = ", ".join(f"{k.split('.', 2)[2]}={v}" for k, v in row.items() if k.startswith("choice.layers."))
-        active = row.get("active")  # only the choices that mattered (no T with alpha 0, no unused slim width)
-        hyper = ", ".join(f"{k.split('.', 1)[1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
-                          for k, v in row.items() if k.startswith("choice.") and not k.startswith("choice.layers.")
-                          and (active is None or k.split(".", 1)[1] in active))
-        stage = row.get("best_stage", "")
-        acc = {k: row.get(f"{stage}.{k}") for k in ("source_val_acc", "target_val_acc", "target_test_acc")}
-        accs = "  ".join(f"{k} {v:.4f}" for k, v in acc.items() if v is not None)
-        return [f"{label} trial {row['number']} (delivers stage {stage}): {accs}",
-                f"    layers: {layers}", f"    {hyper}", f"    student params {row.get('student_params')}, "
-                f"epochs to threshold {format_epochs_to_threshold(row.get('epochs_to_threshold'))}"]
+def _trial_lines(row: dict, label: str) -> list[str]:
+    """A trial row of `study best`: what it delivered and its accuracies, layer actions, hyperparameters that
+    mattered (no T with alpha 0, no unused slim width), size."""
+    layers = ", ".join(f"{k.split('.', 2)[2]}={v}" for k, v in row.items() if k.startswith("choice.layers."))
+    active = row.get("active")
+    hyper = ", ".join(f"{k.split('.', 1)[1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
+                      for k, v in row.items() if k.startswith("choice.") and not k.startswith("choice.layers.")
+                      and (active is None or k.split(".", 1)[1] in active))
+    stage = row.get("best_stage", "")
+    acc = {k: row.get(f"{stage}.{k}") for k in ("source_val_acc", "target_val_acc", "target_test_acc")}
+    accs = "  ".join(f"{k} {v:.4f}" for k, v in acc.items() if v is not None)
+    delivered = f"; delivered: {row['delivered']}" if row.get("delivered") else ""
+    return [f"{label} trial {row['number']} (delivers stage {stage}{delivered}): {accs}",
+            f"    layers: {layers}", f"    {hyper}", f"    student params {row.get('student_params')}, "
+            f"epochs to threshold {format_epochs_to_threshold(row.get('epochs_to_threshold'))}"]
 
+
+def format_best(data: dict) -> str:
+    """The study's answer (the confirmation's verdict, else the search's best trial labelled unconfirmed) with
+    its layer actions, hyperparameters and accuracies, the baselines beside it."""
     lines = []
-    if "best" in data:
-        lines += describe(data["best"], "winner:  ")
-    else:
+    answer = data.get("answer") or {}
+    if "pareto_front" in data:
         lines.append(f"Pareto front ({', '.join(data['objective'])}):")
         for row in data["pareto_front"]:
-            lines += describe(row, f"  values {format_value(row['values'])}")
+            lines += _trial_lines(row, f"  values {format_value(row['values'])}")
+    elif answer.get("state") == "confirmed":
+        lines += _confirmed_lines(data, answer)
+    else:
+        lines += _trial_lines(data["best"], "winner: (unconfirmed)")
     for row in data["baselines"]:
-        lines += describe(row, f"baseline {row['baseline']}:")[:1]
+        lines += _trial_lines(row, f"baseline {row['baseline']}:")[:1]
+    if answer.get("state") == "unconfirmed":
+        lines.append(f"unconfirmed: the search's best on one seed and one validation split; re-run it on fresh "
+                     f"seeds against the baselines with `{answer['confirm']}`")
     return "\n".join(lines)
+
+
+def _confirmed_lines(data: dict, answer: dict) -> list[str]:
+    c = answer["confirmation"]
+    ci = c["target_test_ci"]
+    lines = [f"answer (confirmed, {len(c['seeds'])} seeds, resample: {answer['resample']}): use "
+             f"{answer['role'] if answer['kind'] == 'baseline' else answer['description']}",
+             f"    target test {c['target_test_mean']:.4f}" + (f" (95% CI [{ci[0]:.4f}, {ci[1]:.4f}])" if ci else "")
+             + f", target val {c['target_val_mean']:.4f}, mean over the confirmation seeds",
+             f"    verdict: {answer['text']}"]
+    if data.get("best"):
+        lines += _trial_lines(data["best"], "  from search trial")
+    search = data.get("search_best")
+    if search and (not data.get("best") or search["number"] != data["best"]["number"]):
+        lines += _trial_lines(search, "search's best (not the answer):")[:1]
+    return lines
 
 
 def format_confirmation(summary: dict) -> str:

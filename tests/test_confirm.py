@@ -42,23 +42,51 @@ def _runs(test: dict, val: dict) -> tuple[list[dict], dict]:
     return configs, runs
 
 
-def test_verdict_names_a_winner_only_when_the_paired_interval_is_above_zero():
+def test_verdict_names_a_winner_only_when_it_beats_or_ties_every_baseline():
     base = [0.70, 0.72, 0.69, 0.71, 0.73]
     configs, runs = _runs({"top-1": [b + d for b, d in zip(base, [0.04, 0.05, 0.03, 0.045, 0.04])],
                            "finetune-all": base, "head-only": [0.3] * 5},
                           {"top-1": [0.8] * 5, "finetune-all": [0.75] * 5, "head-only": [0.3] * 5})
-    v = verdict(configs, runs)
+    v = verdict(configs, runs, resample="splits")
     assert v["beats"] and v["winner_trial"] == 0 and v["baseline"] == "finetune-all"
+    assert v["answer"]["role"] == "top-1" and v["answer"]["kind"] == "configuration"
     assert v["diff_mean"] == pytest.approx(0.041)
-    assert v["text"].startswith("stem=finetune head=replace, alpha 0.7, T 3.2 beats finetune-all by +4.1 points "
-                                "target test accuracy (95% CI [+3.2, +5.0], 5 seeds)")
-    # The same margin on average, but noisy: the interval crosses 0, so no winner.
+    assert [(c["baseline"], c["outcome"]) for c in v["comparisons"]] == [("finetune-all", "beats"),
+                                                                          ("head-only", "beats")]
+    assert v["text"].startswith("use stem=finetune head=replace, alpha 0.7, T 3.2 (trial 0): beats finetune-all "
+                                "(+4.1 points, 95% CI [+3.2, +5.0]); beats head-only")
+    assert v["text"].endswith("[target test accuracy, 5 seeds, resample: splits]")
+    # The same margin on average, but noisy: the interval crosses 0, a tie, and a tie is enough to say "use".
     configs, runs = _runs({"top-1": [b + d for b, d in zip(base, [0.15, -0.08, 0.12, -0.06, 0.075])],
                            "finetune-all": base},
                           {"top-1": [0.8] * 5, "finetune-all": [0.75] * 5})
     v = verdict(configs, runs)
-    assert not v["beats"] and v["winner_trial"] is None
-    assert v["text"].startswith("no configuration beats finetune-all on fresh seeds: use finetune-all")
+    assert v["comparisons"][0]["outcome"] == "ties" and v["answer"]["role"] == "top-1"
+    assert "ties finetune-all" in v["text"] and v["text"].endswith("resample: none]")
+
+
+def test_a_winner_that_loses_to_one_baseline_is_not_the_answer():
+    # The winner beats head-only but loses to finetune-all-kd: use finetune-all-kd, whatever the val means say.
+    base = [0.70, 0.72, 0.69, 0.71, 0.73]
+    configs, runs = _runs({"top-1": base, "head-only": [0.3] * 5,
+                           "finetune-all-kd": [b + d for b, d in zip(base, [0.04, 0.05, 0.03, 0.045, 0.04])],
+                           "finetune-all": [b + d for b, d in zip(base, [0.04, 0.051, 0.03, 0.045, 0.04])]},
+                          {"top-1": [0.8] * 5, "head-only": [0.3] * 5, "finetune-all-kd": [0.74] * 5,
+                           "finetune-all": [0.7] * 5})
+    v = verdict(configs, runs)
+    assert not v["beats"] and v["winner_trial"] is None and v["answer"]["kind"] == "baseline"
+    # finetune-all and finetune-all-kd tie with each other: both named, the better mean val registered.
+    assert v["recommended_baselines"] == ["finetune-all-kd", "finetune-all"]
+    assert v["answer"]["role"] == "finetune-all-kd"
+    assert v["text"].startswith("use finetune-all-kd or finetune-all: no searched configuration beats every "
+                                "baseline; the best one (trial 0, ")
+    assert "loses to finetune-all-kd (-4.1 points" in v["text"] and "beats head-only" in v["text"]
+
+
+def test_intervals_of_accuracies_stay_in_0_1():
+    assert t_interval([0.99, 1.0, 0.97], (0.0, 1.0))[1] == 1.0
+    assert t_interval([0.0, 0.02, 0.01], (0.0, 1.0))[0] == 0.0
+    assert t_interval([0.99, 1.0, 0.97])[1] > 1.0  # unclipped, the t interval would claim more than 100%
 
 
 def test_the_verdict_picks_its_configurations_on_validation_never_on_test():
@@ -68,7 +96,9 @@ def test_the_verdict_picks_its_configurations_on_validation_never_on_test():
                           {"top-1": [0.70] * 3, "top-2": [0.90] * 3, "finetune-all": [0.75] * 3,
                            "head-only": [0.10] * 3})
     v = verdict(configs, runs)
-    assert (v["best_trial"], v["baseline"]) == (1, "finetune-all")
+    assert v["best_trial"] == 1 and [c["baseline"] for c in v["comparisons"]] == ["finetune-all", "head-only"]
+    # head-only's terrible val does not matter: it beats the winner on test, seed by seed, so it is the answer.
+    assert v["answer"]["role"] == "head-only"
 
 
 # ---- end to end -------------------------------------------------------------------------------------------------
