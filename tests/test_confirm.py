@@ -110,13 +110,14 @@ def test_study_run_confirms_on_fresh_seeds_and_ends_with_the_verdict(tmp_path, t
             "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1", "search.generations=0", "search.threshold=1.0",
             "study.pruner.name=none", "study.pruner.kwargs={}", f"pipeline.cache_dir={teacher_cache_dir}",
             f"study.checkpoint_dir={tmp_path / 'ck'}", f"tracking.mlflow_uri={mlflow_uri}",
-            "tracking.log_weights=none", "tracking.register_best=false",
             "study.confirm.top=2", "study.confirm.seeds=3"]
     run = cli("study", "run", "c", "--config", QUICKSTART, "--storage", storage,
               *[a for s in sets for a in ("--set", s)], "--n-trials", 6)
     assert run.exit_code == 0, run.output
     last = run.output.strip().splitlines()[-1]
-    assert last.startswith("verdict: ") and ("beats" in last), last
+    assert last.startswith("verdict: use ") and "resample: " in last, last
+    assert "confirming on fresh seeds: 15 runs in study 'c-confirm': 2 distinct configurations and 3 baselines, " \
+           "3 seeds each" in run.output
 
     main_study = optuna.load_study(study_name="c", storage=storage)
     companion = optuna.load_study(study_name="c-confirm", storage=storage)
@@ -142,12 +143,13 @@ def test_study_run_confirms_on_fresh_seeds_and_ends_with_the_verdict(tmp_path, t
         assert c["seeds"] == [1, 2, 3] and len(c["target_test_ci"]) == 2
         assert c["target_test_ci"][0] <= c["target_test_mean"] <= c["target_test_ci"][1]
         assert set(c) >= {"trial", "role", "seeds", "target_test_mean", "target_test_ci", "target_val_mean"}
-    assert set(conf["verdict"]) >= {"text", "winner_trial", "baseline", "diff_mean", "diff_ci"}
+    assert set(conf["verdict"]) >= {"text", "winner_trial", "baseline", "diff_mean", "diff_ci", "comparisons"}
     assert last == f"verdict: {conf['verdict']['text']}"
     md = cli("study", "report", "c", "--storage", storage, "--format", "md", "--out", tmp_path / "m")
     assert md.exit_code == 0
     text = (tmp_path / "m" / "report.md").read_text()
     assert text.index("## Verdict and confirmation") < text.index("## Winner vs baselines")
+    _every_surface_names_the_answer(tmp_path, storage, mlflow_uri, conf["verdict"])
 
     # Optuna's own tools see the companion study in the same storage.
     optuna_bin = Path(sys.executable).with_name("optuna")
@@ -168,6 +170,39 @@ def test_study_run_confirms_on_fresh_seeds_and_ends_with_the_verdict(tmp_path, t
     tagged = client.search_runs([experiment.experiment_id], "tags.`distillstudy.confirm` != ''", max_results=100)
     assert len(tagged) == 15 and {r.data.tags["distillstudy.confirm"] for r in tagged} == \
         {"top-1", "top-2", "finetune-all", "head-only", "finetune-all-kd"}
+
+
+def _every_surface_names_the_answer(tmp_path, storage: str, mlflow_uri: str, verdict: dict) -> None:
+    """`study best`, `study compare`, the report's highlighted row, the parent run and `models:/c-best/latest` all
+    name the verdict's configuration."""
+    from mlflow import MlflowClient
+
+    chosen = verdict["answer"]
+    best = json.loads(cli("study", "best", "c", "--storage", storage, "--json").output)
+    assert best["answer"]["state"] == "confirmed" and best["answer"]["role"] == chosen["role"]
+    assert best["best"]["number"] == chosen["trial"]
+    text = cli("study", "best", "c", "--storage", storage).output
+    assert text.startswith("answer (confirmed, 3 seeds, resample: ") and verdict["text"] in text
+    compare = json.loads(cli("study", "compare", "c", "--storage", storage, "--json").output)["studies"][0]
+    assert compare["winner_trial"] == chosen["trial"] and compare["answer"].startswith("confirmed: use ")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["winner"]["number"] == chosen["trial"] and report["answer"]["role"] == chosen["role"]
+    md = (tmp_path / "m" / "report.md").read_text()
+    winner_rows = md[md.index("## Winner vs baselines"):].split("## ")[1]
+    highlighted = [line for line in winner_rows.splitlines() if line.startswith("| **")]
+    assert len(highlighted) == 1 and f"**{chosen['trial']}**" in highlighted[0], highlighted
+
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(optuna.load_study(study_name="c", storage=storage).user_attrs["mlflow_parent_run_id"])
+    assert parent.data.tags["distillstudy.answer_state"] == "confirmed"
+    assert parent.data.tags["distillstudy.verdict"] == verdict["text"]
+    assert parent.data.tags["distillstudy.answer_role"] == chosen["role"]
+    latest = max(client.search_model_versions("name='c-best'"), key=lambda v: int(v.version))
+    assert latest.tags["distillstudy.state"] == "confirmed"
+    params = client.get_run(latest.run_id).data.params
+    assert params["seed"] == "1"  # the first confirmation seed (pipeline.seed + 1)
+    assert {k: params[k] for k in chosen["choices"]} == {k: str(v) for k, v in chosen["choices"].items()}
+    assert not client.search_registered_models("name='c-confirm-best'")
 
 
 def test_confirming_a_study_without_a_completed_trial_is_a_one_line_error(tmp_path):

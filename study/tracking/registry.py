@@ -21,6 +21,7 @@ from filelock import FileLock
 from mlflow.exceptions import MlflowException
 
 from . import store
+from .mlflow_model import global_tracking_uri
 
 STATE, VALUE = "distillstudy.state", "distillstudy.value"
 
@@ -53,8 +54,8 @@ def register_search_best(client, uri: str, name: str, source: str, run_id: str, 
             return None
         _ensure_model(client, name, "the distillstudy study's answer: the best search trial until the study is "
                                     "confirmed, then the confirmation's answer (tag distillstudy.state)")
-        made = client.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
-                                           tags={**tags, STATE: "unconfirmed", VALUE: repr(float(value))})
+        made = _create_version(client, uri, name, source, run_id, model_id,
+                               {**tags, STATE: "unconfirmed", VALUE: repr(float(value))})
     # Another machine's worker may have decided at the same moment, outside this lock: the later loser goes.
     for v in _versions(client, name):
         if int(v.version) < int(made.version) and (v.tags.get(STATE) == "confirmed" or (
@@ -73,5 +74,11 @@ def register_answer(client, uri: str, name: str, source: str, run_id: str, model
             if v.tags.get(STATE) == "confirmed" and v.run_id == run_id:
                 return v.version
         _ensure_model(client, name, "the distillstudy study's answer (tag distillstudy.state)")
-        return client.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
-                                           tags={**tags, STATE: "confirmed"}).version
+        return _create_version(client, uri, name, source, run_id, model_id, {**tags, STATE: "confirmed"}).version
+
+
+def _create_version(client, uri: str, name: str, source: str, run_id: str, model_id: str | None, tags: dict):
+    # A `models:/<id>` source is looked up through the process-wide tracking URI, not the client's: point it at
+    # this store for the call (a $MLFLOW_TRACKING_URI naming another store would not find the logged model).
+    with global_tracking_uri(uri):
+        return client.create_model_version(name, source=source, run_id=run_id, model_id=model_id, tags=tags)
