@@ -120,16 +120,19 @@ def summarize(companion: optuna.Study) -> dict:
     trials = companion.get_trials(deepcopy=False)
     for r in map(TrialRecord, (t for t in trials if t.state == TrialState.COMPLETE)):
         cell = runs.setdefault(r.confirm_role, {"trial": r.confirm_of_trial, "choices": r.confirm_choices.flat(),
-                                                "test": {}, "val": {}, "run_ids": {}})
+                                                "test": {}, "val": {}, "run_ids": {}, "delivered": {}})
         cell["test"][r.seed], cell["val"][r.seed] = r.delivered["target_test_acc"], r.delivered["target_val_acc"]
         cell["run_ids"][r.seed] = r.mlflow_run_id
+        # What each run delivered: a distill run whose finetune stage won is no evidence about distillation.
+        kind = r.delivered_recipe or "?"
+        cell["delivered"][kind] = cell["delivered"].get(kind, 0) + 1
     configs = []
     for role, c in runs.items():
         test, val = list(c["test"].values()), list(c["val"].values())
         configs.append({"trial": c["trial"], "role": role, "seeds": sorted(c["test"]), "choices": c["choices"],
                         "target_test_mean": mean(test), "target_test_ci": t_interval(test, ACCURACY),
                         "target_val_mean": mean(val), "target_val_ci": t_interval(val, ACCURACY),
-                        "run_ids": c["run_ids"]})
+                        "delivered": c["delivered"], "run_ids": c["run_ids"]})
     resample = companion.user_attrs.get("confirm_resample", "none")
     pending = any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials)
     return {"study": companion.study_name, "configs": configs, "verdict": verdict(configs, runs, resample),

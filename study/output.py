@@ -132,13 +132,18 @@ def _confirmed_lines(data: dict, answer: dict) -> list[str]:
 
 
 def format_confirmation(summary: dict) -> str:
-    """The confirmation table (mean target test accuracy with its 95% interval over seeds) and the verdict."""
-    lines = [f"confirmation ({summary['study']}):",
-             f"  {'configuration':<16}{'trial':>6}{'seeds':>6}  {'target test (95% CI)':<28}{'target val':>10}"]
+    """The confirmation table (mean target test accuracy with its 95% interval over seeds, clipped to [0, 1]; what
+    its runs delivered: `distill 4, finetune 1` = four distilled models, one whose fine-tuned stage won) and the
+    verdict."""
+    lines = [f"confirmation ({summary['study']}, resample: {summary.get('resample', 'none')}):",
+             f"  {'configuration':<16}{'trial':>6}{'seeds':>6}  {'target test (95% CI)':<28}{'target val':>10}"
+             f"  delivered"]
     for c in summary["configs"]:
         ci = c["target_test_ci"]
         test = f"{c['target_test_mean']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
-        lines.append(f"  {c['role']:<16}{c['trial']:>6}{len(c['seeds']):>6}  {test:<28}{c['target_val_mean']:>10.4f}")
+        delivered = ", ".join(f"{kind} {n}" for kind, n in sorted(c.get("delivered", {}).items()))
+        lines.append(f"  {c['role']:<16}{c['trial']:>6}{len(c['seeds']):>6}  {test:<28}{c['target_val_mean']:>10.4f}"
+                     f"  {delivered}")
     verdict = summary["verdict"]
     lines.append(f"verdict: {verdict['text']}" if verdict else "verdict: too few confirmation runs completed")
     return "\n".join(lines)
@@ -169,21 +174,22 @@ def format_trial(result: TrialResult) -> str:
 
 
 def format_compare(data: dict) -> str:
-    """A text table: study, task, the winner's action per group, winner and best baseline target val acc."""
+    """A text table: study, task, the winner's (the study's answer's) action per group, winner and best baseline
+    target val acc, and whether the answer is confirmed."""
     def acc(v):
         return f"{v:.4f}" if isinstance(v, float) else "-"
 
-    head = ["study", "task", *data["groups"], "winner", "baseline", "best baseline", "trials"]
+    head = ["study", "task", *data["groups"], "winner", "baseline", "best baseline", "trials", "answer"]
     rows = [head]
     for r in data["studies"]:
         rows.append([r["study"], r["task"], *[r["layers"].get(g, "-") for g in data["groups"]],
                      acc(r["winner_target_val_acc"]), acc(r["best_baseline_target_val_acc"]),
-                     r["best_baseline"] or "-", str(r["complete"])])
+                     r["best_baseline"] or "-", str(r["complete"]), r.get("answer", "unconfirmed")])
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("winner / baseline: target val acc of the winner (" + data["winner_rule"] + ") and of the best "
-                 "completed baseline")
+    lines.append("winner / baseline: target val acc on the search's seed of the winner (" + data["winner_rule"] +
+                 ") and of the best completed baseline; answer: the confirmed verdict, or unconfirmed")
     return "\n".join(lines)
 
 

@@ -151,15 +151,18 @@ def _confirmation_table(data: dict) -> Table | None:
              f"resample: {resample}: {splits}) in study {conf['study']}. Each row: the mean over the seeds and its "
              f"95% interval (Student-t, clipped to [0, 1]): with that many seeds, the range the true mean most "
              f"likely lies in. The winner is the configuration with the best mean target val; it is then compared "
-             f"with each baseline seed by seed on target test (the table below). The answer is highlighted.")
+             f"with each baseline seed by seed on target test (the table below). The answer is highlighted. "
+             f"'delivered' counts what its runs delivered: 'distill 4, finetune 1' is four distilled models and one run whose fine-tuned "
+             f"stage scored best (no evidence about distillation).")
     table = Table("Verdict and confirmation", intro, ["configuration", "trial", "seeds", "target test",
-                                                      "test 95% CI", "target val", "val 95% CI"])
+                                                      "test 95% CI", "target val", "val 95% CI", "delivered"])
     chosen = conf["verdict"]["answer"]["role"] if conf["verdict"] else None
     for c in conf["configs"]:
         if c["role"] == chosen:
             table.highlight.add(len(table.rows))
         table.rows.append([c["role"], str(c["trial"]), str(len(c["seeds"])), _num(c["target_test_mean"]), _ci(
-            c["target_test_ci"]), _num(c["target_val_mean"]), _ci(c["target_val_ci"])])
+            c["target_test_ci"]), _num(c["target_val_mean"]), _ci(c["target_val_ci"]),
+            ", ".join(f"{kind} {n}" for kind, n in sorted(c.get("delivered", {}).items()))])
     return table
 
 
@@ -188,8 +191,8 @@ def _ci(ci) -> str:
 
 
 def tables(data: dict) -> list[Table]:
-    out = [_confirmation_table(data), _comparison_table(data), _winner_table(data), _group_table(data), _choice_table(data),
-           _importance_table(data)]
+    out = [_confirmation_table(data), _comparison_table(data), _winner_table(data), _group_table(data),
+           _choice_table(data), _importance_table(data)]
     return [t for t in out if t is not None]
 
 

@@ -1,6 +1,7 @@
 """MLflow tracking: one experiment per study, a parent run per study, a nested child run per trial opened when the
 trial starts (so running trials show live), per-epoch curves in one batch per epoch, final metrics, weights, the
-layer map, and the best model registered as `<study>-best`.
+layer map, and the best model registered as `<study>-best` (under the one rule of `registry.py`; a confirmation's
+runs on the registration seed log their model, and `answer.py` registers the verdict's).
 
 Every call names its run id explicitly through `MlflowClient`: threads and processes log concurrently without the
 fluent API's global active-run stack (and without a lock around logging). Only opening a trial's run happens on the
