@@ -114,7 +114,7 @@ def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, 
     """`study confirm` (and the end of `study run`, which passes the study and config it `loaded`): re-run the
     top configurations and the baselines on fresh seeds in the companion study `<name>-confirm`, then print the
     confirmation table and the verdict."""
-    from .confirm import confirm_name, prepare, summarize
+    from .confirm import configurations_of, confirm_name, prepare, summarize
     from .worker import run_worker
 
     url = resolve_storage_url(storage)
@@ -123,8 +123,10 @@ def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, 
     top, seeds = top or config.study.confirm.top or 3, seeds or config.study.confirm.seeds
     companion, total = prepare(study, config, url, top, seeds)
     if not quiet:
-        echo(f"confirming on fresh seeds: {total} runs in study '{companion.study_name}' (the top {top} distinct "
-             f"configurations and the baselines, {seeds} seeds each)")
+        tops, bases = configurations_of(companion)
+        fewer = f" (of the top {top} asked for; the others are not distinct)" if tops < top else ""
+        echo(f"confirming on fresh seeds: {total} runs in study '{companion.study_name}': {tops} distinct "
+             f"configurations{fewer} and {bases} baselines, {total // max(tops + bases, 1)} seeds each")
 
     def on_trial(_study, trial):
         if not quiet and trial.state != optuna.trial.TrialState.WAITING:
@@ -136,9 +138,27 @@ def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, 
     except KeyboardInterrupt:
         echo("interrupted: rerun `distillstudy study confirm` to finish the confirmation")
         return 130
-    if not quiet:
-        echo(format_confirmation(summarize(companion)))
+    summary = summarize(companion)
+    published = _publish_answer(study, config, summary)
+    if not quiet:  # the verdict stays the last line
+        echo((f"{published}\n" if published else "") + format_confirmation(summary))
     return 0
+
+
+def _publish_answer(study: optuna.Study, config, summary: dict) -> str | None:
+    """The confirmed answer onto the parent MLflow run and into the registry (nothing without tracking or before
+    every confirmation run finished). Returns the line to print."""
+    from .confirm import answer, registration_seed
+
+    chosen = answer(summary)
+    if chosen is None or not config.tracking.enabled:
+        return None
+    from .tracking.answer import publish
+
+    try:
+        return publish(study, config, summary, chosen, registration_seed(config))
+    except Exception as exc:  # noqa: BLE001 - the verdict stands in the Optuna storage; say why MLflow lacks it
+        return f"warning: the answer was not published to MLflow ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 def _best_value(study: optuna.Study) -> float | None:

@@ -8,10 +8,10 @@ the test split. The runs are ordinary trials of a companion Optuna study `<name>
 (fixed choices enqueued, the run seed a user attribute), so any number of workers share them, with the heartbeat,
 retry and checkpoint machinery, and each is an MLflow child run tagged `distillstudy.confirm`.
 
-Statistics: per configuration, the mean target test and val accuracy over its seeds with a 95% Student-t interval
-(mean +- t(0.975, n-1) * sd / sqrt(n); none below two seeds). The winner is the confirmed configuration with the best
-mean target *val* accuracy, the best baseline likewise; the verdict compares their target *test* accuracy seed by
-seed: the paired difference (same seeds) with its 95% t interval. "Beats" means that interval lies above 0.
+Statistics (study/verdict.py): per configuration, the mean target test and val accuracy over its seeds with a 95%
+Student-t interval clipped to [0, 1] (none below two seeds). The winner is the confirmed top configuration with the
+best mean target *val* accuracy; the verdict compares it with EACH baseline on target *test* accuracy seed by seed
+(paired difference, 95% t interval) and answers "use X" only for an X that beats or ties all of them.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from .config import Config
 from .names import COMPANION_SUFFIX
 from .record import TrialRecord, confirm_attrs
 from .studies import storage_for
+from .verdict import ACCURACY, describe, mean, t_interval, verdict  # noqa: F401 - re-exported for callers
 
 SUFFIX = COMPANION_SUFFIX
-LEVEL = 0.95
 
 
 def confirm_name(name: str) -> str:
@@ -112,74 +112,60 @@ def _wait_ready(companion: optuna.Study, wait_seconds: float = 60.0) -> tuple[op
     return companion, companion.user_attrs["confirm_total"]
 
 
-def t_interval(values: list[float]) -> list[float] | None:
-    """The 95% Student-t interval of the mean (None below two values). Written out rather than `scipy.stats.t.interval`,
-    which answers NaN for seeds that all agree (zero spread), where the interval is the mean itself."""
-    from scipy import stats
-
-    n = len(values)
-    if n < 2:
-        return None
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = stats.t.ppf(0.5 + LEVEL / 2, n - 1) * sd / math.sqrt(n)
-    return [mean - half, mean + half]
-
-
 def summarize(companion: optuna.Study) -> dict:
-    """The confirmation table and the verdict, from the companion's completed trials."""
+    """The confirmation table and the verdict, from the companion's completed trials. `complete`: no run of it is
+    still waiting or running (the verdict is final); `resample`: how its seeds varied (the companion's
+    `confirm_resample`, "none" for a companion that predates it)."""
     runs: dict[str, dict] = {}
-    for r in map(TrialRecord, companion.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
+    trials = companion.get_trials(deepcopy=False)
+    for r in map(TrialRecord, (t for t in trials if t.state == TrialState.COMPLETE)):
         cell = runs.setdefault(r.confirm_role, {"trial": r.confirm_of_trial, "choices": r.confirm_choices.flat(),
-                                                "test": {}, "val": {}})
+                                                "test": {}, "val": {}, "run_ids": {}, "delivered": {}})
         cell["test"][r.seed], cell["val"][r.seed] = r.delivered["target_test_acc"], r.delivered["target_val_acc"]
+        cell["run_ids"][r.seed] = r.mlflow_run_id
+        # What each run delivered: a distill run whose finetune stage won is no evidence about distillation.
+        kind = r.delivered_recipe or "?"
+        cell["delivered"][kind] = cell["delivered"].get(kind, 0) + 1
     configs = []
     for role, c in runs.items():
         test, val = list(c["test"].values()), list(c["val"].values())
         configs.append({"trial": c["trial"], "role": role, "seeds": sorted(c["test"]), "choices": c["choices"],
-                        "target_test_mean": _mean(test), "target_test_ci": t_interval(test),
-                        "target_val_mean": _mean(val), "target_val_ci": t_interval(val)})
-    return {"study": companion.study_name, "configs": configs, "verdict": verdict(configs, runs)}
+                        "target_test_mean": mean(test), "target_test_ci": t_interval(test, ACCURACY),
+                        "target_val_mean": mean(val), "target_val_ci": t_interval(val, ACCURACY),
+                        "delivered": c["delivered"], "run_ids": c["run_ids"]})
+    resample = companion.user_attrs.get("confirm_resample", "none")
+    pending = any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials)
+    return {"study": companion.study_name, "configs": configs, "verdict": verdict(configs, runs, resample),
+            "resample": resample, "complete": not pending}
 
 
-def verdict(configs: list[dict], runs: dict) -> dict | None:
-    """The winner (best mean target val among the confirmed top configurations) against the best baseline (the
-    same rule), on target test accuracy, seed by seed."""
-    tops = [c for c in configs if c["role"].startswith("top-")]
-    bases = [c for c in configs if c["role"] in BASELINES]
-    if not tops or not bases:
+def load_summary(name: str, url: str) -> dict | None:
+    """`summarize` of study `name`'s companion, None when it has none (never confirmed)."""
+    try:
+        companion = optuna.load_study(study_name=confirm_name(name), storage=storage_for(url, create=False))
+    except KeyError:  # Optuna's answer for a study that does not exist
         return None
-    winner = max(tops, key=lambda c: (c["target_val_mean"], -c["trial"]))
-    base = max(bases, key=lambda c: (c["target_val_mean"], -list(BASELINES).index(c["role"])))
-    seeds = sorted(set(runs[winner["role"]]["test"]) & set(runs[base["role"]]["test"]))
-    diffs = [runs[winner["role"]]["test"][s] - runs[base["role"]]["test"][s] for s in seeds]
-    diff_mean, diff_ci = (_mean(diffs), t_interval(diffs)) if diffs else (None, None)
-    beats = winner["target_val_mean"] > base["target_val_mean"] and diff_ci is not None and diff_ci[0] > 0
-    if beats:
-        text = (f"{describe(winner['choices'])} beats {base['role']} by {100 * diff_mean:+.1f} points target test "
-                f"accuracy (95% CI [{100 * diff_ci[0]:+.1f}, {100 * diff_ci[1]:+.1f}], {len(seeds)} seeds)")
-    else:
-        detail = "" if diff_mean is None else (
-            f" (best configuration, trial {winner['trial']}: {100 * diff_mean:+.1f} points"
-            + (f", 95% CI [{100 * diff_ci[0]:+.1f}, {100 * diff_ci[1]:+.1f}]" if diff_ci else "")
-            + f", {len(seeds)} seeds)")
-        text = f"no configuration beats {base['role']} on fresh seeds: use {base['role']}{detail}"
-    return {"text": text, "winner_trial": winner["trial"] if beats else None, "best_trial": winner["trial"],
-            "baseline": base["role"], "beats": beats, "seeds": seeds, "diff_mean": diff_mean, "diff_ci": diff_ci}
+    return summarize(companion)
 
 
-def describe(flat: dict) -> str:
-    """`stem=finetune block1=replace ..., alpha 0.7, T 3.2` for a configuration's choices."""
-    layers = " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in flat.items() if k.startswith("layers."))
-    parts = [layers]
-    if flat.get("recipe", "distill") != "distill":
-        parts.append(f"recipe {flat['recipe']}")
-    elif flat.get("alpha", 0) > 0:
-        parts.append(f"alpha {flat['alpha']:.2g}, T {flat['temperature']:.2g}")
-    else:
-        parts.append("alpha 0")
-    return ", ".join(parts)
+def answer(summary: dict | None) -> dict | None:
+    """The study's confirmed answer: the verdict's configuration once every confirmation run finished, with its
+    confirmation row (None before: the study's answer is then its search's best trial, unconfirmed)."""
+    if not summary or not summary["complete"] or not summary["verdict"]:
+        return None
+    chosen = summary["verdict"]["answer"]
+    row = next(c for c in summary["configs"] if c["role"] == chosen["role"])
+    return {**chosen, "state": "confirmed", "text": summary["verdict"]["text"], "resample": summary["resample"],
+            "description": describe(chosen["choices"]), "confirmation": row}
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def registration_seed(config: Config) -> int:
+    """The confirmation seed whose run of the answer is registered as `<study>-best`: the first fresh seed."""
+    return run_seeds(config, 1)[0]
+
+
+def configurations_of(companion: optuna.Study) -> tuple[int, int]:
+    """(top configurations, baselines) the companion really runs: top K may yield fewer distinct ones."""
+    roles = {TrialRecord(t).confirm_role for t in companion.get_trials(deepcopy=False)}
+    roles.discard(None)
+    return sum(1 for r in roles if r.startswith("top-")), sum(1 for r in roles if r in BASELINES)

@@ -77,41 +77,73 @@ def format_status(data: dict) -> str:
     return "\n".join(lines)
 
 
-def format_best(data: dict) -> str:
-    """The winner's layer actions and hyperparameters with its accuracies, the baselines beside it."""
-    def describe(row: dict, label: str) -> list[str]:
-        layers = ", ".join(f"{k.split('.', 2)[2]}={v}" for k, v in row.items() if k.startswith("choice.layers."))
-        active = row.get("active")  # only the choices that mattered (no T with alpha 0, no unused slim width)
-        hyper = ", ".join(f"{k.split('.', 1)[1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
-                          for k, v in row.items() if k.startswith("choice.") and not k.startswith("choice.layers.")
-                          and (active is None or k.split(".", 1)[1] in active))
-        stage = row.get("best_stage", "")
-        acc = {k: row.get(f"{stage}.{k}") for k in ("source_val_acc", "target_val_acc", "target_test_acc")}
-        accs = "  ".join(f"{k} {v:.4f}" for k, v in acc.items() if v is not None)
-        return [f"{label} trial {row['number']} (delivers stage {stage}): {accs}",
-                f"    layers: {layers}", f"    {hyper}", f"    student params {row.get('student_params')}, "
-                f"epochs to threshold {format_epochs_to_threshold(row.get('epochs_to_threshold'))}"]
+def _trial_lines(row: dict, label: str) -> list[str]:
+    """A trial row of `study best`: what it delivered and its accuracies, layer actions, hyperparameters that
+    mattered (no T with alpha 0, no unused slim width), size."""
+    layers = ", ".join(f"{k.split('.', 2)[2]}={v}" for k, v in row.items() if k.startswith("choice.layers."))
+    active = row.get("active")
+    hyper = ", ".join(f"{k.split('.', 1)[1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
+                      for k, v in row.items() if k.startswith("choice.") and not k.startswith("choice.layers.")
+                      and (active is None or k.split(".", 1)[1] in active))
+    stage = row.get("best_stage", "")
+    acc = {k: row.get(f"{stage}.{k}") for k in ("source_val_acc", "target_val_acc", "target_test_acc")}
+    accs = "  ".join(f"{k} {v:.4f}" for k, v in acc.items() if v is not None)
+    delivered = f"; delivered: {row['delivered']}" if row.get("delivered") else ""
+    return [f"{label} trial {row['number']} (delivers stage {stage}{delivered}): {accs}",
+            f"    layers: {layers}", f"    {hyper}", f"    student params {row.get('student_params')}, "
+            f"epochs to threshold {format_epochs_to_threshold(row.get('epochs_to_threshold'))}"]
 
+
+def format_best(data: dict) -> str:
+    """The study's answer (the confirmation's verdict, else the search's best trial labelled unconfirmed) with
+    its layer actions, hyperparameters and accuracies, the baselines beside it."""
     lines = []
-    if "best" in data:
-        lines += describe(data["best"], "winner:  ")
-    else:
+    answer = data.get("answer") or {}
+    if "pareto_front" in data:
         lines.append(f"Pareto front ({', '.join(data['objective'])}):")
         for row in data["pareto_front"]:
-            lines += describe(row, f"  values {format_value(row['values'])}")
+            lines += _trial_lines(row, f"  values {format_value(row['values'])}")
+    elif answer.get("state") == "confirmed":
+        lines += _confirmed_lines(data, answer)
+    else:
+        lines += _trial_lines(data["best"], "winner: (unconfirmed)")
     for row in data["baselines"]:
-        lines += describe(row, f"baseline {row['baseline']}:")[:1]
+        lines += _trial_lines(row, f"baseline {row['baseline']}:")[:1]
+    if answer.get("state") == "unconfirmed":
+        lines.append(f"unconfirmed: the search's best on one seed and one validation split; re-run it on fresh "
+                     f"seeds against the baselines with `{answer['confirm']}`")
     return "\n".join(lines)
 
 
+def _confirmed_lines(data: dict, answer: dict) -> list[str]:
+    c = answer["confirmation"]
+    ci = c["target_test_ci"]
+    lines = [f"answer (confirmed, {len(c['seeds'])} seeds, resample: {answer['resample']}): use "
+             f"{answer['role'] if answer['kind'] == 'baseline' else answer['description']}",
+             f"    target test {c['target_test_mean']:.4f}" + (f" (95% CI [{ci[0]:.4f}, {ci[1]:.4f}])" if ci else "")
+             + f", target val {c['target_val_mean']:.4f}, mean over the confirmation seeds",
+             f"    verdict: {answer['text']}"]
+    if data.get("best"):
+        lines += _trial_lines(data["best"], "  from search trial")
+    search = data.get("search_best")
+    if search and (not data.get("best") or search["number"] != data["best"]["number"]):
+        lines += _trial_lines(search, "search's best (not the answer):")[:1]
+    return lines
+
+
 def format_confirmation(summary: dict) -> str:
-    """The confirmation table (mean target test accuracy with its 95% interval over seeds) and the verdict."""
-    lines = [f"confirmation ({summary['study']}):",
-             f"  {'configuration':<16}{'trial':>6}{'seeds':>6}  {'target test (95% CI)':<28}{'target val':>10}"]
+    """The confirmation table (mean target test accuracy with its 95% interval over seeds, clipped to [0, 1]; what
+    its runs delivered: `distill 4, finetune 1` = four distilled models, one whose fine-tuned stage won) and the
+    verdict."""
+    lines = [f"confirmation ({summary['study']}, resample: {summary.get('resample', 'none')}):",
+             f"  {'configuration':<16}{'trial':>6}{'seeds':>6}  {'target test (95% CI)':<28}{'target val':>10}"
+             f"  delivered"]
     for c in summary["configs"]:
         ci = c["target_test_ci"]
         test = f"{c['target_test_mean']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
-        lines.append(f"  {c['role']:<16}{c['trial']:>6}{len(c['seeds']):>6}  {test:<28}{c['target_val_mean']:>10.4f}")
+        delivered = ", ".join(f"{kind} {n}" for kind, n in sorted(c.get("delivered", {}).items()))
+        lines.append(f"  {c['role']:<16}{c['trial']:>6}{len(c['seeds']):>6}  {test:<28}{c['target_val_mean']:>10.4f}"
+                     f"  {delivered}")
     verdict = summary["verdict"]
     lines.append(f"verdict: {verdict['text']}" if verdict else "verdict: too few confirmation runs completed")
     return "\n".join(lines)
@@ -152,21 +184,22 @@ def format_replay(replayed) -> str:
 
 
 def format_compare(data: dict) -> str:
-    """A text table: study, task, the winner's action per group, winner and best baseline target val acc."""
+    """A text table: study, task, the winner's (the study's answer's) action per group, winner and best baseline
+    target val acc, and whether the answer is confirmed."""
     def acc(v):
         return f"{v:.4f}" if isinstance(v, float) else "-"
 
-    head = ["study", "task", *data["groups"], "winner", "baseline", "best baseline", "trials"]
+    head = ["study", "task", *data["groups"], "winner", "baseline", "best baseline", "trials", "answer"]
     rows = [head]
     for r in data["studies"]:
         rows.append([r["study"], r["task"], *[r["layers"].get(g, "-") for g in data["groups"]],
                      acc(r["winner_target_val_acc"]), acc(r["best_baseline_target_val_acc"]),
-                     r["best_baseline"] or "-", str(r["complete"])])
+                     r["best_baseline"] or "-", str(r["complete"]), r.get("answer", "unconfirmed")])
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("winner / baseline: target val acc of the winner (" + data["winner_rule"] + ") and of the best "
-                 "completed baseline")
+    lines.append("winner / baseline: target val acc on the search's seed of the winner (" + data["winner_rule"] +
+                 ") and of the best completed baseline; answer: the confirmed verdict, or unconfirmed")
     return "\n".join(lines)
 
 

@@ -153,6 +153,22 @@ class TrialRecord:
         return {k: stage.get(k) for k in ACCURACIES}
 
     @property
+    def delivered_recipe(self) -> str | None:
+        """The recipe of the model the trial delivered: a distill-recipe trial whose pipeline.select picked its
+        `finetune` stage delivered a fine-tuned model, never distilled, and counts as `finetune`."""
+        recipe = self.choices.get("recipe")
+        if recipe == "distill" and self.best_stage == "finetune":
+            return "finetune"
+        return recipe
+
+    @property
+    def delivered_note(self) -> str:
+        """'finetune stage, not distilled' when the delivered model is not what the recipe names, else ''."""
+        if self.delivered_recipe != self.choices.get("recipe"):
+            return f"{self.best_stage} stage, not distilled"
+        return ""
+
+    @property
     def epochs(self) -> int:
         """Student epochs trained: recorded for a finished trial, else its reported steps."""
         return self.attrs.get("total_epochs", len(getattr(self.trial, "intermediate_values", {})))

@@ -160,7 +160,8 @@ def trial_row(t: optuna.trial.FrozenTrial) -> dict:
     row = {"number": t.number, "state": t.state.name, "values": t.values, "baseline": r.baseline,
            "best_stage": r.best_stage or "", "epochs": r.epochs, "budget": r.get("budget"),
            "epochs_to_threshold": r.get("epochs_to_threshold"), "student_params": r.get("student_params"),
-           "seconds": r.get("seconds"), "failure": r.failure or r.skipped or "", "mlflow_run_id": r.mlflow_run_id or ""}
+           "seconds": r.get("seconds"), "failure": r.failure or r.skipped or "", "mlflow_run_id": r.mlflow_run_id or "",
+           "delivered": r.delivered_note}
     row.update({f"choice.{k}": v for k, v in (r.choices if r.get("choices") else {}).items()})
     for stage, acc in r.stages.items():
         for k in ("source_val_acc", "target_val_acc", "target_test_acc"):
@@ -187,8 +188,27 @@ def best_summary(name: str, url: str, loaded: tuple[optuna.Study, Config] | None
     if len(study.directions) > 1:
         return {"name": name, "objective": config.study.objective,
                 "pareto_front": [row(t) for t in study.best_trials], "baselines": baselines}
-    return {"name": name, "objective": config.study.objective, "best": row(study.best_trial),
+    search_best = row(study.best_trial)
+    return {"name": name, "objective": config.study.objective, **study_answer(name, url, study, search_best, row),
             "baselines": baselines}
+
+
+def study_answer(name: str, url: str, study: optuna.Study, search_best: dict, row) -> dict:
+    """`best`: the study's answer as a trial row (`row(trial)`), and `answer`: whether it is confirmed. Once every
+    confirmation run finished, the answer is the verdict's configuration (the search trial it came from, or the
+    baseline's trial); before, the search's best trial `search_best`, unconfirmed."""
+    from .confirm import answer, load_summary
+
+    confirmed = answer(load_summary(name, url))
+    if confirmed is None:
+        return {"best": search_best, "answer": {"state": "unconfirmed", "trial": search_best["number"],
+                                                "confirm": f"distillstudy study confirm {name}"}}
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    source = trials.get(confirmed["trial"])
+    best = row(source) if source is not None else None
+    return {"best": best, "search_best": search_best,
+            "answer": {k: v for k, v in confirmed.items() if k != "confirmation"} | {
+                "confirmation": {k: v for k, v in confirmed["confirmation"].items() if k != "run_ids"}}}
 
 
 def export_trials(name: str, url: str, fmt: str) -> str:

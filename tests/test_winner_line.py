@@ -48,3 +48,25 @@ def test_winner_line_of_the_finetune_recipe_has_no_kd_choices(tmp_path):
     assert "recipe=finetune" in line
     for hidden in ("alpha", "temperature", "beta", "threshold", "generations", "slim_width"):
         assert f"{hidden}=" not in line, line
+
+
+def test_a_distill_trial_that_delivered_its_finetune_stage_says_so_and_counts_as_finetune(tmp_path):
+    from study.report.stats import choice_effects
+    from study.search import applicable_choices
+
+    config = load_config(QUICKSTART, ["tracking.enabled=false"])
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study, _ = create_study(config, "w", url)
+    trial = study.ask()
+    choices = dataclasses.replace(config.search.defaults(), recipe="distill", alpha=0.5, beta=0.3,
+                                  layer_term="feature")
+    record.write_start(trial, choices, 0)
+    acc = {"source_val_acc": 0.9, "source_test_acc": 0.9, "target_val_acc": 0.8, "target_test_acc": 0.7}
+    trial.set_user_attr("stages", {"finetune": acc, "distill": {**acc, "target_val_acc": 0.6}})
+    trial.set_user_attr("best_stage", "finetune")  # pipeline.select picked the fine-tuned stage
+    study.tell(trial, 0.8)
+    assert "delivered: finetune stage, not distilled" in format_best(best_summary("w", url)).splitlines()[0]
+    effects = choice_effects(study.get_trials(), ["recipe", "layer_term"], ["target_val_acc"],
+                             lambda flat: applicable_choices(config.search, config.pipeline.replace_with, flat))
+    assert list(effects["recipe"]["actions"]) == ["finetune"]  # what it delivered, not the recipe it ran
+    assert not effects["layer_term"]["actions"]  # its layer term shaped no delivered weight

@@ -37,6 +37,7 @@ def trial_summary(t: optuna.trial.FrozenTrial, objective: list[str]) -> dict:
     r = TrialRecord(t)
     return {"number": t.number, "state": t.state.name, "baseline": r.baseline, "values": t.values,
             "layers": r.layers, "hyperparameters": r.hyperparameters, "best_stage": r.best_stage, **r.delivered,
+            "delivered": r.delivered_note,
             "target_val_acc": target_val_acc(t, objective), "student_params": r.get("student_params"),
             "epochs_to_threshold": r.get("epochs_to_threshold"), "seconds": r.get("seconds")}
 
@@ -70,14 +71,14 @@ def build_report(name: str, url: str):
                      f"{len(trials) - counts['RUNNING'] - counts['WAITING']} finished so far")
     if len(complete) < 2:
         notes.append(f"{FEW_TRIALS} ({len(complete)}): importances and plots need at least two")
-    data.update(winners(study, trials, objective))
+    data["confirmation"] = confirmation(name, url)
+    data.update(winners(study, trials, objective, data["confirmation"]))
     data["baseline_recipes"] = dict(BASELINES)
     data["groups"] = group_effects(trials, config.search.groups, objective)
     # Every other searched set of choices (the layer term, the recipe, ...) gets the same table.
     searched = [n for n, p in config.search.params.items() if p.mode == "categorical" and len(p.choices) > 1]
     data["choices"] = choice_effects(trials, searched, objective,
                                      lambda flat: applicable_choices(config.search, config.pipeline.replace_with, flat))
-    data["confirmation"] = confirmation(name, url)
     data["bootstrap"] = {"method": "percentile bootstrap of the mean", "resamples": BOOTSTRAP_RESAMPLES,
                          "seed": BOOTSTRAP_SEED, "level": BOOTSTRAP_LEVEL, "min_trials": MIN_INTERVAL_TRIALS,
                          "value": "target val acc of completed trials (delivered model)"}
@@ -95,14 +96,9 @@ def build_report(name: str, url: str):
 
 def confirmation(name: str, url: str) -> dict | None:
     """The confirmation table and verdict of study `name`'s companion `<name>-confirm` (None when it has none)."""
-    from ..confirm import confirm_name, summarize
-    from ..studies import storage_for
+    from ..confirm import load_summary
 
-    try:
-        companion = optuna.load_study(study_name=confirm_name(name), storage=storage_for(url, create=False))
-    except KeyError:  # Optuna's answer for a study that does not exist
-        return None
-    return summarize(companion)
+    return load_summary(name, url)
 
 
 def write_report(name: str, url: str, fmt: str = "html", out: str | None = None) -> list[str]:
@@ -176,11 +172,14 @@ def log_to_mlflow(study: optuna.Study, config, paths: list[Path]) -> str | None:
 
 
 # ---- compare -----------------------------------------------------------------------------------------------------
-def winners(study: optuna.Study, trials, objective: list[str]) -> dict:
-    """The winner (single objective: the best trial; several: the Pareto-front trial with the best target val acc,
-    beside the whole front), every baseline trial, and the best completed baseline (by target val acc)."""
+def winners(study: optuna.Study, trials, objective: list[str], summary: dict | None = None) -> dict:
+    """The winner (single objective: the confirmation's answer once confirmed (`summary`, from
+    `confirm.load_summary`), else the best trial, unconfirmed; several: the Pareto-front trial with the best target
+    val acc, beside the whole front), every baseline trial, and the best completed baseline (by target val acc)."""
+    from ..confirm import answer
+
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    out = {}
+    out = {"answer": None}
     if len(objective) > 1:
         front = {t.number for t in study.best_trials}
         out["pareto_front"] = [trial_summary(t, objective) for t in complete if t.number in front]
@@ -189,11 +188,26 @@ def winners(study: optuna.Study, trials, objective: list[str]) -> dict:
     else:
         best = _best_single(complete, study.directions[0])
         out["winner"] = trial_summary(best, objective) if best else None
-        out["winner_rule"] = f"the best {objective[0]}"
+        out["winner_rule"] = f"the best {objective[0]}, unconfirmed (one seed, one validation split)"
+        confirmed = answer(summary)
+        if confirmed is not None:
+            out["answer"] = {k: v for k, v in confirmed.items() if k != "confirmation"}
+            out["search_best"] = out["winner"]
+            source = next((t for t in trials if t.number == confirmed["trial"]), None)
+            out["winner"] = trial_summary(source, objective) if source is not None else None
+            out["winner_rule"] = (f"the confirmation's answer ({confirmed['role']}: "
+                                  f"{confirmed['description']}), confirmed on fresh seeds")
     out["baselines"] = [trial_summary(t, objective) for t in trials if TrialRecord(t).baseline]
     done = [b for b in out["baselines"] if b["state"] == "COMPLETE" and b["target_val_acc"] is not None]
     out["best_baseline"] = max(done, key=lambda r: r["target_val_acc"], default=None)
     return out
+
+
+def answer_words(chosen: dict | None) -> str:
+    """`confirmed: use finetune-all` (or the configuration in words), or `unconfirmed`."""
+    if not chosen:
+        return "unconfirmed"
+    return f"confirmed: use {chosen['role'] if chosen['kind'] == 'baseline' else chosen['description']}"
 
 
 def compare_studies(names, url: str) -> dict:
@@ -202,16 +216,18 @@ def compare_studies(names, url: str) -> dict:
     for name in names:
         study, config = load_study(name, url)
         trials = study.get_trials(deepcopy=False)
-        w = winners(study, trials, list(config.study.objective))
+        w = winners(study, trials, list(config.study.objective), confirmation(name, url))
         win, base = w["winner"], w["best_baseline"]
+        chosen = w["answer"]
         groups += [g for g in config.search.groups if g not in groups]
         rows.append({"study": name, "task": config.task.name, "arch": config.model.arch,
                      "objective": list(config.study.objective),
                      "complete": sum(1 for t in trials if t.state == TrialState.COMPLETE),
+                     "answer": answer_words(chosen),
                      "winner_trial": win["number"] if win else None, "layers": win["layers"] if win else {},
                      "winner_target_val_acc": win["target_val_acc"] if win else None,
                      "best_baseline": base["baseline"] if base else None,
                      "best_baseline_target_val_acc": base["target_val_acc"] if base else None})
     return {"groups": groups, "studies": rows,
-            "winner_rule": "single objective: the best trial; several: the Pareto-front trial with the best "
-                           "target val acc"}
+            "winner_rule": "single objective: the confirmation's answer once `study confirm` ran, else the best "
+                           "trial (unconfirmed); several: the Pareto-front trial with the best target val acc"}

@@ -29,28 +29,52 @@ def _num(v, digits: int = 4) -> str:
     return str(v)
 
 
+def _winner_rows(data: dict) -> list[tuple[str, dict, bool]]:
+    """(role, trial summary, highlighted) of the winner table: the study's answer highlighted (a baseline's own
+    row when the answer is a baseline), the search's best beside it when it is not the answer."""
+    if "pareto_front" in data:
+        rows = [("Pareto front", r, data["winner"] is not None and r["number"] == data["winner"]["number"])
+                for r in data["pareto_front"]]
+        return rows + [(f"baseline {r['baseline']}", r, False) for r in data["baselines"]]
+    chosen = data.get("answer")
+    rows = []
+    if chosen is None and data["winner"]:
+        rows.append(("winner (unconfirmed)", data["winner"], True))
+    elif chosen is not None and chosen["kind"] == "configuration" and data["winner"]:
+        rows.append((f"answer ({chosen['role']}, confirmed)", data["winner"], True))
+    search = data.get("search_best")
+    if chosen is not None and search and (not data["winner"] or search["number"] != data["winner"]["number"]):
+        rows.append(("search's best (not the answer)", search, False))
+    for r in data["baselines"]:
+        is_answer = chosen is not None and chosen["kind"] == "baseline" and r["baseline"] == chosen["role"]
+        rows.append((f"baseline {r['baseline']}" + (" (the answer, confirmed)" if is_answer else ""), r, is_answer))
+    return rows
+
+
 def _winner_table(data: dict) -> Table:
     multi = "pareto_front" in data
-    rows = [("Pareto front" if multi else "winner", r) for r in (data.get("pareto_front") or
-                                                               ([data["winner"]] if data["winner"] else []))]
-    rows += [(f"baseline {r['baseline']}", r) for r in data["baselines"]]
+    rows = _winner_rows(data)
     groups = list(data["groups"])
-    hypers = list(dict.fromkeys(k for _, r in rows for k in r["hyperparameters"]))
-    head = ["trial", "role", "state", *groups, *[h for _, h in ACC_COLUMNS], "student params",
+    hypers = list(dict.fromkeys(k for _, r, _ in rows for k in r["hyperparameters"]))
+    head = ["trial", "role", "state", *groups, *[h for _, h in ACC_COLUMNS], "delivered", "student params",
             "epochs to threshold", *hypers]
     title = "Pareto front vs baselines" if multi else "Winner vs baselines"
     recipes = " ".join(f"{name}: {recipe}." for name, recipe in data.get("baseline_recipes", {}).items())
-    intro = (f"The winner is {data['winner_rule']}. Accuracies are those of the model each trial delivers "
-             f"(its student stage chosen by pipeline.select, never the teacher; validation and test, target and source "
-             f"domain). Baselines are the enqueued trials tagged 'baseline', in any state, each at the epoch budget of "
-             f"a default trial. {recipes}").strip()
+    intro = (f"The winner is {data['winner_rule']}. Accuracies are those of the model each trial delivers on the "
+             f"search's seed (its student stage chosen by pipeline.select, never the teacher; validation and test, "
+             f"target and source domain); 'delivered' says when a distill-recipe trial delivered its fine-tuned "
+             f"stage, not a distilled model. Baselines are the enqueued trials tagged 'baseline', in any state, each "
+             f"at the epoch budget of a default trial. Layer actions: finetune (trained on the task), freeze (the "
+             f"teacher's weights, not trained), replace (a new, smaller block trained from scratch), adapt (frozen "
+             f"with a small trained adapter). {recipes}").strip()
     table = Table(title, intro, head)
-    for i, (role, r) in enumerate(rows):
-        if data["winner"] and r["number"] == data["winner"]["number"] and not role.startswith("baseline"):
+    for i, (role, r, highlighted) in enumerate(rows):
+        if highlighted:
             table.highlight.add(i)
         table.rows.append([str(r["number"]), role, r["state"], *[r["layers"].get(g, "-") for g in groups],
-                           *[_num(r[k]) for k, _ in ACC_COLUMNS], _num(r["student_params"]),
-                           _num(r["epochs_to_threshold"]), *[_num(r["hyperparameters"].get(h)) for h in hypers]])
+                           *[_num(r[k]) for k, _ in ACC_COLUMNS], r.get("delivered") or "-",
+                           _num(r["student_params"]), _num(r["epochs_to_threshold"]),
+                           *[_num(r["hyperparameters"].get(h)) for h in hypers]])
     return table
 
 
@@ -84,8 +108,9 @@ def _choice_table(data: dict) -> Table | None:
         return None
     intro = ("The same for every other searched set of choices (the layer term, the recipe, ...): each value's "
              "completed trials, mean and best target val acc and interval. A trial counts for a choice only where the "
-             "choice applied (the layer term of a finetune-recipe trial, a baseline's included, is not counted). The "
-             "value with the best mean is marked *.")
+             "choice applied (the layer term of a finetune-recipe trial, a baseline's included, is not counted), and "
+             "under the recipe it delivered: a distill-recipe trial whose fine-tuned stage was chosen (delivered: "
+             "finetune stage, not distilled) counts as finetune. The value with the best mean is marked *.")
     table = Table("Per-choice effect", intro, ["choice", "value", "completed", "pruned", "mean", "95% interval",
                                                "best", "best trial"])
     _effect_rows(table, choices)
@@ -113,19 +138,51 @@ def _confirmation_table(data: dict) -> Table | None:
     if not conf:
         return None
     verdict = conf["verdict"]["text"] if conf["verdict"] else "too few confirmation runs completed for a verdict"
-    intro = (f"Verdict: {verdict}. The top distinct configurations and the baselines re-run on fresh seeds (new "
-             f"initialisation and batch order; the study's data splits and teacher) in study {conf['study']}: mean "
-             f"target test and val accuracy over the seeds with a 95% Student-t interval; the verdict compares the "
-             f"best configuration by mean target val with the best baseline by the same rule, on target test "
-             f"accuracy seed by seed (paired difference, 95% t interval).")
+    resample = conf.get("resample", "none")
+    splits = ("each seed draws its own split of the data into train, val and test and trains its own teacher, so the "
+              "interval speaks about new data" if resample == "splits" else
+              "every seed keeps the study's one split of the data and its teacher, so the interval speaks about "
+              "that split only")
+    intro = (f"Verdict: {verdict}. {'' if conf.get('complete', True) else 'Runs are still pending: not final. '}"
+             f"How to read it: the search picked its configurations on the target validation split (target val, "
+             f"images of the target domain used to choose); the target test split is never used to choose anything "
+             f"and measures how the chosen model does on unseen target images. The top distinct configurations and "
+             f"the baselines were re-run on fresh seeds (a seed fixes the students' initialisation and batch order; "
+             f"resample: {resample}: {splits}) in study {conf['study']}. Each row: the mean over the seeds and its "
+             f"95% interval (Student-t, clipped to [0, 1]): with that many seeds, the range the true mean most "
+             f"likely lies in. The winner is the configuration with the best mean target val; it is then compared "
+             f"with each baseline seed by seed on target test (the table below). The answer is highlighted. "
+             f"'delivered' counts what its runs delivered: 'distill 4, finetune 1' is four distilled models and one run whose fine-tuned "
+             f"stage scored best (no evidence about distillation).")
     table = Table("Verdict and confirmation", intro, ["configuration", "trial", "seeds", "target test",
-                                                      "test 95% CI", "target val", "val 95% CI"])
-    best = conf["verdict"]["best_trial"] if conf["verdict"] else None
+                                                      "test 95% CI", "target val", "val 95% CI", "delivered"])
+    chosen = conf["verdict"]["answer"]["role"] if conf["verdict"] else None
     for c in conf["configs"]:
-        if c["trial"] == best and c["role"].startswith("top-"):
+        if c["role"] == chosen:
             table.highlight.add(len(table.rows))
         table.rows.append([c["role"], str(c["trial"]), str(len(c["seeds"])), _num(c["target_test_mean"]), _ci(
-            c["target_test_ci"]), _num(c["target_val_mean"]), _ci(c["target_val_ci"])])
+            c["target_test_ci"]), _num(c["target_val_mean"]), _ci(c["target_val_ci"]),
+            ", ".join(f"{kind} {n}" for kind, n in sorted(c.get("delivered", {}).items()))])
+    return table
+
+
+def _comparison_table(data: dict) -> Table | None:
+    conf = data.get("confirmation")
+    if not conf or not conf["verdict"]:
+        return None
+    v = conf["verdict"]
+    intro = (f"The winner (trial {v['best_trial']}) minus each baseline, target test accuracy in points, paired by "
+             f"seed (the same seeds, so the same data and teacher): the mean difference and its 95% interval. "
+             f"beats: the interval lies above 0; loses: below 0; ties: it contains 0 (the seeds cannot tell them "
+             f"apart). The verdict says 'use' the winner only if it beats or ties every baseline; otherwise the "
+             f"baseline(s) that beat it.")
+    table = Table("Winner against each baseline", intro, ["baseline", "seeds", "difference (points)",
+                                                          "95% CI (points)", "outcome"])
+    for c in v["comparisons"]:
+        ci = c["diff_ci"]
+        table.rows.append([c["baseline"], str(len(c["seeds"])),
+                           f"{100 * c['diff_mean']:+.1f}" if c["diff_mean"] is not None else "-",
+                           f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "-", c["outcome"]])
     return table
 
 
@@ -134,8 +191,8 @@ def _ci(ci) -> str:
 
 
 def tables(data: dict) -> list[Table]:
-    out = [_confirmation_table(data), _winner_table(data), _group_table(data), _choice_table(data),
-           _importance_table(data)]
+    out = [_confirmation_table(data), _comparison_table(data), _winner_table(data), _group_table(data),
+           _choice_table(data), _importance_table(data)]
     return [t for t in out if t is not None]
 
 

@@ -103,11 +103,14 @@ def choice_effects(trials, names: list[str], objective: list[str], applies: Call
     cells: dict[str, dict] = {n: {} for n in names}
     pruned: dict[str, dict] = {n: {} for n in names}
     for t, r in distinct_trials(trials):
-        had_a_say = applies(r.choices) if r.attrs.get("choices") else set()
+        # Counted under what was delivered: a distill-recipe trial that delivered its finetune stage is a finetune
+        # model, whose KD choices (the layer term, ...) had no say in it.
+        delivered = {**r.choices, "recipe": r.delivered_recipe} if "recipe" in r.choices else r.choices
+        had_a_say = applies(delivered) if r.attrs.get("choices") else set()
         for n in names:
-            if n not in had_a_say or n not in r.choices:  # records older than the choice have no value for it
+            if n not in had_a_say or n not in delivered:  # records older than the choice have no value for it
                 continue
-            value = str(r.choices[n])
+            value = str(delivered[n])
             if t.state == TrialState.PRUNED:
                 pruned[n][value] = pruned[n].get(value, 0) + 1
             elif t.state == TrialState.COMPLETE and (acc := target_val_acc(t, objective)) is not None:

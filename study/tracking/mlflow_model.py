@@ -29,11 +29,12 @@ def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextmanager
-def _global_tracking_uri(uri: str):
+def global_tracking_uri(uri: str):
     """`mlflow.pytorch.log_model` has no tracking-URI argument: it logs through the process-wide tracking URI
     (which `mlflow.set_tracking_uri` also copies to $MLFLOW_TRACKING_URI). Point both at `uri` for the call and
     put both back, so that nothing else in the process (another study's tracker, a test) sees a changed default.
-    Only the tracker's writer thread logs models; every other MLflow call names its URI through `MlflowClient`."""
+    Only the tracker's writer thread logs and registers models (and `study confirm` registers its answer once the
+    workers stopped); every other MLflow call names its URI through `MlflowClient`."""
     import mlflow
     from mlflow.tracking._tracking_service import utils as uri_state  # holds the URI set_tracking_uri sets
 
@@ -66,7 +67,7 @@ def log_pytorch_model(client, uri: str, experiment_id: str, run_id: str, model: 
         logits = model(torch.from_numpy(example)).numpy()
     logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id,
                                         params={k: str(v) for k, v in params.items()})
-    with _global_tracking_uri(uri), exclusive_torch_state():
+    with global_tracking_uri(uri), exclusive_torch_state():
         mlflow.pytorch.log_model(
             model, name="model", model_id=logged.model_id, serialization_format="pt2",
             signature=infer_signature(example, logits), input_example=example,

@@ -1,6 +1,7 @@
 """MLflow tracking: one experiment per study, a parent run per study, a nested child run per trial opened when the
 trial starts (so running trials show live), per-epoch curves in one batch per epoch, final metrics, weights, the
-layer map, and the best model registered as `<study>-best`.
+layer map, and the best model registered as `<study>-best` (under the one rule of `registry.py`; a confirmation's
+runs on the registration seed log their model, and `answer.py` registers the verdict's).
 
 Every call names its run id explicitly through `MlflowClient`: threads and processes log concurrently without the
 fluent API's global active-run stack (and without a lock around logging). Only opening a trial's run happens on the
@@ -144,7 +145,9 @@ class MlflowTracker:
             return
         run = self.client.create_run(self.experiment_id, run_name=f"study {owner}",
                                      tags={"distillstudy.role": "study", "optuna.study": owner,
-                                           "distillstudy.code_version": code_version()})
+                                           "distillstudy.code_version": code_version(),
+                                           # until `study confirm` publishes its verdict (answer.publish)
+                                           "distillstudy.answer_state": "unconfirmed"})
         try:
             # config.study.storage is already masked by the worker.
             params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
@@ -328,6 +331,8 @@ class MlflowTracker:
         tracking = self.config.tracking
         wants_best = tracking.log_weights == "best" or (tracking.log_weights == "all" and tracking.register_best)
         improved = result is not None and wants_best and self._is_best(value)
+        # A confirmation run on the registration seed keeps its model: it may become the study's answer.
+        keeps_model = improved or (result is not None and self._answer_candidate(trial))
         meta, weights, best_model = None, None, None
         if result is not None:
             # Queue only host-side data: the result's models (teacher, every stage) stay on the device and would
@@ -335,12 +340,21 @@ class MlflowTracker:
             model = result.student
             meta = {"arch": model.arch, "num_classes": model.num_classes, "in_channels": model.in_channels,
                     "group_widths": model.group_widths, "model_groups": model.custom_groups}
-            if tracking.log_weights == "all" or (tracking.log_weights == "best" and improved):
+            if tracking.log_weights == "all" or (tracking.log_weights == "best" and keeps_model):
                 weights = cpu_state(model)
-            if improved and tracking.register_best and weights is not None and result.example_input is not None:
-                best_model = (cpu_copy(model), result.example_input)  # registered as an MLflow PyTorch model
+            if keeps_model and tracking.register_best and weights is not None and result.example_input is not None:
+                best_model = (cpu_copy(model), result.example_input)  # logged as an MLflow PyTorch model
             result = dataclasses.replace(result, student=None, models={})
-        self._submit(self._end_trial, run_id, state, result, reason, improved, meta, weights, best_model)
+        self._submit(self._end_trial, run_id, state, result, reason, (improved, value), meta, weights, best_model)
+
+    def _answer_candidate(self, trial) -> bool:
+        """A confirmation run on the registration seed (`confirm.registration_seed`), whose model is registered
+        as `<study>-best` if its configuration becomes the verdict's answer."""
+        from ..confirm import is_companion, registration_seed
+
+        if trial is None or not is_companion(self.study) or self.config.tracking.log_weights == "none":
+            return False
+        return TrialRecord(trial).seed == registration_seed(self.config)
 
     def _log_best(self, trial, result) -> None:
         # The parent run's `best_target_val_acc`: the best delivered target val accuracy of the study's complete
@@ -360,7 +374,7 @@ class MlflowTracker:
             metric = Metric("best_target_val_acc", float(best), int(time.time() * 1000), finished)
             self._submit(self.client.log_batch, self.parent_id, metrics=[metric], synchronous=True)
 
-    def _end_trial(self, run_id, state: str, result, reason: str | None, improved: bool, meta: dict | None,
+    def _end_trial(self, run_id, state: str, result, reason: str | None, improved: tuple, meta: dict | None,
                    weights: dict | None, best_model: tuple | None = None) -> None:
         tags = [RunTag("optuna.state", state)]
         if reason:
@@ -402,8 +416,9 @@ class MlflowTracker:
         out.append(Metric("seconds/total", result.seconds, now, 0))
         return out
 
-    def _log_trial_artifacts(self, run_id: str, result, improved: bool, meta: dict, weights: dict | None,
+    def _log_trial_artifacts(self, run_id: str, result, improved: tuple, meta: dict, weights: dict | None,
                              best_model: tuple | None = None) -> None:
+        """`improved`: (whether the trial was the study's best when it ended, its objective value)."""
         layer_map = {**meta, "best_stage": result.best_stage, "groups": result.layer_map}
         self.client.log_text(run_id, json.dumps(layer_map, indent=2), "layer_map.json")
         trial_config = self.config.to_dict()
@@ -413,15 +428,19 @@ class MlflowTracker:
                                   "layers": dict(choices.layers)}
         trial_config["pipeline"]["layer_term"] = choices.layer_term  # the old key agrees with the pinned term
         self.client.log_text(run_id, yaml.safe_dump(trial_config, sort_keys=False), "config.yaml")
-        if weights is not None:
-            self._log_state_dict(run_id, weights, "model")
-            if improved and self.config.tracking.register_best:
-                self._register(run_id, self._log_mlflow_model(run_id, result, best_model))
+        if weights is None:
+            return
+        self._log_state_dict(run_id, weights, "model")
+        model_id = self._log_mlflow_model(run_id, result, best_model) if best_model is not None else None
+        if model_id:  # the confirmation's answer is registered from this tag (`answer.publish`)
+            self.client.set_tag(run_id, "distillstudy.model_id", model_id)
+        if improved[0] and self.config.tracking.register_best:
+            self._register(run_id, model_id, improved[1])
 
     def _is_best(self, value: float | None) -> bool:
         """Whether the trial's objective `value` (the objective tells it; one objective only) beats the study's."""
-        if len(self.config.study.objective) > 1 or value is None:
-            return False
+        if len(self.config.study.objective) > 1 or value is None or "confirm_of" in self.study.user_attrs:
+            return False  # a confirmation registers nothing by itself: its answer is registered by `answer.publish`
         direction = self.study.directions[0].name.lower()
         try:
             best = self.study.best_value  # this trial is not told yet, so this is the best of the others
@@ -450,18 +469,20 @@ class MlflowTracker:
                   file=sys.stderr, flush=True)
             return None
 
-    def _register(self, run_id: str, model_id: str | None = None) -> None:
-        # Runs on the writer thread only, so this worker's threads never race between the two calls.
-        name = f"{self.study.study_name}-best"
-        try:
-            self.client.create_registered_model(name, description="best trial of the distillstudy study")
-        except MlflowException:
-            pass  # already registered (by this worker or another): add a version
+    def _register(self, run_id: str, model_id: str | None, value: float) -> None:
+        # Decided again under the registry's lock (registry.py): a late worker never registers a worse trial.
+        from .registry import register_search_best
+
         # The MLflow PyTorch model (`mlflow.pytorch.load_model("models:/<name>/latest")`); the weights folder
         # only when the model could not be exported.
         source = f"models:/{model_id}" if model_id else f"{self.client.get_run(run_id).info.artifact_uri}/model"
-        self.client.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
-                                         tags={"optuna.study": self.study.study_name})
+        maximize = self.study.directions[0].name.lower() == "maximize"
+        tags = {"optuna.study": self.study.study_name, "distillstudy.trial": str(self._trial_of(run_id))}
+        register_search_best(self.client, self.uri, f"{self.study.study_name}-best", source, run_id, model_id,
+                             value, maximize, tags)
+
+    def _trial_of(self, run_id: str) -> str:
+        return self.client.get_run(run_id).data.tags.get("optuna.trial_number", "")
 
     def _log_params(self, run_id: str, params: dict) -> None:
         items = [Param(str(k), str(v)[:_PARAM_MAX]) for k, v in params.items()]

@@ -103,6 +103,11 @@ def _lock_path(uri: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"distillstudy-mlflow-{digest}.lock")
 
 
+def registry_lock(uri: str) -> str:
+    """The lock file under which a machine's workers decide and make `<study>-best` versions (`registry.py`)."""
+    return _lock_path(uri).removesuffix(".init.lock").removesuffix(".lock") + ".registry.lock"
+
+
 def locked_with_retry(uri: str, fn):
     """`fn()` under the store's file lock, tried again (with a short random wait) when it fails on the store: two
     processes initialising one database, or a server that is still starting, succeed on a later attempt."""
@@ -125,8 +130,10 @@ def experiment_id(client, name: str, study_name: str) -> str:
     experiment gets the tags it lacks)."""
     tags = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1],
             NOTE: f"distillstudy study `{study_name}`: the parent run `study {study_name}` holds the config and "
-                  f"`best_target_val_acc`; one child run per trial (params `layers.<group>`, `alpha`, ...), one per "
-                  f"teacher; the best weights are registered as `{study_name}-best`."}
+                  f"`best_target_val_acc`, and after `study confirm` the verdict (tags `distillstudy.verdict`, "
+                  f"`distillstudy.answer`); one child run per trial (params `layers.<group>`, `alpha`, ...), one per "
+                  f"teacher; `{study_name}-best` is the best search trial (unconfirmed) until the confirmation "
+                  f"registers its answer (confirmed)."}
     exp = client.get_experiment_by_name(name)
     if exp is None:
         return client.create_experiment(name, tags=tags)
