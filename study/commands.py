@@ -199,8 +199,10 @@ def replay(name: str, number: int, storage: str | None, device: str | None = Non
     r = trials[0]
     if device:
         config = config.with_changes("pipeline", device=device)
-    # The stored seed is the trial's run seed (a confirmation run's fresh one); splits and teacher stay the study's.
-    result = run_trial(config.task, config.model, config.pipeline, r.trial_choices(), run_seed=r.seed)
+    # The stored seeds: the trial's run seed (a confirmation run's fresh one) and data seed (its split and teacher:
+    # the study's, or a resampled confirmation run's own).
+    result = run_trial(config.task, config.model, config.pipeline, r.trial_choices(), run_seed=r.seed,
+                       data_seed=r.data_seed)
     # What to compare the replay's value (target val acc) with: the trial's value when that is its objective.
     stored = r.values[0] if r.values and config.study.objective == ["target_val_acc"] else \
         r.delivered["target_val_acc"]

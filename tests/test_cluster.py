@@ -251,7 +251,9 @@ def test_killed_worker_trial_is_failed_retried_and_resumed(request, postgres_url
                                                           shared_cache):
     from mlflow import MlflowClient
 
-    from objectives.checkpoints import checkpoint_key
+    from objectives.settings import TrialChoices
+    from study.stage_checkpoints import trial_checkpoints
+    from study.studies import load_study
 
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # No baselines: trial 1 is a sampled distill trial (finetune 2 epochs, then 6 of distill, never stopped early).
@@ -263,8 +265,10 @@ def test_killed_worker_trial_is_failed_retried_and_resumed(request, postgres_url
 
     # Trial 0 completes; kill A in trial 1 once its first stage (finetune) is checkpointed, while it distills.
     victim = wait_for(lambda: running_trial(study_name, postgres_url, min_number=1), LONG, "a running trial 1", [a])
-    key = checkpoint_key(study_name, victim.user_attrs["choices"], victim.user_attrs["seed"])
-    state_file = tmp_path / ".distillstudy" / "checkpoints" / study_name / key / "state.pt"
+    study, config = load_study(study_name, postgres_url)
+    state_file = trial_checkpoints(config, study, postgres_url, TrialChoices.from_flat(victim.user_attrs["choices"]),
+                                   victim.user_attrs["seed"], victim.user_attrs["data_seed"]).path
+    assert state_file.is_relative_to(Path(shared_cache) / "checkpoints")  # under the cache folder
     wait_for(state_file.exists, 60, f"the stage checkpoint {state_file}", [a], interval=0.01)
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait(timeout=30)
