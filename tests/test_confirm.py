@@ -81,7 +81,8 @@ def test_study_run_confirms_on_fresh_seeds_and_ends_with_the_verdict(tmp_path, t
             "study.pruner.name=none", "study.pruner.kwargs={}", f"pipeline.cache_dir={teacher_cache_dir}",
             f"study.checkpoint_dir={tmp_path / 'ck'}", f"tracking.mlflow_uri={mlflow_uri}",
             "tracking.log_weights=none", "tracking.register_best=false",
-            "study.confirm.top=2", "study.confirm.seeds=3"]
+            "study.confirm.top=2", "study.confirm.seeds=3",
+            "study.confirm.resample=none"]  # the study's split and teacher (splits: test_confirm_resample.py)
     run = cli("study", "run", "c", "--config", QUICKSTART, "--storage", storage,
               *[a for s in sets for a in ("--set", s)], "--n-trials", 6)
     assert run.exit_code == 0, run.output
