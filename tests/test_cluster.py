@@ -43,8 +43,8 @@ TINY = ["tracking.enabled=false", "pipeline.device=cpu", "pipeline.cpu_threads=1
         "pipeline.teacher_epochs=2", "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1",
         "pipeline.retrain_epochs=1", "search.generations=0", "study.confirm.top=0"]
 # Trials of a few seconds, for killing one in the middle: finetune (checkpointed), then a longer distill stage.
-SLOW = [*TINY, "pipeline.finetune_epochs=2", "pipeline.distill_epochs=6", "study.pruner.name=none",
-        "study.pruner.kwargs={}"]
+SLOW = [*TINY, "search.recipe=distill", "pipeline.finetune_epochs=2", "pipeline.distill_epochs=6",
+        "study.pruner.name=none", "study.pruner.kwargs={}"]
 # Generous limits: unloaded, the whole module takes about two minutes, but a busy 2-core machine stretches it.
 LONG = 600
 # What never belongs in a worker's stderr.
