@@ -123,8 +123,11 @@ def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, 
     top, seeds = top or config.study.confirm.top or 3, seeds or config.study.confirm.seeds
     companion, total = prepare(study, config, url, top, seeds)
     if not quiet:
+        resample = companion.user_attrs.get("confirm_resample", "none")
+        what = "each seed with its own data split and teacher" if resample == "splits" else \
+            "every seed on the study's data split and teacher"
         echo(f"confirming on fresh seeds: {total} runs in study '{companion.study_name}' (the top {top} distinct "
-             f"configurations and the baselines, {seeds} seeds each)")
+             f"configurations and the baselines, {seeds} seeds each; resample: {resample}, {what})")
 
     def on_trial(_study, trial):
         if not quiet and trial.state != optuna.trial.TrialState.WAITING:

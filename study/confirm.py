@@ -111,7 +111,8 @@ def prepare(study: optuna.Study, config: Config, url: str, top: int, seeds: int)
         for seed in run_seeds(config, seeds):
             attrs = confirm_attrs(role, number, choices, seed, data_seed(config, resample, seed),
                                   baseline=role if role in BASELINES else None)
-            companion.enqueue_trial(enqueue_params(choices, config.search, config.pipeline.replace_with), user_attrs=attrs, skip_if_exists=False)
+            params = enqueue_params(choices, config.search, config.pipeline.replace_with)
+            companion.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
     total = len(configs) * seeds
     companion.set_user_attr("confirm_total", total)  # written last: the companion is ready
     return companion, total

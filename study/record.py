@@ -34,11 +34,12 @@ _LEGACY_PREFIX = "search."  # records written before choices took their paramete
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------
-def write_start(trial: optuna.Trial, choices: TrialChoices, seed: int, data_seed: int) -> None:
-    """What the trial is about to run: its choices, run seed and data seed."""
+def write_start(trial: optuna.Trial, choices: TrialChoices, seed: int, data_seed: int | None = None) -> None:
+    """What the trial is about to run: its choices, run seed and data seed (default: the run seed, as for every
+    trial of a study, whose seeds are both `pipeline.seed`)."""
     trial.set_user_attr("choices", choices.flat())
     trial.set_user_attr("seed", seed)
-    trial.set_user_attr("data_seed", data_seed)
+    trial.set_user_attr("data_seed", seed if data_seed is None else data_seed)
 
 
 def write_run_id(trial: optuna.Trial, run_id: str | None) -> None:

@@ -68,7 +68,8 @@ def create_study(config: Config, name: str, url: str, load_if_exists: bool = Fal
     if config.study.baselines:
         for baseline in BASELINES:
             choices = baseline_choices(baseline, config.search)
-            study.enqueue_trial(enqueue_params(choices, config.search, config.pipeline.replace_with), user_attrs=baseline_attrs(baseline))
+            params = enqueue_params(choices, config.search, config.pipeline.replace_with)
+            study.enqueue_trial(params, user_attrs=baseline_attrs(baseline))
     # Written last: a worker that finds the hash knows the study is complete (config stored, baselines queued).
     study.set_user_attr("config_hash", config_hash(config))
     return study, True

@@ -92,7 +92,8 @@ def test_resampled_seeds_have_their_own_split_and_teacher_shared_by_every_config
 
 
 def test_a_bad_resample_value_is_one_line_and_exit_2(tmp_path):
-    result = CliRunner().invoke(main, ["study", "create", str(QUICKSTART), "--storage", f"sqlite:///{tmp_path / 's.db'}",
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    result = CliRunner().invoke(main, ["study", "create", str(QUICKSTART), "--storage", url,
                                        "--set", "study.confirm.resample=folds"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: study.confirm.resample: 'folds' is not one of splits, none"

@@ -38,7 +38,8 @@ def cli(*args):
 
 def create(name: str, url: str, cache: str, task: str) -> None:
     sets = [*TINY, f"task.name={task}", f"pipeline.cache_dir={cache}"]
-    result = cli("study", "create", QUICKSTART, "--name", name, "--storage", url, *[a for s in sets for a in ("--set", s)])
+    sets = [a for s in sets for a in ("--set", s)]
+    result = cli("study", "create", QUICKSTART, "--name", name, "--storage", url, *sets)
     assert result.exit_code == 0, result.output
 
 
