@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -99,13 +100,17 @@ class TrialResult:
         }
 
 
-_task_cache: dict = {}
+_task_cache: OrderedDict = OrderedDict()
 _task_lock = threading.Lock()
+# Splits kept per process, the most recently used: a study's one split and, in a resampled confirmation, one per
+# seed (its runs come seed after seed, so the default 5 seeds plus the study's split all stay), without keeping a
+# device copy of every seed's data for a confirmation on many seeds.
+TASK_CACHE_SIZE = 8
 
 
 def get_task(options: TaskOptions, seed: int, device: torch.device) -> TaskData:
-    """The split task on `device`, built once per process (trials of a study share it). In-memory data is moved
-    there now; folder data only records it (its batches are copied there as they are read)."""
+    """The task split with `seed` on `device`, built once per process (trials of a study share it). In-memory data
+    is moved there now; folder data only records it (its batches are copied there as they are read)."""
     key = (repr(options), seed, str(device))
     with _task_lock:
         if key not in _task_cache:
@@ -114,6 +119,9 @@ def get_task(options: TaskOptions, seed: int, device: torch.device) -> TaskData:
                 if isinstance(value, (LabeledImages, FolderImages)):
                     setattr(task, name, value.to(device))
             _task_cache[key] = task
+            while len(_task_cache) > TASK_CACHE_SIZE:
+                _task_cache.popitem(last=False)  # a trial that still runs on it keeps its own reference
+        _task_cache.move_to_end(key)
         return _task_cache[key]
 
 
