@@ -274,12 +274,15 @@ def study_export(name, storage, fmt, out):
 @stored_option
 @click.option("--yes", is_flag=True, required=True, help="Confirm.")
 def study_delete(name, storage, yes):
-    """Delete study NAME (its MLflow runs stay)."""
+    """Delete study NAME, its confirmation study NAME-confirm and their stage checkpoints (their MLflow runs
+    stay)."""
     from study.storage import resolve_storage_url
     from study.studies import delete_study
 
-    delete_study(name, resolve_storage_url(storage))
-    click.echo(f"deleted study '{name}'")
+    deleted = delete_study(name, resolve_storage_url(storage))
+    also = f" and its confirmation study '{deleted[1]}'" if len(deleted) > 1 else ""
+    click.echo(f"deleted study '{name}'{also}, and their stage checkpoints" if also else
+               f"deleted study '{name}' and its stage checkpoints")
 
 
 @trial.command("replay")

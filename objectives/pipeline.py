@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -81,6 +82,8 @@ class TrialResult:
     models: dict = field(default_factory=dict, repr=False)  # stage -> model (the teacher included, for reference)
     # A few target validation images on the host: the input example of the logged MLflow model.
     example_input: torch.Tensor | None = field(default=None, repr=False)
+    data_seed: int = 0  # seeded the data splits and the teacher (`pipeline.seed` but in a resampled confirmation)
+    data_fingerprint: str = ""  # hash of the split data the trial trained and was scored on (`TaskData.fingerprint`)
 
     def to_dict(self) -> dict:
         """The JSON form printed by `trial run --json` (models left out)."""
@@ -92,17 +95,22 @@ class TrialResult:
             "teacher_cache": self.teacher.cache, "teacher_key": self.teacher.key,
             "donor_cache": self.donor.cache if self.donor else None, "epochs_to_threshold": self.epochs_to_threshold,
             "total_epochs": self.total_epochs, "budget": self.budget, "seconds": self.seconds, "device": self.device,
-            "run_seed": self.run_seed, "model_hash": self.model_hash,
+            "run_seed": self.run_seed, "data_seed": self.data_seed, "data_fingerprint": self.data_fingerprint,
+            "model_hash": self.model_hash,
         }
 
 
-_task_cache: dict = {}
+_task_cache: OrderedDict = OrderedDict()
 _task_lock = threading.Lock()
+# Splits kept per process, the most recently used: a study's one split and, in a resampled confirmation, one per
+# seed (its runs come seed after seed, so the default 5 seeds plus the study's split all stay), without keeping a
+# device copy of every seed's data for a confirmation on many seeds.
+TASK_CACHE_SIZE = 8
 
 
 def get_task(options: TaskOptions, seed: int, device: torch.device) -> TaskData:
-    """The split task on `device`, built once per process (trials of a study share it). In-memory data is moved
-    there now; folder data only records it (its batches are copied there as they are read)."""
+    """The task split with `seed` on `device`, built once per process (trials of a study share it). In-memory data
+    is moved there now; folder data only records it (its batches are copied there as they are read)."""
     key = (repr(options), seed, str(device))
     with _task_lock:
         if key not in _task_cache:
@@ -111,6 +119,9 @@ def get_task(options: TaskOptions, seed: int, device: torch.device) -> TaskData:
                 if isinstance(value, (LabeledImages, FolderImages)):
                     setattr(task, name, value.to(device))
             _task_cache[key] = task
+            while len(_task_cache) > TASK_CACHE_SIZE:
+                _task_cache.popitem(last=False)  # a trial that still runs on it keeps its own reference
+        _task_cache.move_to_end(key)
         return _task_cache[key]
 
 
@@ -148,13 +159,16 @@ def _fresh_donor(task: TaskData, model: ModelSettings) -> GroupedModel:
 
 def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: PipelineSettings, choices: TrialChoices,
               report: ReportFn | None = None, on_epoch: EpochFn | None = None,
-              checkpoints: StageCheckpoints | None = None, run_seed: int | None = None) -> TrialResult:
+              checkpoints: StageCheckpoints | None = None, run_seed: int | None = None,
+              data_seed: int | None = None) -> TrialResult:
     """Run the whole pipeline once with fixed choices. Raises UserError for impossible input,
     TrainingDiverged for a NaN/inf loss, and whatever `report` raises (pruning).
 
-    `run_seed` (default `pipeline.seed`) seeds the students' initialisation and batch order; the data splits and
-    the teacher always come from `pipeline.seed`, so a trial re-run on fresh run seeds (a confirmation) varies
-    only its own training, never what it is selected and tested on.
+    `run_seed` (default `pipeline.seed`) seeds the students' initialisation and batch order; `data_seed` (default
+    `pipeline.seed`) seeds the task's train/val/test splits and the teacher trained on that split's source (cached
+    per data seed, so every trial with the same data seed shares split and teacher). A study's trials use the
+    defaults; a confirmation re-runs a configuration on fresh run seeds, with the study's data seed (`resample:
+    none`) or the run seed as data seed too (`resample: splits`: a new split and teacher per seed).
 
     With `checkpoints`, every finished stage is saved and a saved trial resumes after its last finished stage
     (its earlier per-epoch values are reported again, so the pruner sees the whole curve)."""
@@ -165,81 +179,115 @@ def run_trial(task_options: TaskOptions, model: ModelSettings, pipeline: Pipelin
     device = resolve_device(pipeline.device)
     if device.type == "cpu" and pipeline.cpu_threads > 0:
         torch.set_num_threads(pipeline.cpu_threads)
-    task = get_task(task_options, pipeline.seed, device)
+    data_seed = pipeline.seed if data_seed is None else data_seed
+    task = get_task(task_options, data_seed, device)
     stages, layer_map = preflight(task, model, pipeline, choices)
-    bs, workers = pipeline.eval_batch_size, pipeline.num_workers
-    seed = pipeline.seed if run_seed is None else run_seed
-
-    teacher, teacher_info = get_teacher("teacher", model.arch, model.width, task, model, pipeline, device)
-    donor, donor_info = None, None
+    trial = _TrialRun(task=task, pipeline=pipeline, choices=choices, layer_map=layer_map, device=device,
+                      seed=pipeline.seed if run_seed is None else run_seed, data_seed=data_seed,
+                      ctx=LoopContext(device=device, batch_size=pipeline.batch_size,
+                                      eval_batch_size=pipeline.eval_batch_size, augment=pipeline.augment,
+                                      allow_flip=task.allow_flip, target_val=task.target_val,
+                                      generator=torch.Generator(device=device), report=report, on_epoch=on_epoch,
+                                      num_workers=pipeline.num_workers))
+    trial.teacher, trial.teacher_info = get_teacher("teacher", model.arch, model.width, task, model, pipeline, device,
+                                                    data_seed)
     if _needs_donor(pipeline, choices):
-        donor, donor_info = get_teacher("donor", model.donor_arch or model.arch, model.donor_width, task, model,
-                                        pipeline, device)
-    ctx = LoopContext(device=device, batch_size=pipeline.batch_size, eval_batch_size=bs, augment=pipeline.augment,
-                      allow_flip=task.allow_flip, target_val=task.target_val,
-                      generator=torch.Generator(device=device), report=report, on_epoch=on_epoch,
-                      num_workers=workers)
-    teacher_val = accuracy(teacher, task.target_val, bs, workers)
+        trial.donor, trial.donor_info = get_teacher("donor", model.donor_arch or model.arch, model.donor_width, task,
+                                                    model, pipeline, device, data_seed)
+    trial.teacher_val = trial.accuracy(trial.teacher, task.target_val)
     if on_epoch:  # the teacher's point on the curves (step 0); never reported to the pruner: it is no candidate
-        on_epoch("teacher", 0, {"target_val_acc": teacher_val})
-
-    def fresh_student(generation: int) -> GroupedModel:
-        # Generation 0 is the finetune stage's student; each born-again generation starts from a fresh one.
-        student, _ = build_student(teacher, choices.layers, pipeline.replace_with, choices.slim_width, donor,
-                                   task.image_shape, init_seed=derive_seed(seed, "student", generation),
-                                   adapter_rank=choices.adapter_rank)
-        return place(student, device)
-
-    models: dict[str, GroupedModel] = {}
-    runs: dict[str, StageRun] = {}
-    val: dict[str, float] = {}
+        on_epoch("teacher", 0, {"target_val_acc": trial.teacher_val})
     if checkpoints is not None:
-        _resume(checkpoints.load(), lambda: fresh_student(0), models, runs, val, report)
-
+        _resume(checkpoints.load(), lambda: trial.fresh_student(0), trial.models, trial.runs, trial.val, report)
     for index, stage in enumerate(stages):
-        if stage.name in runs:  # restored from a checkpoint
-            continue
+        if stage.name not in trial.runs:  # else restored from a checkpoint
+            trial.run_stage(stage, stages[index - 1].name if index > 0 else None)
+            if checkpoints is not None:
+                checkpoints.save(_checkpoint_state(trial.models, trial.runs, trial.val))
+    return trial.result(stages, started)
+
+
+@dataclass
+class _TrialRun:
+    """One trial under way: what its stages share, and the models, runs and val accuracies of the finished ones."""
+
+    task: TaskData
+    pipeline: PipelineSettings
+    choices: TrialChoices
+    layer_map: dict
+    device: torch.device
+    seed: int  # the run seed: students' initialisation and batch order
+    data_seed: int  # the split and the teacher
+    ctx: LoopContext
+    teacher: GroupedModel | None = None
+    teacher_info: TeacherInfo | None = None
+    teacher_val: float = 0.0
+    donor: GroupedModel | None = None
+    donor_info: TeacherInfo | None = None
+    models: dict = field(default_factory=dict)  # stage -> student
+    runs: dict = field(default_factory=dict)  # stage -> StageRun
+    val: dict = field(default_factory=dict)  # stage -> target val accuracy
+
+    def accuracy(self, model: GroupedModel, data) -> float:
+        return accuracy(model, data, self.pipeline.eval_batch_size, self.pipeline.num_workers)
+
+    def fresh_student(self, generation: int) -> GroupedModel:
+        """Generation 0 is the finetune stage's student; each born-again generation starts from a fresh one."""
+        student, _ = build_student(self.teacher, self.choices.layers, self.pipeline.replace_with,
+                                   self.choices.slim_width, self.donor, self.task.image_shape,
+                                   init_seed=derive_seed(self.seed, "student", generation),
+                                   adapter_rank=self.choices.adapter_rank)
+        return place(student, self.device)
+
+    def run_stage(self, stage: Stage, previous: str | None) -> None:
+        """Train one stage's student (distill continues the finetuned one) and record it."""
+        pipeline, choices, ctx = self.pipeline, self.choices, self.ctx
         # Each stage draws from its own seed, so a cached teacher or a resumed checkpoint changes nothing.
-        ctx.generator.manual_seed(derive_seed(seed, "batches", stage.name))
+        ctx.generator.manual_seed(derive_seed(self.seed, "batches", stage.name))
         ctx.step = stage.first_step - 1
-        previous = stages[index - 1].name if index > 0 else None
         if stage.kind == "distill" and previous is not None:
-            student = copy.deepcopy(models[previous])  # distill continues the finetuned student
+            student = copy.deepcopy(self.models[previous])
         else:
-            student = fresh_student(stage.generation)
-        kd_name, kd_model = _kd_teacher(stage, previous, teacher, teacher_val, models, val, pipeline)
-        sources = stage_sources(stage, task, pipeline, choices)
+            student = self.fresh_student(stage.generation)
+        kd_name, kd_model = _kd_teacher(stage, previous, self.teacher, self.teacher_val, self.models, self.val,
+                                        pipeline)
+        sources = stage_sources(stage, self.task, pipeline, choices)
         if kd_model is None:
             spec = StageSpec(name=stage.name, epochs=stage.epochs, sources=sources,
-                             params=trainable_parameters(student, layer_map), lr=choices.lr, augment=choices.augment,
-                             frozen=frozen_groups(layer_map), weight_decay=pipeline.weight_decay,
-                             compile=pipeline.compile)
-            runs[stage.name] = train_stage(student, spec, ctx)
+                             params=trainable_parameters(student, self.layer_map), lr=choices.lr,
+                             augment=choices.augment, frozen=frozen_groups(self.layer_map),
+                             weight_decay=pipeline.weight_decay, compile=pipeline.compile)
+            run = train_stage(student, spec, ctx)
         else:
-            runs[stage.name] = _distill(stage, student, kd_model, teacher, layer_map, sources, task, pipeline,
-                                        choices, ctx, seed)
-        runs[stage.name].kd_teacher = kd_name
-        runs[stage.name].sources = {s.name: s.weight for s in sources}
-        models[stage.name] = student
-        val[stage.name] = accuracy(student, task.target_val, bs, workers)
-        if checkpoints is not None:
-            checkpoints.save(_checkpoint_state(models, runs, val))
+            run = _distill(stage, student, kd_model, self.teacher, self.layer_map, sources, self.task, pipeline,
+                           choices, ctx, self.seed)
+        run.kd_teacher, run.sources = kd_name, {s.name: s.weight for s in sources}
+        self.runs[stage.name], self.models[stage.name] = run, student
+        self.val[stage.name] = self.accuracy(student, self.task.target_val)
 
-    delivered = select_stage(val, pipeline.select)
-    results = {"teacher": _evaluate(teacher, StageRun(epochs=teacher_info.epochs, seconds=teacher_info.seconds),
-                                    task, bs, workers)}
-    results.update({name: _evaluate(models[name], runs[name], task, bs, workers) for name in models})
-    threshold_steps = [r.threshold_epoch for r in runs.values() if r.threshold_epoch is not None]
-    return TrialResult(
-        value=results[delivered].target_val_acc, best_stage=delivered, select=pipeline.select, recipe=choices.recipe,
-        stages=results, params=choices.flat(), layer_map=layer_map, student_params=_count(models[delivered]),
-        teacher_params=_count(teacher), teacher=teacher_info, donor=donor_info,
-        epochs_to_threshold=min(threshold_steps) if threshold_steps else None,
-        total_epochs=sum(r.epochs for r in runs.values()), budget=stages[-1].last_step,
-        seconds=time.perf_counter() - started, device=str(device), run_seed=seed,
-        model_hash=weights_hash(models[delivered]), student=models[delivered],
-        models={"teacher": teacher, **models}, trainable_params=_count(models[delivered], trainable=True),
-        example_input=_example_images(task.target_val))
+    def result(self, stages: list[Stage], started: float) -> TrialResult:
+        """The finished trial (begun at `perf_counter()` `started`): the delivered stage and every stage's
+        accuracies on both domains."""
+        task, models, runs = self.task, self.models, self.runs
+        bs, workers = self.pipeline.eval_batch_size, self.pipeline.num_workers
+        delivered = select_stage(self.val, self.pipeline.select)
+        info = self.teacher_info
+        results = {"teacher": _evaluate(self.teacher, StageRun(epochs=info.epochs, seconds=info.seconds), task, bs,
+                                        workers)}
+        results.update({name: _evaluate(models[name], runs[name], task, bs, workers) for name in models})
+        threshold_steps = [r.threshold_epoch for r in runs.values() if r.threshold_epoch is not None]
+        return TrialResult(
+            value=results[delivered].target_val_acc, best_stage=delivered, select=self.pipeline.select,
+            recipe=self.choices.recipe, stages=results, params=self.choices.flat(), layer_map=self.layer_map,
+            student_params=_count(models[delivered]), teacher_params=_count(self.teacher), teacher=info,
+            donor=self.donor_info, epochs_to_threshold=min(threshold_steps) if threshold_steps else None,
+            total_epochs=sum(r.epochs for r in runs.values()), budget=stages[-1].last_step,
+            seconds=time.perf_counter() - started,
+            device=str(self.device), run_seed=self.seed, model_hash=weights_hash(models[delivered]),
+            student=models[delivered], models={"teacher": self.teacher, **models},
+            trainable_params=_count(models[delivered], trainable=True),
+            example_input=_example_images(task.target_val), data_seed=self.data_seed,
+            data_fingerprint=task.fingerprint)
 
 
 def _example_images(images: LabeledImages | FolderImages, count: int = 4) -> torch.Tensor:

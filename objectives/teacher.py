@@ -64,29 +64,35 @@ class TeacherInfo:
 
 
 def cache_key(role: str, arch: str, width: float, task: TaskData, model: ModelSettings,
-              pipeline: PipelineSettings) -> str:
-    """Hash of everything that determines a teacher: task data, architecture, training settings, seed, code."""
+              pipeline: PipelineSettings, seed: int | None = None) -> str:
+    """Hash of everything that determines a teacher: task data, architecture, training settings, seed, code.
+    `seed` is the data seed the teacher's split, initialisation and batch order come from (default `pipeline.seed`)."""
+    seed = pipeline.seed if seed is None else seed
     parts = {
         "role": role, "arch": arch, "arch_source": arch_fingerprint(arch), "groups": model.groups,
         "width": width, "task": task.name, "data": task.fingerprint,
         "source": model.teacher if role == "teacher" else "train",
         "checkpoint": _file_hash(model.checkpoint) if role == "teacher" and model.teacher == "checkpoint" else "",
         "epochs": pipeline.teacher_epochs, "lr": pipeline.teacher_lr, "batch_size": pipeline.batch_size,
-        "weight_decay": pipeline.weight_decay, "seed": pipeline.seed, "code": code_version(),
+        "weight_decay": pipeline.weight_decay, "seed": seed, "code": code_version(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def get_teacher(role: str, arch: str, width: float, task: TaskData, model: ModelSettings,
-                pipeline: PipelineSettings, device: torch.device) -> tuple[GroupedModel, TeacherInfo]:
-    """Load the cached teacher (or donor) for this key, or build and train it and cache it."""
-    key = cache_key(role, arch, width, task, model, pipeline)
+                pipeline: PipelineSettings, device: torch.device,
+                seed: int | None = None) -> tuple[GroupedModel, TeacherInfo]:
+    """Load the cached teacher (or donor) for this key, or build and train it and cache it. `seed`: the data seed
+    `task` was split with, which also seeds the teacher's initialisation and batch order (default `pipeline.seed`);
+    every trial with the same data seed shares one teacher."""
+    seed = pipeline.seed if seed is None else seed
+    key = cache_key(role, arch, width, task, model, pipeline, seed)
     cache_dir = Path(os.path.expanduser(pipeline.cache_dir))
     cache_dir.mkdir(parents=True, exist_ok=True)
     weights, meta = cache_dir / f"{role}-{key}.pt", cache_dir / f"{role}-{key}.json"
     # Seed the initialisation as well as the training: a teacher must depend on its key alone, not on what this
     # process or its other trial threads drew, or the same key would give different teachers in different workers.
-    with seeded_init(derive_seed(pipeline.seed, role, "init")):
+    with seeded_init(derive_seed(seed, role, "init")):
         net = _fresh(role, arch, width, task, model)
     with open(cache_dir / f"{role}-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per key; the rest block here, then find the file
@@ -102,7 +108,7 @@ def get_teacher(role: str, arch: str, width: float, task: TaskData, model: Model
         else:
             log.info("training the %s (%s, %d epochs on the source of %s; other workers wait for it): %s", role,
                      arch, pipeline.teacher_epochs, task.name, weights)
-        info = _train(role, net, key, task, model, pipeline, device)
+        info = _train(role, net, key, task, model, pipeline, device, seed)
         info.path = str(weights)
         atomic_save(net.state_dict(), weights)
         # The meta file is the entry's seal: written (atomically) after the weights, with their size and hash.
@@ -184,13 +190,14 @@ def load_checkpoint(net: GroupedModel, path: str) -> None:
                         f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
 
 
-def _train(role, net, key, task: TaskData, model: ModelSettings, pipeline: PipelineSettings, device) -> TeacherInfo:
+def _train(role, net, key, task: TaskData, model: ModelSettings, pipeline: PipelineSettings, device,
+           seed: int) -> TeacherInfo:
     started = time.perf_counter()
     # A checkpoint is used as given; trained and pretrained teachers learn the source.
     epochs = 0 if (role == "teacher" and model.teacher == "checkpoint") else pipeline.teacher_epochs
     ctx = LoopContext(device=device, batch_size=pipeline.batch_size, eval_batch_size=pipeline.eval_batch_size,
                       augment=pipeline.augment, allow_flip=task.allow_flip, target_val=task.source_val,
-                      generator=torch.Generator(device=device).manual_seed(derive_seed(pipeline.seed, role, "batches")),
+                      generator=torch.Generator(device=device).manual_seed(derive_seed(seed, role, "batches")),
                       num_workers=pipeline.num_workers)
     spec = StageSpec(name=role, epochs=epochs, sources=[DataSource("source", task.source_train, 1.0)],
                      params=list(net.parameters()), lr=pipeline.teacher_lr, weight_decay=pipeline.weight_decay)

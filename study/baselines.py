@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from objectives.settings import TrialChoices
 
-from .search import SearchSpace
+from .search import SearchSpace, active_params
 
 # Each baseline's recipe, at the same epoch budget as a default trial (the default number of generations).
 BASELINES = {
@@ -32,14 +32,18 @@ def baseline_choices(name: str, space: SearchSpace) -> TrialChoices:
     raise KeyError(name)
 
 
-def enqueue_params(choices: TrialChoices, space: SearchSpace) -> dict:
-    """Optuna parameter values for enqueue_trial: only the sampled parameters, and only values their
-    distribution contains (the objective applies the full baseline choices either way)."""
+def enqueue_params(choices: TrialChoices, space: SearchSpace, replace_with: str) -> dict:
+    """Optuna parameter values for enqueue_trial: only the parameters the search samples for these choices (a
+    conditional one only where it applies: no KD choice for the finetune recipe; see `search.resolve_choices`), and
+    only values their distribution contains (the objective applies the full choices either way)."""
     params = {}
     for g, acts in space.group_actions().items():
         if len(acts) > 1 and choices.layers[g] in acts:
             params[f"layers.{g}"] = choices.layers[g]
+    active = set(active_params(space, replace_with, choices))
     for name, p in space.params.items():
+        if name not in active:
+            continue
         value = getattr(choices, name)
         if p.mode == "categorical" and value in p.choices:
             params[name] = value

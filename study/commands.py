@@ -125,8 +125,12 @@ def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, 
     if not quiet:
         tops, bases = configurations_of(companion)
         fewer = f" (of the top {top} asked for; the others are not distinct)" if tops < top else ""
+        resample = companion.user_attrs.get("confirm_resample", "none")
+        what = "each seed with its own data split and teacher" if resample == "splits" else \
+            "every seed on the study's data split and teacher"
         echo(f"confirming on fresh seeds: {total} runs in study '{companion.study_name}': {tops} distinct "
-             f"configurations{fewer} and {bases} baselines, {total // max(tops + bases, 1)} seeds each")
+             f"configurations{fewer} and {bases} baselines, {total // max(tops + bases, 1)} seeds each; "
+             f"resample: {resample}, {what}")
 
     def on_trial(_study, trial):
         if not quiet and trial.state != optuna.trial.TrialState.WAITING:
@@ -222,9 +226,10 @@ def replay(name: str, number: int, storage: str | None, device: str | None = Non
     if device:
         config = config.with_changes("pipeline", device=device)
     curve: dict[int, float] = {}
-    # The stored seed is the trial's run seed (a confirmation run's fresh one); splits and teacher stay the study's.
+    # The stored seeds: the trial's run seed (a confirmation run's fresh one) and data seed (its split and teacher:
+    # the study's, or a resampled confirmation run's own).
     result = run_trial(config.task, config.model, config.pipeline, r.trial_choices(), run_seed=r.seed,
-                       report=lambda step, value, _stage: curve.__setitem__(step, value))
+                       data_seed=r.data_seed, report=lambda step, value, _stage: curve.__setitem__(step, value))
     pruned = r.state == optuna.trial.TrialState.PRUNED
     # What to compare the replay's value (target val acc) with: the trial's value when that is its objective.
     stored = r.values[0] if r.values and (pruned or config.study.objective == ["target_val_acc"]) else \

@@ -52,3 +52,9 @@ def distribution_contains(dist: optuna.distributions.BaseDistribution, value) ->
         return dist._contains(dist.to_internal_repr(value))
     except (ValueError, TypeError):
         return False
+
+
+def study_id(study: optuna.Study) -> int:
+    """The study's id in its storage (`Study._study_id`, private): unlike its name, never shared by two studies alive
+    at once in one storage. Optuna 5.0 exposes no public accessor; on upgrade look for one."""
+    return study._study_id

@@ -74,6 +74,9 @@ class ConfirmSettings:
 
     top: int = field(default=3, metadata={"range": (0, 100)})  # distinct top configurations; 0 = no confirmation
     seeds: int = field(default=5, metadata={"range": (2, 1000)})  # fresh run seeds each (an interval needs two)
+    # splits: each seed also draws its own train/val/test split and trains its own teacher on that split's source
+    # (the verdict then speaks about unseen data); none: every seed keeps the study's split and teacher (cheaper).
+    resample: str = field(default="splits", metadata={"choices": ("splits", "none")})
 
 
 @dataclass
@@ -92,7 +95,8 @@ class StudySettings:
     max_retry: int = field(default=2, metadata={"range": (0, 100)})  # re-runs of a trial whose worker died
     # seconds a worker waits out an unreachable database server (a restart) before it stops; server storages only
     storage_retry: int = field(default=60, metadata={"range": (0, 86400)})
-    checkpoint_dir: str = ".distillstudy/checkpoints"  # per-stage checkpoints for retried trials (shared FS)
+    # Per-stage checkpoints for retried trials (a shared FS for a cluster); '' = `checkpoints` under pipeline.cache_dir.
+    checkpoint_dir: str = ""
     confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
 
 

@@ -3,10 +3,17 @@
 A search picks its winner on one seed and a small validation split, so the winner's margin is partly luck. The
 confirmation re-runs the top K distinct configurations (distinct layer actions and hyperparameters, baselines
 excluded) and the three baselines on S fresh run seeds (`pipeline.seed + 1 .. + S`): new initialisation of the
-students and new batch order, while the data splits and the teacher stay the study's, so selection never touches
-the test split. The runs are ordinary trials of a companion Optuna study `<name>-confirm` in the same storage
-(fixed choices enqueued, the run seed a user attribute), so any number of workers share them, with the heartbeat,
-retry and checkpoint machinery, and each is an MLflow child run tagged `distillstudy.confirm`.
+students and new batch order, and with `study.confirm.resample`
+- `splits` (the default): also a new train/val/test split of the task and a new teacher per seed (the run seed is
+  the run's data seed too): seed s splits the data with s and trains its teacher on that split's source, cached
+  once per seed and shared by every configuration on seed s, so the comparison stays paired (same split, same
+  teacher) while the interval covers what a new split and a new teacher do. It costs one teacher per seed.
+- `none`: every seed keeps the study's split and teacher; the interval then speaks about one split only.
+Either way a run is selected on its own split's validation data and scored on that split's test data, which no
+selection ever saw. The runs are ordinary trials of a companion Optuna study `<name>-confirm` in the same storage
+(fixed choices enqueued, the run seed and data seed user attributes, the mode the companion's `confirm_resample`),
+so any number of workers share them, with the heartbeat, retry and checkpoint machinery, and each is an MLflow child
+run tagged `distillstudy.confirm`.
 
 Statistics (study/verdict.py): per configuration, the mean target test and val accuracy over its seeds with a 95%
 Student-t interval clipped to [0, 1] (none below two seeds). The winner is the confirmed top configuration with the
@@ -51,6 +58,11 @@ def run_seeds(config: Config, seeds: int) -> list[int]:
     return [config.pipeline.seed + 1 + i for i in range(seeds)]
 
 
+def data_seed(config: Config, resample: str, run_seed: int) -> int:
+    """The seed of a confirmation run's split and teacher: its run seed (`resample: splits`) or the study's."""
+    return run_seed if resample == "splits" else config.pipeline.seed
+
+
 def top_configurations(study: optuna.Study, top: int) -> list[tuple[str, int, TrialChoices | None]]:
     """(role, trial number, choices) of the `top` best distinct non-baseline configurations by value (ties: the
     earlier trial), then the three baselines (choices None for a baseline that never ran). One objective only."""
@@ -92,11 +104,15 @@ def prepare(study: optuna.Study, config: Config, url: str, top: int, seeds: int)
     stored["tracking"]["experiment"] = config.tracking.experiment or study.study_name
     companion.set_user_attr("config", stored)
     companion.set_user_attr("confirm_of", study.study_name)
+    resample = config.study.confirm.resample
+    companion.set_user_attr("confirm_resample", resample)
     for role, number, choices in configs:
         choices = choices or baseline_choices(role, config.search)
         for seed in run_seeds(config, seeds):
-            attrs = confirm_attrs(role, number, choices, seed, baseline=role if role in BASELINES else None)
-            companion.enqueue_trial(enqueue_params(choices, config.search), user_attrs=attrs, skip_if_exists=False)
+            attrs = confirm_attrs(role, number, choices, seed, data_seed(config, resample, seed),
+                                  baseline=role if role in BASELINES else None)
+            params = enqueue_params(choices, config.search, config.pipeline.replace_with)
+            companion.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
     total = len(configs) * seeds
     companion.set_user_attr("confirm_total", total)  # written last: the companion is ready
     return companion, total

@@ -6,14 +6,14 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import optuna
 import torch
 
 from models.errors import InvalidChoice, UserError, first_line
-from objectives.checkpoints import StageCheckpoints, checkpoint_key
 from objectives.pipeline import TrialResult, run_trial
+from objectives.settings import TrialChoices
 from objectives.stages import plan_stages
 from objectives.train import TrainingDiverged
 
@@ -24,6 +24,7 @@ from .confirm import is_companion
 from .pruning import is_decision_step
 from .record import TrialRecord
 from .search import suggest_choices
+from .stage_checkpoints import trial_checkpoints
 from .tracking import NullTracker
 
 
@@ -74,15 +75,52 @@ def _finished(study: optuna.Study, below: int | None = None) -> int:
     return sum(1 for t in trials if below is None or t.number < below)
 
 
+@dataclass
+class _Plan:
+    """What one trial runs: its choices and seeds, and what it was queued as."""
+
+    choices: TrialChoices
+    run_seed: int  # the students' initialisation and batch order
+    data_seed: int  # the data split and the teacher
+    queued: TrialRecord  # what an enqueued trial was queued as (a baseline, a confirmation run, a retry)
+
+    @property
+    def always_finishes(self) -> bool:
+        """A baseline is the reference every verdict is read against, and a confirmation run measures a
+        configuration: both report their curves but are never pruned."""
+        return bool(self.queued.baseline or self.queued.confirm_choices)
+
+    @property
+    def enqueued(self) -> bool:
+        """A baseline, a confirmation run or a retry: it exists once in the queue."""
+        return self.always_finishes or self.queued.get("retry_of") is not None
+
+
+def _plan(trial: optuna.Trial, study: optuna.Study, config: Config, confirming: bool) -> _Plan:
+    """The trial's choices and seeds: sampled, a baseline's, or a confirmation run's (its enqueued choices on a
+    fresh run seed, and its own data seed when the confirmation resamples the splits)."""
+    pipeline = config.pipeline
+    choices = suggest_choices(trial, config.search, pipeline.replace_with)  # enqueued values, for Optuna's record
+    queued = TrialRecord(trial)
+    run_seed = data_seed = pipeline.seed
+    if queued.confirm_choices:
+        choices, run_seed = queued.confirm_choices, int(queued.seed)
+        data_seed = pipeline.seed if queued.data_seed is None else int(queued.data_seed)
+    elif confirming:
+        record.write_skipped(trial, "a confirmation study runs only its enqueued trials")
+        study.stop()
+        raise StudyFull("confirmation queue is empty")
+    elif queued.baseline:
+        choices = baseline_choices(queued.baseline, config.search)
+    return _Plan(choices, run_seed, data_seed, queued)
+
+
 def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=None,
                    interrupted: threading.Event | None = None):
     """The objective for `study`; it abandons trials beyond the study's total `n_trials` (so parallel workers
-    stop at exactly n_trials finished trials). Setting `interrupted` stops running trials at their next epoch."""
+    stop at exactly n_trials finished trials). Setting `interrupted` stops running trials at their next epoch.
+    `config.study.storage` is the study's storage URL (its stage checkpoints are the study's own)."""
     tracker = tracker or NullTracker()
-    space, pipeline = config.search, config.pipeline
-    multi = len(config.study.objective) > 1
-    # should_prune reads the study's trials from the storage; with no pruner it would only ever say no.
-    can_prune = not multi and not isinstance(study.pruner, optuna.pruners.NopPruner)
     confirming = is_companion(study)
 
     def objective(trial: optuna.Trial):
@@ -92,53 +130,23 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             study.stop()
             raise StudyFull(f"study has {n_trials} trials")
         started = time.perf_counter()
-        choices = suggest_choices(trial, space, pipeline.replace_with)  # enqueued values, for Optuna's record
-        queued = TrialRecord(trial)  # what an enqueued trial was queued as (a baseline, a confirmation run)
-        baseline, confirm = queued.baseline, queued.confirm_choices
-        run_seed = pipeline.seed
-        if confirm:  # a confirmation run: the enqueued choices on a fresh run seed
-            choices, run_seed = confirm, int(queued.seed)
-        elif confirming:
-            record.write_skipped(trial, "a confirmation study runs only its enqueued trials")
-            study.stop()
-            raise StudyFull("confirmation queue is empty")
-        elif baseline:
-            choices = baseline_choices(baseline, space)
-        record.write_start(trial, choices, run_seed)
+        plan = _plan(trial, study, config, confirming)
+        record.write_start(trial, plan.choices, plan.run_seed, plan.data_seed)
         run_id = None
         try:  # a signal while the tracker opens the run is an interrupted trial like any other (FAIL, re-queued)
             _close_stale_run(trial, tracker)
-            run_id = tracker.start_trial(trial, choices)
+            run_id = tracker.start_trial(trial, plan.choices)
             record.write_run_id(trial, run_id)
         except KeyboardInterrupt as exc:
             _interrupted(study, trial, tracker, run_id, exc)
             raise
-        checkpoints = StageCheckpoints(Path(config.study.checkpoint_dir) / study.study_name /
-                                       checkpoint_key(study.study_name, choices.flat(), run_seed))
-
-        stages: list = []  # the recipe's blocks on the step axis (filled once run_trial has validated choices)
-
-        def report(step: int, value: float, stage: str) -> None:
-            if interrupted is not None and interrupted.is_set():
-                raise KeyboardInterrupt
-            if multi:  # Optuna has no pruning for multi-objective studies
-                return
-            trial.report(value, step)
-            # A baseline is the reference every verdict is read against, and a confirmation run measures a
-            # configuration: both report their curves but always finish.
-            if not can_prune or baseline or confirm:
-                return
-            if not stages:
-                stages.extend(plan_stages(pipeline, choices))
-            if is_decision_step(stages, step, config.study.pruner.stage_warmup) and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step} ({stage}, target val acc {value:.4f})")
-
-        def on_epoch(stage: str, step: int, metrics: dict) -> None:
-            tracker.log_epoch(run_id, stage, step, metrics)
-
+        checkpoints = trial_checkpoints(config, study, config.study.storage, plan.choices, plan.run_seed,
+                                        plan.data_seed)
         try:
-            result = run_trial(config.task, config.model, pipeline, choices, report=report, on_epoch=on_epoch,
-                               checkpoints=checkpoints, run_seed=run_seed)
+            result = run_trial(config.task, config.model, config.pipeline, plan.choices,
+                               report=_reporter(trial, study, config, plan, interrupted),
+                               on_epoch=lambda stage, step, metrics: tracker.log_epoch(run_id, stage, step, metrics),
+                               checkpoints=checkpoints, run_seed=plan.run_seed, data_seed=plan.data_seed)
         except optuna.TrialPruned as exc:
             checkpoints.clear()
             record.write_pruned(trial, str(exc), time.perf_counter() - started)
@@ -148,25 +156,10 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             _interrupted(study, trial, tracker, run_id, exc)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends this trial only; the study goes on
-            # An enqueued trial (a baseline, a confirmation run, a retry) exists once: failing it for the worker's
-            # sake (an unwritable cache, a full disk, a lost device) must not use it up.
-            # At most `study.max_retry` times: a failure that recurs on every copy (a bug, a model too big for the
-            # device) must end, not loop through the queue forever.
-            enqueued = bool(baseline or confirm or queued.get("retry_of") is not None)
-            again = (enqueued and is_infrastructure_failure(exc)
-                     and int(queued.get("requeues") or 0) < config.study.max_retry)
-            _fail(trial, tracker, run_id, exc, "FAIL", note="; queued again" if again else "")
-            if again:
-                requeue(study, trial)
+            _failed(study, trial, tracker, run_id, exc, plan, config.study.max_retry)
             raise
         checkpoints.clear()
-        record.write_result(trial, result)
-        tracker.log_teacher(result.teacher, result.models.get("teacher"))
-        if result.donor is not None:  # replace_with: donor; its weights are the cached file its run names
-            tracker.log_teacher(result.donor, None)
-        values = [objective_value(result, name) for name in config.study.objective]
-        tracker.end_trial(run_id, trial, "COMPLETE", result=result, value=values[0])
-        return values if multi else values[0]
+        return _completed(trial, tracker, run_id, result, config.study.objective)
 
     return objective
 
@@ -186,6 +179,54 @@ def reclaim_aware(objective, tracker):
             raise TrialReclaimed(f"trial {trial.number} was {reason}; another worker retries it") from None
 
     return run
+
+
+def _reporter(trial: optuna.Trial, study: optuna.Study, config: Config, plan: _Plan,
+              interrupted: threading.Event | None):
+    """`report(step, value, stage)` for run_trial: the value to Optuna at its step, and the pruner's decision at the
+    stage's decision points; a KeyboardInterrupt once `interrupted` is set."""
+    multi = len(config.study.objective) > 1
+    # should_prune reads the study's trials from the storage; with no pruner it would only ever say no.
+    can_prune = not multi and not isinstance(study.pruner, optuna.pruners.NopPruner) and not plan.always_finishes
+    stages: list = []  # the recipe's blocks on the step axis (filled once run_trial has validated choices)
+
+    def report(step: int, value: float, stage: str) -> None:
+        if interrupted is not None and interrupted.is_set():
+            raise KeyboardInterrupt
+        if multi:  # Optuna has no pruning for multi-objective studies
+            return
+        trial.report(value, step)
+        if not can_prune:
+            return
+        if not stages:
+            stages.extend(plan_stages(config.pipeline, plan.choices))
+        if is_decision_step(stages, step, config.study.pruner.stage_warmup) and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} ({stage}, target val acc {value:.4f})")
+
+    return report
+
+
+def _failed(study: optuna.Study, trial: optuna.Trial, tracker, run_id, exc: Exception, plan: _Plan,
+            max_retry: int) -> None:
+    """Record a failed trial. An enqueued trial (a baseline, a confirmation run, a retry) exists once: failing it
+    for the worker's sake (an unwritable cache, a full disk, a lost device) must not use it up, so it is queued
+    again, at most `max_retry` times: a failure that recurs on every copy (a bug, a model too big for the device)
+    must end, not loop through the queue forever."""
+    again = plan.enqueued and is_infrastructure_failure(exc) and int(plan.queued.get("requeues") or 0) < max_retry
+    _fail(trial, tracker, run_id, exc, "FAIL", note="; queued again" if again else "")
+    if again:
+        requeue(study, trial)
+
+
+def _completed(trial: optuna.Trial, tracker, run_id, result: TrialResult, objectives: list[str]):
+    """Record a finished trial; its objective value(s)."""
+    record.write_result(trial, result)
+    tracker.log_teacher(result.teacher, result.models.get("teacher"))
+    if result.donor is not None:  # replace_with: donor; its weights are the cached file its run names
+        tracker.log_teacher(result.donor, None)
+    values = [objective_value(result, name) for name in objectives]
+    tracker.end_trial(run_id, trial, "COMPLETE", result=result, value=values[0])
+    return values if len(values) > 1 else values[0]
 
 
 def _fail(trial, tracker, run_id, exc: BaseException, state: str, note: str = "") -> None:

@@ -7,13 +7,15 @@ for a layer group's action, else the `TrialChoices` field (`alpha`, `recipe`, ..
 parameter, the MLflow param and the key in `choices`, and `--set` takes it as `search.<name>`.
 
 Attributes (all optional until the trial gets there):
-- identity: `choices` (flat, by name), `seed` (the run seed), `baseline` (its name), for a confirmation run
+- identity: `choices` (flat, by name), `seed` (the run seed), `data_seed` (the seed of its data split and teacher:
+  `pipeline.seed`, or a resampled confirmation run's own), `baseline` (its name), for a confirmation run
   `confirm_role`, `confirm_of_trial`, `confirm_choices`; `retry_of` for a re-queued trial and
   `requeues`, how many copies came before it;
 - result: `stages` (stage -> accuracies on both domains, epochs, first step, teacher, sources), `best_stage` (the
   delivered stage) and `select`, `budget`, `total_epochs`, `epochs_to_threshold`, `student_params` (all of the
   delivered model's parameters), `trainable_params` (those the trial trained), `model_hash`, `layer_map`,
-  `teacher_key`, `teacher_cache`, `seconds`;
+  `teacher_key`, `teacher_cache`, `data_fingerprint` (hash of the split data it trained and was scored on),
+  `seconds`;
 - outcome: `failure` (FAIL), `invalid_choice`, `pruned_at` (PRUNED), `skipped` (beyond the study's total);
 - tracking: `mlflow_run_id`.
 """
@@ -32,10 +34,12 @@ _LEGACY_PREFIX = "search."  # records written before choices took their paramete
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------
-def write_start(trial: optuna.Trial, choices: TrialChoices, seed: int) -> None:
-    """What the trial is about to run: its choices and run seed."""
+def write_start(trial: optuna.Trial, choices: TrialChoices, seed: int, data_seed: int | None = None) -> None:
+    """What the trial is about to run: its choices, run seed and data seed (default: the run seed, as for every
+    trial of a study, whose seeds are both `pipeline.seed`)."""
     trial.set_user_attr("choices", choices.flat())
     trial.set_user_attr("seed", seed)
+    trial.set_user_attr("data_seed", seed if data_seed is None else data_seed)
 
 
 def write_run_id(trial: optuna.Trial, run_id: str | None) -> None:
@@ -52,7 +56,8 @@ def write_result(trial: optuna.Trial, result: TrialResult) -> None:
              "epochs_to_threshold": result.epochs_to_threshold, "student_params": result.student_params,
              "trainable_params": result.trainable_params, "total_epochs": result.total_epochs,
              "seconds": round(result.seconds, 3),
-             "layer_map": result.layer_map, "teacher_key": result.teacher.key, "teacher_cache": result.teacher.cache}
+             "layer_map": result.layer_map, "teacher_key": result.teacher.key, "teacher_cache": result.teacher.cache,
+             "data_fingerprint": result.data_fingerprint}
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
 
@@ -80,17 +85,20 @@ def baseline_attrs(name: str) -> dict:
     return {"baseline": name}
 
 
-def confirm_attrs(role: str, of_trial: int, choices: TrialChoices, seed: int, baseline: str | None) -> dict:
-    """The attributes an enqueued confirmation run starts with: which configuration, of which trial, on which seed."""
-    attrs = {"confirm_role": role, "confirm_of_trial": of_trial, "confirm_choices": choices.flat(), "seed": seed}
+def confirm_attrs(role: str, of_trial: int, choices: TrialChoices, seed: int, data_seed: int,
+                  baseline: str | None) -> dict:
+    """The attributes an enqueued confirmation run starts with: which configuration, of which trial, on which run
+    seed and data seed (its split and teacher)."""
+    attrs = {"confirm_role": role, "confirm_of_trial": of_trial, "confirm_choices": choices.flat(), "seed": seed,
+             "data_seed": data_seed}
     return {**attrs, **(baseline_attrs(baseline) if baseline else {})}
 
 
 def requeue_attrs(record: "TrialRecord") -> dict:
     """The attributes of a re-queued copy of an interrupted trial: what made it what it was (a baseline, a
     confirmation run and its seed), and which trial it retries."""
-    keep = ("baseline", "confirm_role", "confirm_of_trial", "confirm_choices") + (("seed",) if record.confirm_role
-                                                                                 else ())
+    keep = ("baseline", "confirm_role", "confirm_of_trial", "confirm_choices") + \
+        (("seed", "data_seed") if record.confirm_role else ())
     return {"retry_of": record.number, "requeues": int(record.attrs.get("requeues") or 0) + 1,
             **{k: record.attrs[k] for k in keep if k in record.attrs}}
 
@@ -136,6 +144,7 @@ class TrialRecord:
 
     baseline = property(lambda self: self.attrs.get("baseline", ""))
     seed = property(lambda self: self.attrs.get("seed"))
+    data_seed = property(lambda self: self.attrs.get("data_seed"))  # None: recorded before data seeds (pipeline.seed)
     stages = property(lambda self: self.attrs.get("stages") or {})
     best_stage = property(lambda self: self.attrs.get("best_stage"))
     failure = property(lambda self: self.attrs.get("failure"))

@@ -37,7 +37,8 @@ class ParamSpec:
 
 # One line per parameter: type, hard bounds, default search. (Order = sampling order.)
 PARAMS: dict[str, ParamSpec] = {
-    "recipe": ParamSpec(str, 0, 0, "distill", "distill (finetune, distill, born-again generations) or finetune "
+    # Both searched by default: the finetune-all and head-only baselines' recipe is a point the search can reach.
+    "recipe": ParamSpec(str, 0, 0, list(RECIPES), "distill (finetune, distill, born-again generations) or finetune "
                         "(cross-entropy only, for the same epoch budget)", values=RECIPES),
     "alpha": ParamSpec(float, 0.0, 1.0, {"low": 0.0, "high": 1.0, "default": 0.5}, "weight of the KD term"),
     "temperature": ParamSpec(float, 0.05, 100.0, {"low": 1.0, "high": 8.0, "default": 4.0},

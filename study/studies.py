@@ -70,7 +70,8 @@ def create_study(config: Config, name: str, url: str, load_if_exists: bool = Fal
     if config.study.baselines:
         for baseline in BASELINES:
             choices = baseline_choices(baseline, config.search)
-            study.enqueue_trial(enqueue_params(choices, config.search), user_attrs=baseline_attrs(baseline))
+            params = enqueue_params(choices, config.search, config.pipeline.replace_with)
+            study.enqueue_trial(params, user_attrs=baseline_attrs(baseline))
     # Written last: a worker that finds the hash knows the study is complete (config stored, baselines queued).
     study.set_user_attr("config_hash", config_hash(config))
     return study, True
@@ -227,7 +228,21 @@ def export_trials(name: str, url: str, fmt: str) -> str:
     return out.getvalue()
 
 
-def delete_study(name: str, url: str) -> None:
-    """Delete study `name` from the storage."""
-    load_study(name, url)
-    optuna.delete_study(study_name=name, storage=storage_for(url))  # a writer: a read-only file is one line
+def delete_study(name: str, url: str) -> list[str]:
+    """Delete study `name` from the storage with its stage checkpoints, and its confirmation study (which belongs
+    to it) likewise: a study created later under the same name starts from nothing of this one's. Returns the
+    deleted studies' names."""
+    from .confirm import confirm_name, is_companion
+    from .stage_checkpoints import remove_study_checkpoints
+
+    study, config = load_study(name, url)
+    doomed = [(study, config)]
+    companion = confirm_name(name)
+    if companion in _names(storage_for(url, create=False)):
+        loaded = load_study(companion, url)
+        if is_companion(loaded[0]) and loaded[0].user_attrs.get("confirm_of") == name:
+            doomed.append(loaded)
+    for each, each_config in reversed(doomed):  # the companion first: never a companion without its study
+        optuna.delete_study(study_name=each.study_name, storage=storage_for(url))  # a writer: read-only is one line
+        remove_study_checkpoints(each_config, each, url)
+    return [each.study_name for each, _ in doomed]

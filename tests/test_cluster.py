@@ -43,8 +43,8 @@ TINY = ["tracking.enabled=false", "pipeline.device=cpu", "pipeline.cpu_threads=1
         "pipeline.teacher_epochs=2", "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1",
         "pipeline.retrain_epochs=1", "search.generations=0", "study.confirm.top=0"]
 # Trials of a few seconds, for killing one in the middle: finetune (checkpointed), then a longer distill stage.
-SLOW = [*TINY, "pipeline.finetune_epochs=2", "pipeline.distill_epochs=6", "study.pruner.name=none",
-        "study.pruner.kwargs={}"]
+SLOW = [*TINY, "search.recipe=distill", "pipeline.finetune_epochs=2", "pipeline.distill_epochs=6",
+        "study.pruner.name=none", "study.pruner.kwargs={}"]
 # Generous limits: unloaded, the whole module takes about two minutes, but a busy 2-core machine stretches it.
 LONG = 600
 # What never belongs in a worker's stderr.
@@ -251,7 +251,9 @@ def test_killed_worker_trial_is_failed_retried_and_resumed(request, postgres_url
                                                           shared_cache):
     from mlflow import MlflowClient
 
-    from objectives.checkpoints import checkpoint_key
+    from objectives.settings import TrialChoices
+    from study.stage_checkpoints import trial_checkpoints
+    from study.studies import load_study
 
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # No baselines: trial 1 is a sampled distill trial (finetune 2 epochs, then 6 of distill, never stopped early).
@@ -263,8 +265,10 @@ def test_killed_worker_trial_is_failed_retried_and_resumed(request, postgres_url
 
     # Trial 0 completes; kill A in trial 1 once its first stage (finetune) is checkpointed, while it distills.
     victim = wait_for(lambda: running_trial(study_name, postgres_url, min_number=1), LONG, "a running trial 1", [a])
-    key = checkpoint_key(study_name, victim.user_attrs["choices"], victim.user_attrs["seed"])
-    state_file = tmp_path / ".distillstudy" / "checkpoints" / study_name / key / "state.pt"
+    study, config = load_study(study_name, postgres_url)
+    state_file = trial_checkpoints(config, study, postgres_url, TrialChoices.from_flat(victim.user_attrs["choices"]),
+                                   victim.user_attrs["seed"], victim.user_attrs["data_seed"]).path
+    assert state_file.is_relative_to(Path(shared_cache) / "checkpoints")  # under the cache folder
     wait_for(state_file.exists, 60, f"the stage checkpoint {state_file}", [a], interval=0.01)
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait(timeout=30)

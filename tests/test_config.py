@@ -232,7 +232,8 @@ def test_search_value_forms_resolve_to_trial_run_defaults():
 def test_everything_pinned_is_an_empty_search():
     overrides = [f"search.{k}={v}" for k, v in [("alpha", 0.5), ("temperature", 4), ("beta", 0), ("threshold", 1),
                                                   ("lr", 0.003), ("source_weight", 1), ("generations", 0),
-                                                  ("slim_width", 0.5), ("augment", "false")]]
+                                                  ("slim_width", 0.5), ("augment", "false"),
+                                                  ("recipe", "distill")]]
     cfg = load_config(None, [*overrides, "search.layers.actions=[finetune]"])
     assert cfg.search.is_empty()
     assert cfg.search.defaults().temperature == 4.0 and isinstance(cfg.search.defaults().temperature, float)

@@ -110,7 +110,8 @@ def test_study_run_confirms_on_fresh_seeds_and_ends_with_the_verdict(tmp_path, t
             "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1", "search.generations=0", "search.threshold=1.0",
             "study.pruner.name=none", "study.pruner.kwargs={}", f"pipeline.cache_dir={teacher_cache_dir}",
             f"study.checkpoint_dir={tmp_path / 'ck'}", f"tracking.mlflow_uri={mlflow_uri}",
-            "study.confirm.top=2", "study.confirm.seeds=3"]
+            "study.confirm.top=2", "study.confirm.seeds=3",
+            "study.confirm.resample=none"]  # the study's split and teacher (splits: test_confirm_resample.py)
     run = cli("study", "run", "c", "--config", QUICKSTART, "--storage", storage,
               *[a for s in sets for a in ("--set", s)], "--n-trials", 6)
     assert run.exit_code == 0, run.output

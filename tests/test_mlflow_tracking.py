@@ -198,7 +198,7 @@ def test_one_child_run_per_trial_with_params_tags_and_status(main_study):
         assert tags["optuna.state"] == t.state.name
         assert run.info.status == STATUS[t.state.name]
         assert tags["distillstudy.code_version"] == code_version
-        assert params["seed"] == "0"
+        assert params["seed"] == params["data_seed"] == "0"
         choices = t.user_attrs["choices"]
         # One name per choice: the Optuna parameter, the stored choice and the MLflow param.
         assert set(t.params) <= set(choices)

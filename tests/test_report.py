@@ -278,7 +278,7 @@ def test_winner_baselines_and_counts(report_a_json):
 
 def test_importances_cover_every_parameter(report_a_json):
     imp = report_a_json[0]["importance"]
-    expected = {f"layers.{g}" for g in GROUPS} | {"alpha", "temperature", "beta", "threshold", "lr",
+    expected = {f"layers.{g}" for g in GROUPS} | {"recipe", "alpha", "temperature", "beta", "threshold", "lr",
                                                    "source_weight", "generations", "augment"}
     # temperature is conditional (not sampled by the alpha=0 baseline) and still assessed
     assert set(imp["fanova"]) == expected and set(imp["ped_anova"]) == expected

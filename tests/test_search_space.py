@@ -45,8 +45,9 @@ def ask(space, replace_with="reinit", fixed=None, directions=("maximize",)):
 # ---- distributions -----------------------------------------------------------------------------------------------
 def test_ranges_lists_and_groups_become_distributions(cfg):
     config = cfg()
-    _, trial, choices = ask(config.search, fixed={"alpha": 0.5})
+    _, trial, choices = ask(config.search, fixed={"recipe": "distill", "alpha": 0.5})  # the KD choices: distill only
     d = trial.distributions
+    assert d["recipe"] == CategoricalDistribution(("distill", "finetune"))
     assert d["alpha"] == FloatDistribution(0.0, 1.0)
     assert d["temperature"] == FloatDistribution(1.0, 8.0)
     assert d["beta"] == FloatDistribution(0.0, 1.0)
@@ -66,7 +67,7 @@ def test_ranges_lists_and_groups_become_distributions(cfg):
 def test_steps_and_configured_actions(cfg):
     config = cfg("search.threshold={low: 0.8, high: 1.0, step: 0.05}", "search.generations={low: 0, high: 4, step: 2}",
                  "search.layers.actions=[finetune, replace]")
-    _, trial, _ = ask(config.search)
+    _, trial, _ = ask(config.search, fixed={"recipe": "distill"})
     assert trial.distributions["threshold"] == FloatDistribution(0.8, 1.0, step=0.05)
     assert trial.distributions["generations"] == IntDistribution(0, 4, step=2)
     for g in GROUPS:
@@ -75,7 +76,7 @@ def test_steps_and_configured_actions(cfg):
 
 def test_pins_are_not_optuna_params(cfg):
     config = cfg("search.beta=0.25", "search.lr=0.001", "search.augment=true", "search.layers.head=finetune",
-                 "search.layers.stem=[freeze, finetune]")
+                 "search.layers.stem=[freeze, finetune]", "search.recipe=distill")
     _, trial, choices = ask(config.search)
     for pinned in ("beta", "lr", "augment", "layers.head"):
         assert pinned not in trial.params and pinned not in trial.distributions
@@ -87,14 +88,14 @@ def test_pins_are_not_optuna_params(cfg):
 
 # ---- conditional parameters --------------------------------------------------------------------------------------
 def test_temperature_only_when_alpha_positive(cfg):
-    config = cfg()
+    config = cfg("search.recipe=distill")
     _, trial, choices = ask(config.search, fixed={"alpha": 0.0})
     assert "temperature" not in trial.params
     assert choices.alpha == 0.0 and choices.temperature == 4.0  # the range default, unused
     _, trial, choices = ask(config.search, fixed={"alpha": 0.3, "temperature": 2.5})
     assert trial.params["temperature"] == 2.5 and choices.temperature == 2.5
     # A pinned alpha of 0 never samples the temperature.
-    _, trial, _ = ask(cfg("search.alpha=0.0").search)
+    _, trial, _ = ask(cfg("search.alpha=0.0", "search.recipe=distill").search)
     assert "alpha" not in trial.params and "temperature" not in trial.params
 
 
@@ -152,33 +153,54 @@ def test_grid_needs_step_for_float_ranges(cfg):
 def test_enqueue_params_only_values_inside_distributions(cfg):
     space = cfg("search.alpha={low: 0.2, high: 1.0, default: 0.5}", "search.beta=0.0",
                 "search.layers.actions=[finetune, replace]", "search.layers.head=finetune").search
-    ft = enqueue_params(baseline_choices("finetune-all", space), space)
-    assert "alpha" not in ft  # 0.0 is outside [0.2, 1.0]
-    assert "beta" not in ft  # pinned
+    ft = enqueue_params(baseline_choices("finetune-all", space), space, "reinit")
+    # The finetune recipe samples no KD or distill-stage choice (its budget is the default generations').
+    assert not {"alpha", "temperature", "layer_term", "beta", "threshold", "generations"} & set(ft)
     assert "layers.head" not in ft  # pinned group
-    assert ft["layers.stem"] == "finetune" and ft["lr"] == 0.003 and ft["generations"] == 1  # the default's budget
-    head = enqueue_params(baseline_choices("head-only", space), space)
+    assert ft["layers.stem"] == "finetune" and ft["lr"] == 0.003 and ft["recipe"] == "finetune"
+    kd = enqueue_params(baseline_choices("finetune-all-kd", space), space, "reinit")
+    assert kd["alpha"] == 0.5 and kd["generations"] == 1 and "beta" not in kd  # beta: pinned
+    head = enqueue_params(baseline_choices("head-only", space), space, "reinit")
     assert not any(k.startswith("layers.") for k in head)  # 'freeze' is not a sampled action here
     # Every enqueued value is one its distribution contains: Optuna takes all of them as the trial's params.
     for name in BASELINES:
-        params = enqueue_params(baseline_choices(name, space), space)
+        params = enqueue_params(baseline_choices(name, space), space, "reinit")
         study, trial, _ = ask(space, fixed=params)
         for key, value in params.items():
-            if key not in trial.distributions:  # a conditional parameter this baseline does not use
-                assert key in ("temperature", "slim_width", "adapter_rank"), key
-                continue
             assert trial.distributions[key]._contains(trial.distributions[key].to_internal_repr(value))
             assert trial.params[key] == value
 
 
-def test_enqueued_baseline_reproduces_its_choices(cfg):
+def test_every_baseline_is_a_point_of_the_quickstart_search(cfg):
+    """The quickstart searches both recipes and the actions the baselines use, so each baseline is a point the search
+    could sample: its Optuna parameters, enqueued, give back exactly its choices (an answer "use finetune-all" names
+    a configuration the search could have found)."""
     space = cfg().search
+    assert space.params["recipe"].choices == ["distill", "finetune"]
     for name in BASELINES:
         want = baseline_choices(name, space)
-        _, trial, got = ask(space, fixed=enqueue_params(want, space))
-        # The recipe is pinned in this space (not an Optuna parameter): the objective applies the baseline's (and
-        # with it whether there is a layer term).
-        assert dataclasses.replace(got, recipe=want.recipe, layer_term=want.layer_term) == want, name
+        _, trial, got = ask(space, fixed=enqueue_params(want, space, "reinit"))
+        assert got == want, name
+        assert trial.params["recipe"] == want.recipe and all(trial.params[f"layers.{g}"] == a
+                                                             for g, a in want.layers.items())
+
+
+def test_the_search_samples_both_recipes_and_only_the_choices_each_uses(cfg):
+    """The quickstart's own sampler (TPE, conditional): both recipes come up; a finetune-recipe trial samples no KD
+    or distill-stage choice (they would be noise in TPE's model), a distill trial samples them."""
+    config = cfg()
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(config.study.sampler, config.search, 1))
+    seen = {}
+    for i in range(16):
+        trial = study.ask()
+        choices = suggest_choices(trial, config.search, "reinit")
+        seen.setdefault(choices.recipe, set(trial.params))
+        study.tell(trial, 0.5 + 0.01 * i)
+    assert set(seen) == {"distill", "finetune"}
+    distill_only = {"alpha", "layer_term", "beta", "threshold", "generations"}  # those the quickstart does not pin
+    distill_only &= {n for n, p in config.search.params.items() if p.mode != "fixed"}
+    assert distill_only and distill_only <= seen["distill"]
+    assert not (distill_only | {"temperature"}) & seen["finetune"]
 
 
 # ---- samplers and pruners ----------------------------------------------------------------------------------------

@@ -191,7 +191,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_orphan_trial(tmp_path):
     mnt, keep = tmp_path / "mnt", tmp_path / "kept"
     mnt.mkdir()
     keep.mkdir()
-    sets = [*TINY, "tracking.enabled=false", f"pipeline.cache_dir={tmp_path}/cache", "study.n_trials=30"]
+    sets = [*TINY, "tracking.enabled=false", f"pipeline.cache_dir={tmp_path}/cache", "study.n_trials=30",
+            "study.checkpoint_dir=checkpoints"]  # on the small disk, beside the storage
     command = " ".join([sys.executable, str(CLI), "study", "run", "full", "--config", QUICKSTART, "--quiet",
                         *[f"--set '{s}'" for s in sets]])
     # The storage is copied out before the namespace, and its tmpfs, goes away.

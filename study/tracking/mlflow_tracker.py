@@ -56,9 +56,11 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def trial_params(choices, seed: int, number: int) -> dict:
-    """The run's params: every choice under its one name (`layers.<group>`, `alpha`, ...), trial number, seed."""
-    return {**choices.flat(), "trial_number": number, "seed": seed}
+def trial_params(choices, seed: int, number: int, data_seed: int | None = None) -> dict:
+    """The run's params: every choice under its one name (`layers.<group>`, `alpha`, ...), trial number, run seed
+    and data seed (the seed of its data split and teacher)."""
+    return {**choices.flat(), "trial_number": number, "seed": seed,
+            "data_seed": seed if data_seed is None else data_seed}
 
 
 def _check_server(uri: str, timeout: float = 10.0) -> None:
@@ -272,7 +274,7 @@ class MlflowTracker:
             return None
         with self._lock:
             self._open_runs.add(run.info.run_id)
-        self._submit(self._log_params, run.info.run_id, trial_params(choices, rec.seed, trial.number))
+        self._submit(self._log_params, run.info.run_id, trial_params(choices, rec.seed, trial.number, rec.data_seed))
         return run.info.run_id
 
     def log_epoch(self, run_id, stage: str, step: int, metrics: dict) -> None:
