@@ -32,6 +32,7 @@ from objectives.version import code_version
 from .mlflow_model import cpu_copy, log_pytorch_model
 from .writer import BackgroundWriter
 from ..config import Config
+from ..confirm import describe
 from ..record import TrialRecord
 from ..storage import mask_url
 from . import store, tracking_uri
@@ -58,6 +59,17 @@ def flatten(data: dict, prefix: str = "") -> dict:
 def trial_params(choices, seed: int, number: int) -> dict:
     """The run's params: every choice under its one name (`layers.<group>`, `alpha`, ...), trial number, seed."""
     return {**choices.flat(), "trial_number": number, "seed": seed}
+
+
+def run_name(number: int, rec: TrialRecord) -> str:
+    """A trial run's name in the UI: `trial N` for the search; for a confirmation run (its trials are numbered
+    from 0 in its own study, beside the search's), `confirm <configuration> seed <s>`."""
+    if not rec.confirm_role:
+        return f"trial {number}"
+    if rec.baseline:
+        return f"confirm {rec.baseline} seed {rec.seed}"
+    choices = rec.confirm_choices
+    return f"confirm {rec.confirm_role} ({describe(choices.flat())}) seed {rec.seed}"
 
 
 def _check_server(uri: str, timeout: float = 10.0) -> None:
@@ -240,7 +252,7 @@ class MlflowTracker:
             return None
         try:
             # On the trial's thread (the trial needs the id), bounded by the HTTP timeouts of store.HTTP_DEFAULTS.
-            run = self.client.create_run(self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
+            run = self.client.create_run(self.experiment_id, run_name=run_name(trial.number, rec), tags=tags)
         except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail the trial: it runs untracked
             if store.is_outage(exc):
                 self._go_offline(exc)
@@ -280,8 +292,9 @@ class MlflowTracker:
             raise
 
     def _find_or_log_teacher(self, info, state: dict | None) -> None:
-        found = self.client.search_runs([self.experiment_id], f"tags.`distillstudy.teacher_key` = '{info.key}'",
-                                        max_results=1)
+        # The role too: a finished trial's run carries its teacher's key as well (and would be found first).
+        found = self.client.search_runs([self.experiment_id], f"tags.`distillstudy.teacher_key` = '{info.key}' "
+                                        f"and tags.`distillstudy.role` = '{info.role}'", max_results=1)
         if found:  # another worker (or an earlier run of this study) logged it
             self._teacher_runs[info.key] = found[0].info.run_id
             return
