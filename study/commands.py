@@ -124,16 +124,26 @@ def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, 
         echo(f"confirming on fresh seeds: {total} runs in study '{companion.study_name}' (the top {top} distinct "
              f"configurations and the baselines, {seeds} seeds each)")
 
-    def on_trial(_study, trial):
-        if not quiet and trial.state != optuna.trial.TrialState.WAITING:
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # what the worker counts
+    # The confirmation is most of a demo's time: the same bar as the search's, over the companion's runs.
+    progress = None if quiet else TrialProgress(total, len(companion.get_trials(deepcopy=False, states=finished)),
+                                                echo)
+
+    def on_trial(study_, trial):
+        if progress is not None and trial.state != optuna.trial.TrialState.WAITING:
             r = TrialRecord(trial)
-            echo(f"  {r.confirm_role or '?':<16} seed {r.seed}: {format_trial_line(trial)}")
+            done = len(study_.get_trials(deepcopy=False, states=finished))
+            progress.finished(done, f"{r.confirm_role or '?':<16} seed {r.seed}: {format_trial_line(trial)}")
 
     try:
-        run_worker(confirm_name(name), url, n_trials=total, n_jobs=n_jobs, device=device, on_trial=on_trial)
+        with pipeline_lines(progress):
+            run_worker(confirm_name(name), url, n_trials=total, n_jobs=n_jobs, device=device, on_trial=on_trial)
     except KeyboardInterrupt:
         echo("interrupted: rerun `distillstudy study confirm` to finish the confirmation")
         return 130
+    finally:
+        if progress is not None:
+            progress.close()
     if not quiet:
         echo(format_confirmation(summarize(companion)))
     return 0
@@ -156,7 +166,8 @@ def _closing(name: str, url: str, study: optuna.Study, config) -> str:
         lines.append(str(exc))
     from .tracking import tracking_uri
 
-    from .ui import experiment_url, runnable
+    from .tracking.view import experiment_url
+    from .ui import runnable
 
     uri = tracking_uri(config)
     if config.tracking.enabled and uri.startswith("http"):

@@ -6,8 +6,8 @@ Two facts of the setting shape this. `make demo` never activates the virtual env
 in is named by its path. And MLflow 3's UI picks its view per browser: it reads `workflowType` from the page's
 query string, else the browser's saved choice, else GenAI (traces and evaluations; MLflow 3.17's
 `WorkflowTypeProvider`). Only a link carrying `workflowType=machine_learning` opens a fresh browser on the runs
-table; the experiment's `mlflow.experimentKind` tag (`tracking.store.EXPERIMENT_KIND`) serves the MLflow versions
-that read it instead.
+table (`tracking.view.experiment_url`, which also names the study's shared view with its columns); the experiment's
+`mlflow.experimentKind` tag (`tracking.store.EXPERIMENT_KIND`) serves the MLflow versions that read it instead.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-# The query string that opens MLflow 3's UI in its model-training view (see the module docstring).
-ML_VIEW = "workflowType=machine_learning"
+from .tracking.view import experiment_url
+
 START_TIMEOUT_S = 600  # a loaded machine has taken 86 s to bring `mlflow ui` up; past this it is not coming
 
 
@@ -42,12 +42,6 @@ def runnable(name: str) -> str:
     except ValueError:
         return str(local)
     return relative if os.sep in relative else f".{os.sep}{relative}"
-
-
-def experiment_url(base: str, experiment_id: str | None) -> str:
-    """The UI address that lands on experiment `experiment_id`'s runs table (on the experiment list without one)."""
-    path = f"#/experiments/{experiment_id}" if experiment_id else "#/experiments"
-    return f"{base.rstrip('/')}/{path}?{ML_VIEW}"
 
 
 def _answers(base: str) -> bool:

@@ -30,6 +30,7 @@ from objectives.settings import TrialChoices
 from objectives.version import code_version
 
 from .mlflow_model import cpu_copy, log_pytorch_model
+from .view import SHARED_VIEW_TAG, shared_view
 from .writer import BackgroundWriter
 from ..config import Config
 from ..confirm import describe
@@ -149,6 +150,8 @@ class MlflowTracker:
         self.client = self.client or MlflowClient(tracking_uri=self.uri)
         owner = study.user_attrs.get("confirm_of", study.study_name)  # a confirmation nests in its study's run
         self.experiment_id = store.experiment_id(self.client, self.experiment, owner)
+        # The columns a new user lands on (tracking.view); set on every start: the latest study's config wins.
+        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG, shared_view(config))
         self.parent_id = store.find_parent_run(self.client, self.experiment_id, owner)
         if self.parent_id:
             if status == "RUNNING" and "confirm_of" not in study.user_attrs:  # its study's status stays its own
@@ -334,7 +337,7 @@ class MlflowTracker:
             if improved and tracking.register_best and weights is not None and result.example_input is not None:
                 best_model = (cpu_copy(model), result.example_input)  # registered as an MLflow PyTorch model
             result = dataclasses.replace(result, student=None, models={})
-        self._submit(self._end_trial, run_id, state, result, reason, improved, meta, weights, best_model)
+        self._submit(self._end_trial, run_id, state, result, reason, improved, meta, weights, best_model, value)
 
     def _log_best(self, trial, result) -> None:
         # The parent run's `best_target_val_acc`: the best delivered target val accuracy of the study's complete
@@ -355,7 +358,7 @@ class MlflowTracker:
             self._submit(self.client.log_batch, self.parent_id, metrics=[metric], synchronous=True)
 
     def _end_trial(self, run_id, state: str, result, reason: str | None, improved: bool, meta: dict | None,
-                   weights: dict | None, best_model: tuple | None = None) -> None:
+                   weights: dict | None, best_model: tuple | None = None, value: float | None = None) -> None:
         tags = [RunTag("optuna.state", state)]
         if reason:
             tags.append(RunTag("distillstudy.failure" if state in ("FAIL", "KILLED") else "distillstudy.pruned",
@@ -372,6 +375,8 @@ class MlflowTracker:
                 tags.append(RunTag("distillstudy.donor_key", result.donor.key))
                 if self._teacher_runs.get(result.donor.key):
                     tags.append(RunTag("distillstudy.donor_run_id", self._teacher_runs[result.donor.key]))
+        if value is not None:  # the number the study ranks trials by: the UI's first column worth sorting on
+            metrics.append(Metric("value", float(value), int(time.time() * 1000), 0))
         self.client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
         if result is not None:
             self._log_trial_artifacts(run_id, result, improved, meta, weights, best_model)
