@@ -86,7 +86,13 @@ def start_ui(uri: str, experiment: str, host: str, port: int, dashboard_storage:
 
     mlflow = str(Path(os.path.abspath(sys.executable)).parent / "mlflow")
     mlflow = mlflow if os.path.isfile(mlflow) else (shutil.which("mlflow") or "mlflow")
-    proc = subprocess.Popen([mlflow, "ui", "--host", host, "--port", str(port), "--backend-store-uri", uri])
+    # The server's own chatter on stderr: stdout carries only the lines below, the address once it is true.
+    try:
+        chatter = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stderr (Click's test runner) has no file
+        chatter = None
+    proc = subprocess.Popen([mlflow, "ui", "--host", host, "--port", str(port), "--backend-store-uri", uri],
+                            stdout=chatter)
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     try:
         if not wait_until_answers(proc, base):
