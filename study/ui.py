@@ -22,7 +22,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .tracking.view import experiment_url
+from .tracking.view import SHARED_VIEW_TAG, experiment_url
 
 START_TIMEOUT_S = 600  # a loaded machine has taken 86 s to bring `mlflow ui` up; past this it is not coming
 
@@ -52,14 +52,16 @@ def _answers(base: str) -> bool:
         return False
 
 
-def _experiment_id(base: str, name: str) -> str | None:
-    """Experiment `name`'s id, asked of the running server (None when it has no such experiment yet)."""
+def _experiment(base: str, name: str) -> tuple[str | None, bool]:
+    """Experiment `name`'s id, asked of the running server, and whether it holds the study's shared view (None and
+    False when it has no such experiment yet)."""
     query = urllib.parse.urlencode({"experiment_name": name})
     try:
         with urllib.request.urlopen(f"{base}/ajax-api/2.0/mlflow/experiments/get-by-name?{query}", timeout=10) as r:
-            return json.load(r)["experiment"]["experiment_id"]
+            experiment = json.load(r)["experiment"]
     except (OSError, ValueError, KeyError):
-        return None
+        return None, False
+    return experiment["experiment_id"], any(t.get("key") == SHARED_VIEW_TAG for t in experiment.get("tags", []))
 
 
 def wait_until_answers(proc: subprocess.Popen, base: str, timeout: float = START_TIMEOUT_S) -> bool:
@@ -101,7 +103,8 @@ def start_ui(uri: str, experiment: str, host: str, port: int, dashboard_storage:
             echo(f"error: the MLflow UI did not answer at {base} (exit {proc.wait()})", err=True)
             return 1
         shown = f"http://{host}:{port}"
-        echo(f"MLflow UI: {experiment_url(shown, _experiment_id(base, experiment))}  "
+        experiment_id, with_view = _experiment(base, experiment)
+        echo(f"MLflow UI: {experiment_url(shown, experiment_id, with_view)}  "
              f"(tracking URI {mask_url(uri)}; Ctrl-C to stop)")
         echo(f"Optuna dashboard: {runnable('optuna-dashboard')} {dashboard_storage}")
         return proc.wait()

@@ -40,9 +40,11 @@ def shared_view(config) -> str:
     })
 
 
-def experiment_url(base: str, experiment_id: str | None) -> str:
-    """The UI address that lands on experiment `experiment_id`'s runs table in the shared view (the experiment
-    list, in the model-training view, without an id)."""
+def experiment_url(base: str, experiment_id: str | None, with_view: bool = True) -> str:
+    """The UI address that lands on experiment `experiment_id`'s runs table, in the shared view when `with_view`
+    (only when the experiment has its tag: for a missing one the UI shows an error and falls back to the GenAI
+    view); the experiment list, in the model-training view, without an id."""
     if not experiment_id:
         return f"{base.rstrip('/')}/#/experiments?{ML_VIEW}"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{ML_VIEW}&viewStateShareKey={SHARE_KEY}"
+    view = f"&viewStateShareKey={SHARE_KEY}" if with_view else ""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{ML_VIEW}{view}"
