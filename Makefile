@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo ui test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) cli.py study run
+
+# The MLflow UI on the demo's runs: prints the link to the study's runs table once the UI answers.
+ui: $(STAMP)
+	$(PY) cli.py ui
 
 test: $(STAMP)
 	$(PY) -m pytest -q

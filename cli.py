@@ -91,15 +91,18 @@ def trial():
               help="YAML config (default: the quickstart, examples/quickstart.yaml).")
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def trial_run(config_path, overrides, as_json):
+@click.option("--quiet", is_flag=True, help="No per-epoch progress lines (on stderr); only the result.")
+def trial_run(config_path, overrides, as_json, quiet):
     """Run ONE pipeline with fixed choices (range defaults, first list elements, pins) and print per-stage accuracy."""
+    from study.commands import QUICKSTART, run_fixed_trial
     from study.config import load_config
-    from study.commands import run_fixed_trial
-    from study.output import format_trial
+    from study.output import format_epoch_line, format_trial
 
-    from study.commands import QUICKSTART
+    def on_epoch(stage, step, metrics):
+        click.echo(format_epoch_line(stage, step, metrics), err=True)  # stderr: stdout stays the result (--json)
 
-    result = run_fixed_trial(load_config(config_path or str(QUICKSTART), overrides))
+    result = run_fixed_trial(load_config(config_path or str(QUICKSTART), overrides),
+                             on_epoch=None if quiet else on_epoch)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_trial(result))
 
 
@@ -314,7 +317,8 @@ def trial_replay(name, number, storage, device, as_json):
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 @storage_option
 def ui(config_path, host, port, storage):
-    """Start the MLflow UI for the study's tracking URI (and print the optuna-dashboard command)."""
+    """Start the MLflow UI for the study's tracking URI; once it answers, print the link to the study's runs (and
+    the optuna-dashboard command)."""
     from study.commands import QUICKSTART, start_ui
 
     sys.exit(start_ui(config_path or str(QUICKSTART), port, storage, click.echo, host=host))

@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -173,6 +174,9 @@ def load_checkpoint(net: GroupedModel, path: str) -> None:
     path = os.path.expanduser(path)
     if not path or not os.path.isfile(path):
         raise UserError(f"teacher checkpoint '{path}' not found (set model.checkpoint to a state_dict file)")
+    if not _looks_like_torch_save(path):
+        raise UserError(f"not a torch checkpoint: '{path}' (model.checkpoint must be a file written by "
+                        "torch.save(model.state_dict(), path))")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling/format failure is the user's file
@@ -188,6 +192,15 @@ def load_checkpoint(net: GroupedModel, path: str) -> None:
     except RuntimeError as exc:
         raise UserError(f"teacher checkpoint '{path}' does not fit {net.arch}: "
                         f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
+
+
+def _looks_like_torch_save(path: str) -> bool:
+    """torch.save writes a zip archive (since torch 1.6) or, in the legacy format, a pickle (first byte 0x80).
+    Anything else (a text file, an image) would fail inside torch.load with a bare `KeyError: 101`."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def _train(role, net, key, task: TaskData, model: ModelSettings, pipeline: PipelineSettings, device,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -132,16 +130,26 @@ def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, 
              f"configurations{fewer} and {bases} baselines, {total // max(tops + bases, 1)} seeds each; "
              f"resample: {resample}, {what}")
 
-    def on_trial(_study, trial):
-        if not quiet and trial.state != optuna.trial.TrialState.WAITING:
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # what the worker counts
+    # The confirmation is most of a demo's time: the same bar as the search's, over the companion's runs.
+    progress = None if quiet else TrialProgress(total, len(companion.get_trials(deepcopy=False, states=finished)),
+                                                echo)
+
+    def on_trial(study_, trial):
+        if progress is not None and trial.state != optuna.trial.TrialState.WAITING:
             r = TrialRecord(trial)
-            echo(f"  {r.confirm_role or '?':<16} seed {r.seed}: {format_trial_line(trial)}")
+            done = len(study_.get_trials(deepcopy=False, states=finished))
+            progress.finished(done, f"{r.confirm_role or '?':<16} seed {r.seed}: {format_trial_line(trial)}")
 
     try:
-        run_worker(confirm_name(name), url, n_trials=total, n_jobs=n_jobs, device=device, on_trial=on_trial)
+        with pipeline_lines(progress):
+            run_worker(confirm_name(name), url, n_trials=total, n_jobs=n_jobs, device=device, on_trial=on_trial)
     except KeyboardInterrupt:
         echo("interrupted: rerun `distillstudy study confirm` to finish the confirmation")
         return 130
+    finally:
+        if progress is not None:
+            progress.close()
     summary = summarize(companion)
     published = _publish_answer(study, config, summary)
     if not quiet:  # the verdict stays the last line
@@ -182,15 +190,34 @@ def _closing(name: str, url: str, study: optuna.Study, config) -> str:
         lines.append(str(exc))
     from .tracking import tracking_uri
 
+    from .tracking.view import experiment_url
+    from .ui import runnable
+
     uri = tracking_uri(config)
     if config.tracking.enabled and uri.startswith("http"):
-        lines.append(f"browse the trials: open {mask_url(uri)} (experiment '{config.tracking.experiment or name}')")
+        link = experiment_url(mask_url(uri), study.user_attrs.get("mlflow_experiment_id"))
+        lines.append(f"browse the trials: open {link}")
     elif config.tracking.enabled:
-        lines.append(f"browse the trials: mlflow ui --backend-store-uri {shlex.quote(mask_url(uri))}   "
-                     f"(or: distillstudy ui)")
+        # Printed runnable as they stand (the virtual environment is usually not active in the user's shell), with
+        # the link that opens MLflow 3's UI on the runs table rather than its GenAI view.
+        link = experiment_url("http://127.0.0.1:5000", study.user_attrs.get("mlflow_experiment_id"))
+        lines.append(f"browse the trials: {runnable('mlflow')} ui --backend-store-uri {shlex.quote(mask_url(uri))}"
+                     f"   then open {link}")
+        if _is_quickstart_tracking(config, name):  # `distillstudy ui` reads the quickstart's config
+            lines.append(f"               or: {runnable('distillstudy')} ui   (prints the link once the UI answers)")
     # optuna-dashboard takes a journal file as a plain path.
-    lines.append(f"optuna dashboard:  optuna-dashboard {shlex.quote(mask_url(url).removeprefix('journal:'))}")
+    lines.append(f"optuna dashboard:  {runnable('optuna-dashboard')} "
+                 f"{shlex.quote(mask_url(url).removeprefix('journal:'))}")
     return "\n".join(lines)
+
+
+def _is_quickstart_tracking(config, name: str) -> bool:
+    """Whether `distillstudy ui` without --config (the quickstart's tracking URI and experiment) shows this study."""
+    from .tracking import tracking_uri
+
+    default = load_config(str(QUICKSTART))
+    return (tracking_uri(config), config.tracking.experiment or name) == \
+        (tracking_uri(default), default.tracking.experiment or default.study.name)
 
 
 def export(name: str, storage: str | None, fmt: str, out: str | None) -> str | None:
@@ -248,17 +275,11 @@ def run_fixed_trial(config, on_epoch=None):
 
 
 def start_ui(config_path: str, port: int, storage: str | None, echo, host: str = "127.0.0.1") -> int:
-    """Start `mlflow ui` bound to `host` on the config's tracking URI; print the URL and the dashboard command."""
+    """`distillstudy ui`: the MLflow UI bound to `host` on the config's tracking URI (see `ui.start_ui`)."""
     from .tracking import tracking_uri
+    from .ui import start_ui as run_ui
 
     config = load_config(config_path)
-    uri = tracking_uri(config)
     url = resolve_storage_url(storage, config.study.storage)
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    echo(f"MLflow UI: http://{host}:{port}  (tracking URI {mask_url(uri)}; Ctrl-C to stop)")
-    echo(f"Optuna dashboard: optuna-dashboard {shlex.quote(mask_url(url).removeprefix('journal:'))}")
-    try:
-        return subprocess.call([mlflow, "ui", "--host", host, "--port", str(port),
-                                "--backend-store-uri", uri])
-    except KeyboardInterrupt:
-        return 0
+    return run_ui(tracking_uri(config), config.tracking.experiment or config.study.name, host, port,
+                  shlex.quote(mask_url(url).removeprefix("journal:")), echo)

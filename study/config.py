@@ -25,7 +25,23 @@ SECTIONS = ("task", "model", "pipeline", "search", "study", "tracking")
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-3` (no dot) as a string; accept YAML 1.2 floats so learning rates can be written plainly."""
+    """yaml.SafeLoader with two changes. YAML 1.1 reads `1e-3` (no dot) as a string; accept YAML 1.2 floats so
+    learning rates can be written plainly. And a key given twice in one mapping is an error (PyYAML keeps the last
+    silently, so a user's first setting would vanish without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` is resolved by flatten_mapping
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # PyYAML's own construct_mapping rejects it with its message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

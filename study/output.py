@@ -149,6 +149,13 @@ def format_confirmation(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def format_epoch_line(stage: str, step: int, metrics: dict) -> str:
+    """`trial run`'s progress line for one epoch: the stage, the step on the study's axis, the epoch's metrics."""
+    names = {"target_val_acc": "target val acc", "kd_loss": "kd loss", "ce_loss": "ce loss", "layer_term": "layer term"}
+    shown = ", ".join(f"{names.get(k, k)} {v:.4f}" for k, v in metrics.items())
+    return f"  {stage:<12} step {step:>3}: {shown}"
+
+
 def format_trial(result: TrialResult) -> str:
     """A per-stage table of source and target accuracy (the delivered stage starred, the teacher for reference),
     then the trial's value and choices."""

@@ -52,6 +52,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
     (tmp_path / "latin1.yaml").write_bytes("study:\n  name: caf\xe9\n".encode("latin-1"))
     (tmp_path / "list.yaml").write_text("- task\n- model\n")
     (tmp_path / "bad.yaml").write_text("pipeline:\n  seed: [0\n")
+    (tmp_path / "dup.yaml").write_text("pipeline:\n  seed: 1\n  batch_size: 8\n  seed: 2\n")
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").write_text("not a folder\n")
     (tmp_path / "notjournal.log").write_text("hello\n")
@@ -109,6 +110,9 @@ CASES = [
      ["task.val_fraction + task.test_fraction", "below 1"], []),
     ("labeled-negative", [*TASK, "task.target_labeled_per_class=-1"], ["task.target_labeled_per_class"], []),
     ("max-per-domain-negative", [*TASK, "task.max_per_domain=-3"], ["task.max_per_domain"], []),
+    # one image per domain: no validation or test split (accuracies 0/0), and no teacher may be trained or cached
+    ("max-per-domain-1", [*TASK, "task.max_per_domain=1", "--set", "pipeline.cache_dir=cache"],
+     ["task.max_per_domain=1", "validation and test splits are empty", "at least 4 images, 40 for 10 classes"], []),
     ("image-size-negative", [*TASK, "task.image_size=-1"], ["task.image_size"], []),
     ("imagefolder-without-dirs", [*TASK, "task.name=imagefolder"], ["task.source_dir", "imagefolder"], []),
     ("download-not-bool", [*TASK, "task.download=maybe"], ["task.download", "expected bool"], []),
@@ -119,6 +123,8 @@ CASES = [
     ("batch-size-0", [*TASK, "pipeline.batch_size=0"], ["pipeline.batch_size"], []),
     ("n-trials-key-0", [*TASK, "study.n_trials=0"], ["study.n_trials"], []),
     ("log-weights", [*TASK, "tracking.log_weights=some"], ["tracking.log_weights"], []),
+    ("checkpoint-text-file", [*TASK, "model.teacher=checkpoint", "--set", "model.checkpoint=afile", "--set",
+                              "pipeline.cache_dir=cache"], ["not a torch checkpoint: 'afile'", "torch.save"], ["101"]),
     ("set-without-equals", [*TASK, "pipeline.seed"], ["KEY=VALUE"], []),
     ("study-name-key", ["study", "create", "{cfg}", "--storage", "{store}", "--set", "study.name=a/b"],
      ["study.name", "'a/b'"], []),
@@ -133,6 +139,8 @@ CASES = [
     ("name-leading-dot", ["study", "create", "{cfg}", "--storage", "{store}", "--name", ".hidden"], [".hidden"], []),
     ("name-double-dot", ["study", "create", "{cfg}", "--storage", "{store}", "--name", "a..b"], ["a..b"], []),
     ("name-space", ["study", "create", "{cfg}", "--storage", "{store}", "--name", "my study"], ["my study"], []),
+    ("name-rule-new-study-limit", ["study", "create", "{cfg}", "--storage", "{store}", "--name", "a b"],
+     ["at most 92 characters"], ["100"]),
     ("name-too-long", ["study", "create", "{cfg}", "--storage", "{store}", "--name", "x" * 93], ["at most 92"], []),
     ("run-config-bad-name", ["study", "run", "a/b", "--config", "{cfg}", "--storage", "{store}"], ["'a/b'"], []),
     ("run-bad-name", ["study", "run", "../x", "--storage", "{store}"], ["'../x'"], []),
@@ -162,6 +170,8 @@ CASES = [
     ("config-not-utf8", ["trial", "run", "--config", "latin1.yaml"], ["not UTF-8", "0xe9", "line 2"], []),
     ("config-missing", ["trial", "run", "--config", "nope.yaml"], ["not found"], []),
     ("config-malformed", ["trial", "run", "--config", "bad.yaml"], ["not valid YAML at line"], []),
+    ("config-duplicate-key", ["trial", "run", "--config", "dup.yaml"],
+     ["dup.yaml", "at line 4", "key 'seed' appears twice"], []),
     ("config-a-list", ["study", "create", "list.yaml", "--storage", "{store}"], ["must be a mapping"], []),
     ("report-out-under-a-file", ["study", "report", "good", "--storage", "{store}", "--out", "afile/r"],
      ["cannot create the report folder", "afile/r"], []),
@@ -214,6 +224,36 @@ def test_read_only_storage_is_one_line(target, store, workdir, tmp_path_factory)
         assert studies(url(db)) == before  # reading still works, and nothing changed
     finally:
         subprocess.run(["chattr", "-i", str(locked)], check=True)
+
+
+NAN_DATASET = """
+import torch
+from torch.utils.data import TensorDataset
+
+
+def data():
+    x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 2
+    bad = x.clone()
+    bad[7, 0, 3, 3] = float("nan")
+    return TensorDataset(x, y), TensorDataset(bad, y)
+"""
+
+
+def test_nan_images_from_a_user_dataset_are_one_line(workdir, tmp_path_factory, monkeypatch):
+    """A NaN pixel would make every loss and accuracy NaN and the run fail far from its cause (exit 1, no error
+    line): it is refused where the dataset is read, naming the item, before any teacher is trained or cached."""
+    folder = tmp_path_factory.mktemp("user-code")  # outside workdir: importing it writes __pycache__
+    module = f"nan_data_{os.getpid()}"
+    (folder / f"{module}.py").write_text(NAN_DATASET)
+    monkeypatch.syspath_prepend(str(folder))
+    before = tree(workdir)
+    result = CliRunner().invoke(main, ["trial", "run", "--config", QUICKSTART, "--set", f"task.name={module}:data",
+                                       "--set", "model.arch=digitnet", "--set", "pipeline.cache_dir=cache"],
+                                catch_exceptions=False)
+    sys.modules.pop(module, None)
+    assert_one_error_line(result.exit_code, result.stdout, result.stderr,
+                          ["the target dataset: item 7", "NaN or infinite"])
+    assert tree(workdir) == before
 
 
 def test_export_out_creates_missing_folders(store, workdir):

@@ -73,6 +73,19 @@ def test_trial_run_json_then_a_cached_teacher(quickstart, tiny_sets):
         {k: {f: v[f] for f in STAGE_KEYS - {"seconds"}} for k, v in data["stages"].items()}
 
 
+def test_trial_run_prints_a_line_per_epoch_unless_quiet(quickstart, tiny_sets):
+    loud = invoke("trial", "run", "--config", quickstart, *tiny_sets)
+    assert loud.exit_code == 0, loud.output
+    epochs = [line for line in loud.stderr.splitlines() if " step " in line]
+    # the teacher's reference point, then one line per epoch of finetune, distill and retrain-1 (1 epoch each)
+    assert [line.split()[0] for line in epochs] == ["teacher", "finetune", "distill", "retrain-1"], loud.stderr
+    assert all("target val acc" in line for line in epochs) and "loss" in epochs[1]
+    assert "stage" in loud.stdout and " step " not in loud.stdout  # stdout: the result alone
+    quiet = invoke("trial", "run", "--config", quickstart, *tiny_sets, "--quiet")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stderr == "" and quiet.stdout.startswith("stage"), quiet.output
+
+
 def test_trial_run_table_and_set_overrides(quickstart, tiny_sets):
     result = invoke("trial", "run", "--config", quickstart, *tiny_sets, "--set", "search.layers.stem=freeze",
                     "--set", "search.generations=0", "--set", "pipeline.replace_with=slim",

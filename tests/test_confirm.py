@@ -171,6 +171,19 @@ def test_study_run_confirms_on_fresh_seeds_and_ends_with_the_verdict(tmp_path, t
     tagged = client.search_runs([experiment.experiment_id], "tags.`distillstudy.confirm` != ''", max_results=100)
     assert len(tagged) == 15 and {r.data.tags["distillstudy.confirm"] for r in tagged} == \
         {"top-1", "top-2", "finetune-all", "head-only", "finetune-all-kd"}
+    # Named apart from the search's `trial N` runs: the configuration and the seed.
+    by_role_seed = {(t.user_attrs["confirm_role"], t.user_attrs["seed"]): t for t in runs}
+    for r in tagged:
+        role = r.data.tags["distillstudy.confirm"]
+        seed = int(r.info.run_name.rsplit(" seed ", 1)[1])
+        assert by_role_seed[(role, seed)]  # the name's seed is the run's own
+        assert r.info.run_name.startswith(f"confirm {role}") and not r.info.run_name.startswith("trial")
+        if role.startswith("top-"):
+            assert "=" in r.info.run_name  # the layer actions of the configuration
+    # Every confirmation run links the teacher's own run, never a search trial that used the same teacher.
+    for r in tagged:
+        teacher_run = client.get_run(r.data.tags["distillstudy.teacher_run_id"])
+        assert teacher_run.data.tags["distillstudy.role"] == "teacher", teacher_run.info.run_name
 
 
 def _every_surface_names_the_answer(tmp_path, storage: str, mlflow_uri: str, verdict: dict) -> None:

@@ -44,6 +44,34 @@ def _split_domain(pool: DomainPool, options: TaskOptions, g: torch.Generator):
     return train, val, test
 
 
+def min_per_class(options: TaskOptions, official_test: bool) -> int:
+    """The fewest images a class needs so that `_stratified_split` gives it at least one image in every split it
+    cuts (validation, test unless the dataset has its own, and training). Python rounds half to even, as the split
+    does, so this is searched, not solved."""
+    fractions = [options.val_fraction] if official_test else [options.val_fraction, options.test_fraction]
+    n = 1
+    while any(round(f * n) < 1 for f in fractions) or n - sum(round(f * n) for f in fractions) < 1:
+        n += 1
+    return n
+
+
+def _check_splits(info: TaskInfo, domain: str, pool: DomainPool, splits, options: TaskOptions,
+                  num_classes: int) -> None:
+    """An empty split would train a teacher on nothing or score accuracies of 0/0 (NaN): refuse it, saying how
+    many images the split fractions need."""
+    empty = [name for name, part in zip(("training", "validation", "test"), splits) if len(part) == 0]
+    if not empty:
+        return
+    per_class = min_per_class(options, official_test=pool.test is not None)
+    size, capped = len(pool.train), ""
+    if 0 < options.max_per_domain < size:
+        size, capped = options.max_per_domain, f" after task.max_per_domain={options.max_per_domain}"
+    which = f"{', '.join(empty[:-1])} and {empty[-1]} splits are" if len(empty) > 1 else f"{empty[0]} split is"
+    raise UserError(f"task '{info.name}': the {domain} {which} empty ({size} images in its pool{capped}); with task.val_fraction={options.val_fraction} and "
+                    f"task.test_fraction={options.test_fraction} each class needs at least {per_class} images, "
+                    f"{per_class * num_classes} for {num_classes} classes")
+
+
 def _labeled_subset(train: Images, per_class: int, g: torch.Generator):
     labeled, unlabeled = [], []
     for c in torch.unique(train.y).tolist():
@@ -77,6 +105,8 @@ def split_task(info: TaskInfo, source: DomainPool, target: DomainPool, class_nam
     g = torch.Generator().manual_seed(seed)
     s_train, s_val, s_test = _split_domain(source, options, g)
     t_train, t_val, t_test = _split_domain(target, options, g)
+    _check_splits(info, "source", source, (s_train, s_val, s_test), options, len(class_names))
+    _check_splits(info, "target", target, (t_train, t_val, t_test), options, len(class_names))
     labeled, unlabeled = _labeled_subset(t_train, options.target_labeled_per_class, g)
     if target.unlabeled is not None:  # a task's own unlabelled target images join the pool
         extra = _cap(target.unlabeled, options.max_per_domain, g)

@@ -91,6 +91,8 @@ def _image(where: str, i: int, image, shape) -> torch.Tensor:
         image = image.float() / 255
     elif not image.is_floating_point():
         raise UserError(f"{where}: item {i} has a {image.dtype} image, expected float in [0, 1] or uint8")
+    if not torch.isfinite(image).all():  # one NaN pixel turns every loss and accuracy into NaN, far from here
+        raise UserError(f"{where}: item {i} has NaN or infinite pixel values")
     if shape is not None and image.shape != shape:
         raise UserError(f"{where}: item {i} has shape {tuple(image.shape)}, item 0 {tuple(shape)}: resize them "
                         "to one size")

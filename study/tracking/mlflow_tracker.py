@@ -31,8 +31,10 @@ from objectives.settings import TrialChoices
 from objectives.version import code_version
 
 from .mlflow_model import cpu_copy, log_pytorch_model
+from .view import SHARED_VIEW_TAG, shared_view
 from .writer import BackgroundWriter
 from ..config import Config
+from ..confirm import describe
 from ..record import TrialRecord
 from ..storage import mask_url
 from . import store, tracking_uri
@@ -61,6 +63,17 @@ def trial_params(choices, seed: int, number: int, data_seed: int | None = None) 
     and data seed (the seed of its data split and teacher)."""
     return {**choices.flat(), "trial_number": number, "seed": seed,
             "data_seed": seed if data_seed is None else data_seed}
+
+
+def run_name(number: int, rec: TrialRecord) -> str:
+    """A trial run's name in the UI: `trial N` for the search; for a confirmation run (its trials are numbered
+    from 0 in its own study, beside the search's), `confirm <configuration> seed <s>`."""
+    if not rec.confirm_role:
+        return f"trial {number}"
+    if rec.baseline:
+        return f"confirm {rec.baseline} seed {rec.seed}"
+    choices = rec.confirm_choices
+    return f"confirm {rec.confirm_role} ({describe(choices.flat())}) seed {rec.seed}"
 
 
 def _check_server(uri: str, timeout: float = 10.0) -> None:
@@ -140,6 +153,8 @@ class MlflowTracker:
         self.client = self.client or MlflowClient(tracking_uri=self.uri)
         owner = study.user_attrs.get("confirm_of", study.study_name)  # a confirmation nests in its study's run
         self.experiment_id = store.experiment_id(self.client, self.experiment, owner)
+        # The columns a new user lands on (tracking.view); set on every start: the latest study's config wins.
+        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG, shared_view(config))
         self.parent_id = store.find_parent_run(self.client, self.experiment_id, owner)
         if self.parent_id:
             if status == "RUNNING" and "confirm_of" not in study.user_attrs:  # its study's status stays its own
@@ -264,7 +279,7 @@ class MlflowTracker:
         try:
             # On the trial's thread (the trial needs the id), bounded by the HTTP timeouts of store.HTTP_DEFAULTS.
             run = store.retry_database_outage(self.uri, self.config.study.storage_retry, self.client.create_run,
-                                              self.experiment_id, run_name=f"trial {trial.number}", tags=tags)
+                                              self.experiment_id, run_name=run_name(trial.number, rec), tags=tags)
         except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail the trial: it runs untracked
             if store.is_outage(exc):
                 self._go_offline(exc)
@@ -304,8 +319,9 @@ class MlflowTracker:
             raise
 
     def _find_or_log_teacher(self, info, state: dict | None) -> None:
-        found = self.client.search_runs([self.experiment_id], f"tags.`distillstudy.teacher_key` = '{info.key}'",
-                                        max_results=1)
+        # The role too: a finished trial's run carries its teacher's key as well (and would be found first).
+        found = self.client.search_runs([self.experiment_id], f"tags.`distillstudy.teacher_key` = '{info.key}' "
+                                        f"and tags.`distillstudy.role` = '{info.role}'", max_results=1)
         if found:  # another worker (or an earlier run of this study) logged it
             self._teacher_runs[info.key] = found[0].info.run_id
             return
@@ -394,6 +410,9 @@ class MlflowTracker:
                 tags.append(RunTag("distillstudy.donor_key", result.donor.key))
                 if self._teacher_runs.get(result.donor.key):
                     tags.append(RunTag("distillstudy.donor_run_id", self._teacher_runs[result.donor.key]))
+        value = improved[1]
+        if value is not None:  # the number the study ranks trials by: the UI's first column worth sorting on
+            metrics.append(Metric("value", float(value), int(time.time() * 1000), 0))
         self.client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
         if result is not None:
             self._log_trial_artifacts(run_id, result, improved, meta, weights, best_model)
