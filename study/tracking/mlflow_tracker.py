@@ -29,7 +29,7 @@ from models.errors import UserError, first_line
 from objectives.settings import TrialChoices
 from objectives.version import code_version
 
-from .mlflow_model import cpu_copy, log_pytorch_model
+from .mlflow_model import cpu_copy, log_pytorch_model, register_version
 from .writer import BackgroundWriter
 from ..config import Config
 from ..record import TrialRecord
@@ -361,7 +361,7 @@ class MlflowTracker:
                     tags.append(RunTag("distillstudy.donor_run_id", self._teacher_runs[result.donor.key]))
         self.client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
         if result is not None:
-            self._log_trial_artifacts(run_id, result, improved, meta, weights, best_model)
+            self._artifacts_or_warn(run_id, result, improved, meta, weights, best_model)
         self.client.set_terminated(run_id, RUN_STATUS[state])
         with self._lock:
             self._open_runs.discard(run_id)
@@ -382,6 +382,17 @@ class MlflowTracker:
             out.append(Metric("epochs_to_threshold", float(result.epochs_to_threshold), now, 0))
         out.append(Metric("seconds/total", result.seconds, now, 0))
         return out
+
+    def _artifacts_or_warn(self, run_id: str, *args) -> None:
+        # A store that still answers but refuses an artifact or the registration must not leave the run RUNNING
+        # (the trial is COMPLETE in Optuna): one warning, and the run is closed. An outage goes on to `_guarded`.
+        try:
+            self._log_trial_artifacts(run_id, *args)
+        except Exception as exc:  # noqa: BLE001 - see above
+            if store.is_outage(exc):
+                raise
+            print(f"warning: run {run_id} closes without its artifacts or registered model "
+                  f"({type(exc).__name__}: {mask_url(first_line(exc, 200))})", file=sys.stderr, flush=True)
 
     def _log_trial_artifacts(self, run_id: str, result, improved: bool, meta: dict, weights: dict | None,
                              best_model: tuple | None = None) -> None:
@@ -440,9 +451,7 @@ class MlflowTracker:
             pass  # already registered (by this worker or another): add a version
         # The MLflow PyTorch model (`mlflow.pytorch.load_model("models:/<name>/latest")`); the weights folder
         # only when the model could not be exported.
-        source = f"models:/{model_id}" if model_id else f"{self.client.get_run(run_id).info.artifact_uri}/model"
-        self.client.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
-                                         tags={"optuna.study": self.study.study_name})
+        register_version(self.client, self.uri, name, run_id, model_id, tags={"optuna.study": self.study.study_name})
 
     def _log_params(self, run_id: str, params: dict) -> None:
         items = [Param(str(k), str(v)[:_PARAM_MAX]) for k, v in params.items()]
