@@ -53,6 +53,16 @@ def _prepare_tracking(study: optuna.Study, name: str, url: str, created: bool) -
         raise
 
 
+def _create_to_run(config, name: str, url: str, device: str | None) -> None:
+    # `study run --config`: the study (and its baselines) exists only once this machine can run its trials and
+    # track them: a worker that cannot (no data, no CUDA, an unreachable tracking server) leaves nothing behind.
+    from .worker import preflight
+
+    preflight(config.with_changes("pipeline", device=device) if device else config)
+    study, created = create_study(config, name, url, load_if_exists=True)
+    _prepare_tracking(study, name, url, created)
+
+
 def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device, quiet, verbose, echo) -> int:
     """`study run`: a worker; prints a line per finished trial and the winner at the end. Returns the exit code."""
     from .worker import run_worker
@@ -63,7 +73,7 @@ def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device
         config = load_config(config_path, overrides)
         name = config.study.name if name is None else name  # an explicit --name "" is an error, not the default
         url = resolve_storage_url(storage, config.study.storage)
-        create_study(config, name, url, load_if_exists=True)
+        _create_to_run(config, name, url, device)
     else:
         check_study_name(name)
         if overrides:

@@ -151,6 +151,10 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         check_study_name(config.study.name, creating=True)
     except UserError as exc:
         raise UserError(f"study.name: {exc}") from None
+    if config.tracking.mlflow_uri:  # its credentials go to this process's environment, never into a stored config
+        from .tracking.access import take_credentials
+
+        config = config.with_changes("tracking", mlflow_uri=take_credentials(config.tracking.mlflow_uri))
     return config
 
 

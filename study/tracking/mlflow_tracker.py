@@ -35,6 +35,7 @@ from ..config import Config
 from ..record import TrialRecord
 from ..storage import mask_url
 from . import store, tracking_uri
+from .access import check_server
 
 # Optuna state -> MLflow run status.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
@@ -58,21 +59,6 @@ def flatten(data: dict, prefix: str = "") -> dict:
 def trial_params(choices, seed: int, number: int) -> dict:
     """The run's params: every choice under its one name (`layers.<group>`, `alpha`, ...), trial number, seed."""
     return {**choices.flat(), "trial_number": number, "seed": seed}
-
-
-def _check_server(uri: str, timeout: float = 10.0) -> None:
-    """The tracking server answers its health check, else a one-line UserError."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
-    except OSError as exc:  # refused, unresolvable, timed out, HTTP errors
-        problem = mask_url(first_line(exc))
-    raise UserError(f"cannot reach the MLflow tracking server '{mask_url(uri)}' ({problem}); start it, fix "
-                    f"tracking.mlflow_uri / $MLFLOW_TRACKING_URI, or set tracking.enabled: false")
 
 
 def cpu_state(model) -> dict:
@@ -121,7 +107,7 @@ class MlflowTracker:
     def _open(self, study, config: Config, status: str) -> None:
         self.study = study
         if self.uri.startswith(("http://", "https://")):
-            _check_server(self.uri)
+            check_server(self.uri)
         try:
             store.locked_with_retry(self.uri, lambda: self._start_study(study, config, status))
         except Exception as exc:  # noqa: BLE001 - an outage (OSError, database) or MLflow's own refusal
