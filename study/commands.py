@@ -12,6 +12,7 @@ import optuna
 
 from models.errors import UserError
 
+from .allowed_imports import ATTR as ALLOWED
 from .config import load_config
 from .names import check_study_name
 from .output import format_best, format_confirmation, format_stage_lines, format_trial_line
@@ -33,8 +34,9 @@ def create(config_path: str, name: str | None, storage: str | None, overrides, l
     _prepare_tracking(study, name, url, created)
     queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     verb = "created" if created else "loaded existing"
+    allow = "".join(f" --allow-import {shlex.quote(p)}" for p in study.user_attrs.get(ALLOWED, []))
     return (f"{verb} study '{name}' in {mask_url(url)} ({queued} baseline trials queued)\n"
-            f"run a worker: distillstudy study run {shlex.quote(name)} --storage {shlex.quote(mask_url(url))}")
+            f"run a worker: distillstudy study run {shlex.quote(name)} --storage {shlex.quote(mask_url(url))}{allow}")
 
 
 def _prepare_tracking(study: optuna.Study, name: str, url: str, created: bool) -> None:

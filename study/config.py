@@ -225,8 +225,11 @@ def config_from_dict(raw: dict) -> Config:
 
 def _check_names(cfg: Config) -> None:
     """Registry names are checked at load time, with the key's path, so no study is created from a typo."""
+    from models.imports import ImportNotAllowed
     from models.registry import check_arch
     from objectives.tasks import get_task_info
+
+    from .allowed_imports import not_allowed
 
     checks = [("task.name", get_task_info, cfg.task.name), ("model.arch", check_arch, cfg.model.arch)]
     if cfg.model.donor_arch:
@@ -234,6 +237,8 @@ def _check_names(cfg: Config) -> None:
     for where, lookup, name in checks:
         try:
             lookup(name)
+        except ImportNotAllowed:
+            raise not_allowed(where, name) from None
         except UserError as exc:
             raise UserError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
 

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from models.errors import UserError
 from objectives.settings import TrialChoices
 
+from .allowed_imports import ATTR
 from .baselines import BASELINES, baseline_choices, enqueue_params
 from .config import Config
 from .names import COMPANION_SUFFIX
@@ -92,6 +93,7 @@ def prepare(study: optuna.Study, config: Config, url: str, top: int, seeds: int)
     stored["tracking"]["experiment"] = config.tracking.experiment or study.study_name
     companion.set_user_attr("config", stored)
     companion.set_user_attr("confirm_of", study.study_name)
+    companion.set_user_attr(ATTR, study.user_attrs.get(ATTR, []))  # its workers import what the study's may
     for role, number, choices in configs:
         choices = choices or baseline_choices(role, config.search)
         for seed in run_seeds(config, seeds):

@@ -14,6 +14,7 @@ import optuna
 
 from models.errors import UserError, did_you_mean
 
+from .allowed_imports import ATTR, narrow_to_study, packages_of
 from .baselines import BASELINES, baseline_choices, enqueue_params
 from .config import OBJECTIVES, Config, config_from_dict
 from .names import check_study_name
@@ -65,6 +66,7 @@ def create_study(config: Config, name: str, url: str, load_if_exists: bool = Fal
     study.set_user_attr("config", stored)
     study.set_user_attr("objective", list(config.study.objective))
     study.set_user_attr("created", datetime.now().isoformat(timespec="seconds"))
+    study.set_user_attr(ATTR, packages_of(stored))  # the user packages its workers may import (allowed_imports.py)
     if config.study.baselines:
         for baseline in BASELINES:
             choices = baseline_choices(baseline, config.search)
@@ -102,6 +104,7 @@ def load_study(name: str, url: str, with_heartbeat: bool = False) -> tuple[optun
     study = optuna.load_study(study_name=name, storage=storage)
     if "config" not in study.user_attrs:
         raise UserError(f"study '{name}' was not created by distillstudy (no stored config)")
+    narrow_to_study(name, study.user_attrs)  # before reading the config imports anything of it
     config = config_from_dict(study.user_attrs["config"])
     if with_heartbeat:
         from .samplers import make_pruner, make_sampler
