@@ -94,8 +94,8 @@ def _names(storage) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
 
-def load_study(name: str, url: str, with_heartbeat: bool = False) -> tuple[optuna.Study, Config]:
-    """Load study `name` and its stored config (a UserError naming the studies there when it is unknown)."""
+def _find_study(name: str, url: str) -> optuna.Study:
+    """Study `name` as stored, its config not read (a UserError naming the studies there when it is unknown)."""
     storage = storage_for(url, create=False)
     names = _names(storage)
     if name not in names:
@@ -104,6 +104,12 @@ def load_study(name: str, url: str, with_heartbeat: bool = False) -> tuple[optun
     study = optuna.load_study(study_name=name, storage=storage)
     if "config" not in study.user_attrs:
         raise UserError(f"study '{name}' was not created by distillstudy (no stored config)")
+    return study
+
+
+def load_study(name: str, url: str, with_heartbeat: bool = False) -> tuple[optuna.Study, Config]:
+    """Load study `name` and its stored config (a UserError naming the studies there when it is unknown)."""
+    study = _find_study(name, url)
     narrow_to_study(name, study.user_attrs)  # before reading the config imports anything of it
     config = config_from_dict(study.user_attrs["config"])
     if with_heartbeat:
@@ -209,6 +215,6 @@ def export_trials(name: str, url: str, fmt: str) -> str:
 
 
 def delete_study(name: str, url: str) -> None:
-    """Delete study `name` from the storage."""
-    load_study(name, url)
+    """Delete study `name` from the storage (its config is not read: deleting imports no user module)."""
+    _find_study(name, url)
     optuna.delete_study(study_name=name, storage=storage_for(url))  # a writer: a read-only file is one line

@@ -94,3 +94,16 @@ def test_built_in_names_need_no_opt_in(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     name = optuna.get_all_study_names(f"sqlite:///{tmp_path}/s.db")[0]
     assert optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/s.db").user_attrs[ATTR] == []
+
+
+def test_deleting_a_study_imports_nothing(workdir):
+    package, tmp = workdir
+    storage = f"sqlite:///{tmp / 's.db'}"
+    created = cli("study", "create", REPO / "examples" / "own_model.yaml", "--name", "own",
+                  *_sets(package, storage), "--allow-import", package)
+    assert created.exit_code == 0, created.output
+    sys.modules.pop(package, None)
+    (tmp / "imported.flag").unlink()
+    deleted = cli("study", "delete", "own", "--storage", storage, "--yes")  # no opt-in in this command
+    assert deleted.exit_code == 0, deleted.output
+    assert not (tmp / "imported.flag").exists() and optuna.get_all_study_names(storage) == []
