@@ -26,9 +26,9 @@ HOW = f"allow it with --allow-import {{pkg}} (or {ENV}={{pkg}})"
 
 
 def grant(flags=()) -> frozenset[str]:
-    """Allow this process to import the packages of `flags` (`--allow-import`, repeatable) and $DISTILLSTUDY_ALLOW_
-    IMPORTS (comma-separated); returns them. Every command starts here, so nothing carries over between commands
-    run in one process."""
+    """Allow this process to import the packages of `flags` (`--allow-import`, repeatable) and of the variable
+    (comma-separated); returns them. Every command starts here, so nothing carries over between commands run in
+    one process."""
     names = [*flags, *os.environ.get(ENV, "").split(",")]
     packages = frozenset(n.strip() for n in names if n.strip())
     allow_imports(packages)
@@ -38,7 +38,8 @@ def grant(flags=()) -> frozenset[str]:
 def imported_names(config: dict) -> dict[str, str]:
     """Config key -> `package.module:function` of every user import in a config (as plain data)."""
     task, model = config.get("task") or {}, config.get("model") or {}
-    names = {"task.name": task.get("name"), "model.arch": model.get("arch"), "model.donor_arch": model.get("donor_arch")}
+    names = {"task.name": task.get("name"), "model.arch": model.get("arch"),
+             "model.donor_arch": model.get("donor_arch")}
     return {k: v for k, v in names.items() if isinstance(v, str) and is_import_path(v)}
 
 
