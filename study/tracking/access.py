@@ -99,8 +99,10 @@ def _login_refused(base: str, timeout: float) -> bool:
     # --app-name basic-auth`) takes this login. Any other answer is left to the tracker's own calls.
     request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
     if USERNAME in os.environ:
-        token = f"{os.environ[USERNAME]}:{os.environ.get(PASSWORD, '')}".encode()
-        request.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
+        login = f"{os.environ[USERNAME]}:{os.environ.get(PASSWORD, '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(login).decode())
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):  # MLflow's other login: a bearer token
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
     try:
         with urllib.request.urlopen(request, timeout=timeout):
             return False
