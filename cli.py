@@ -74,10 +74,23 @@ def _print_version(ctx, _param, value):
               help="Print the version (package + code hash) and the versions of Optuna, MLflow and torch.")
 def main():
     """distillstudy: which layers to freeze, fine-tune or replace, and how to distill, found by an Optuna study."""
+    from study.allowed_imports import grant
+
+    grant()  # $DISTILLSTUDY_ALLOW_IMPORTS only; create, run and trial run add their --allow-import
+
+
+def _grant(flags) -> None:
+    from study.allowed_imports import grant
+
+    grant(flags)
 
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="Override a config key, e.g. --set search.layers.head=finetune (repeatable).")
+allow_import_option = click.option(
+    "--allow-import", "allow", multiple=True, metavar="PKG",
+    help="Let task.name / model.arch import modules of package PKG (package.module:function; repeatable; also "
+         "$DISTILLSTUDY_ALLOW_IMPORTS=PKG,PKG2). A study records it; its workers need it too.")
 
 
 # ---- trial -------------------------------------------------------------------------------------------------------
@@ -90,10 +103,12 @@ def trial():
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="YAML config (default: the quickstart, examples/quickstart.yaml).")
 @set_option
+@allow_import_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", is_flag=True, help="No per-epoch progress lines (on stderr); only the result.")
-def trial_run(config_path, overrides, as_json, quiet):
+def trial_run(config_path, overrides, allow, as_json, quiet):
     """Run ONE pipeline with fixed choices (range defaults, first list elements, pins) and print per-stage accuracy."""
+    _grant(allow)
     from study.commands import QUICKSTART, run_fixed_trial
     from study.config import load_config
     from study.output import format_epoch_line, format_trial
@@ -169,9 +184,12 @@ def study():
 @storage_option
 @set_option
 @click.option("--load-if-exists", is_flag=True, help="Reuse an existing study with the same config.")
-def study_create(config_path, name, storage, overrides, load_if_exists):
+@allow_import_option
+def study_create(config_path, name, storage, overrides, load_if_exists, allow):
     """Validate CONFIG, create the study, store the config in it and enqueue the baselines."""
     from study.commands import create
+
+    _grant(allow)
 
     click.echo(create(config_path, name, storage, overrides, load_if_exists))
 
@@ -190,9 +208,12 @@ def study_create(config_path, name, storage, overrides, load_if_exists):
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's pipeline.device).")
 @click.option("--quiet", is_flag=True, help="No per-trial lines.")
 @click.option("--verbose", is_flag=True, help="Also print each trial's per-stage accuracy.")
-def study_run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device, quiet, verbose):
+@allow_import_option
+def study_run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device, quiet, verbose, allow):
     """Run a worker on study NAME. With neither NAME nor --config: the quickstart study (created if needed)."""
     from study.commands import run
+
+    _grant(allow)
 
     code = run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device, quiet, verbose, click.echo)
     if code == 130:

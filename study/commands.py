@@ -10,6 +10,7 @@ import optuna
 
 from models.errors import UserError
 
+from .allowed_imports import ATTR as ALLOWED
 from .config import load_config
 from .names import check_study_name
 from .output import format_best, format_confirmation, format_stage_lines, format_trial_line
@@ -31,8 +32,9 @@ def create(config_path: str, name: str | None, storage: str | None, overrides, l
     _prepare_tracking(study, name, url, created)
     queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     verb = "created" if created else "loaded existing"
+    allow = "".join(f" --allow-import {shlex.quote(p)}" for p in study.user_attrs.get(ALLOWED, []))
     return (f"{verb} study '{name}' in {mask_url(url)} ({queued} baseline trials queued)\n"
-            f"run a worker: distillstudy study run {shlex.quote(name)} --storage {shlex.quote(mask_url(url))}")
+            f"run a worker: distillstudy study run {shlex.quote(name)} --storage {shlex.quote(mask_url(url))}{allow}")
 
 
 def _prepare_tracking(study: optuna.Study, name: str, url: str, created: bool) -> None:
@@ -51,6 +53,16 @@ def _prepare_tracking(study: optuna.Study, name: str, url: str, created: bool) -
         raise
 
 
+def _create_to_run(config, name: str, url: str, device: str | None) -> None:
+    # `study run --config`: the study (and its baselines) exists only once this machine can run its trials and
+    # track them: a worker that cannot (no data, no CUDA, an unreachable tracking server) leaves nothing behind.
+    from .worker import preflight
+
+    preflight(config.with_changes("pipeline", device=device) if device else config)
+    study, created = create_study(config, name, url, load_if_exists=True)
+    _prepare_tracking(study, name, url, created)
+
+
 def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device, quiet, verbose, echo) -> int:
     """`study run`: a worker; prints a line per finished trial and the winner at the end. Returns the exit code."""
     from .worker import run_worker
@@ -61,7 +73,7 @@ def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device
         config = load_config(config_path, overrides)
         name = config.study.name if name is None else name  # an explicit --name "" is an error, not the default
         url = resolve_storage_url(storage, config.study.storage)
-        create_study(config, name, url, load_if_exists=True)
+        _create_to_run(config, name, url, device)
     else:
         check_study_name(name)
         if overrides:

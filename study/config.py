@@ -173,6 +173,10 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         check_study_name(config.study.name, creating=True)
     except UserError as exc:
         raise UserError(f"study.name: {exc}") from None
+    if config.tracking.mlflow_uri:  # its credentials go to this process's environment, never into a stored config
+        from .tracking.access import take_credentials
+
+        config = config.with_changes("tracking", mlflow_uri=take_credentials(config.tracking.mlflow_uri))
     return config
 
 
@@ -243,8 +247,11 @@ def config_from_dict(raw: dict) -> Config:
 
 def _check_names(cfg: Config) -> None:
     """Registry names are checked at load time, with the key's path, so no study is created from a typo."""
+    from models.imports import ImportNotAllowed
     from models.registry import check_arch
     from objectives.tasks import get_task_info
+
+    from .allowed_imports import not_allowed
 
     checks = [("task.name", get_task_info, cfg.task.name), ("model.arch", check_arch, cfg.model.arch)]
     if cfg.model.donor_arch:
@@ -252,6 +259,8 @@ def _check_names(cfg: Config) -> None:
     for where, lookup, name in checks:
         try:
             lookup(name)
+        except ImportNotAllowed:
+            raise not_allowed(where, name) from None
         except UserError as exc:
             raise UserError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
 

@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 from models.errors import UserError
 from objectives.settings import TrialChoices
 
+from .allowed_imports import ATTR
 from .baselines import BASELINES, baseline_choices, enqueue_params
 from .config import Config
 from .names import COMPANION_SUFFIX
@@ -106,6 +107,7 @@ def prepare(study: optuna.Study, config: Config, url: str, top: int, seeds: int)
     companion.set_user_attr("confirm_of", study.study_name)
     resample = config.study.confirm.resample
     companion.set_user_attr("confirm_resample", resample)
+    companion.set_user_attr(ATTR, study.user_attrs.get(ATTR, []))  # its workers import what the study's may
     for role, number, choices in configs:
         choices = choices or baseline_choices(role, config.search)
         for seed in run_seeds(config, seeds):

@@ -14,6 +14,7 @@ import optuna
 
 from models.errors import UserError, did_you_mean
 
+from .allowed_imports import ATTR, narrow_to_study, packages_of
 from .baselines import BASELINES, baseline_choices, enqueue_params
 from .config import OBJECTIVES, Config, config_from_dict
 from .names import check_study_name
@@ -67,6 +68,7 @@ def create_study(config: Config, name: str, url: str, load_if_exists: bool = Fal
     study.set_user_attr("config", stored)
     study.set_user_attr("objective", list(config.study.objective))
     study.set_user_attr("created", datetime.now().isoformat(timespec="seconds"))
+    study.set_user_attr(ATTR, packages_of(stored))  # the user packages its workers may import (allowed_imports.py)
     if config.study.baselines:
         for baseline in BASELINES:
             choices = baseline_choices(baseline, config.search)
@@ -95,8 +97,8 @@ def _names(storage) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
 
-def load_study(name: str, url: str, with_heartbeat: bool = False) -> tuple[optuna.Study, Config]:
-    """Load study `name` and its stored config (a UserError naming the studies there when it is unknown)."""
+def _find_study(name: str, url: str) -> optuna.Study:
+    """Study `name` as stored, its config not read (a UserError naming the studies there when it is unknown)."""
     storage = storage_for(url, create=False)
     names = _names(storage)
     if name not in names:
@@ -105,6 +107,13 @@ def load_study(name: str, url: str, with_heartbeat: bool = False) -> tuple[optun
     study = optuna.load_study(study_name=name, storage=storage)
     if "config" not in study.user_attrs:
         raise UserError(f"study '{name}' was not created by distillstudy (no stored config)")
+    return study
+
+
+def load_study(name: str, url: str, with_heartbeat: bool = False) -> tuple[optuna.Study, Config]:
+    """Load study `name` and its stored config (a UserError naming the studies there when it is unknown)."""
+    study = _find_study(name, url)
+    narrow_to_study(name, study.user_attrs)  # before reading the config imports anything of it
     config = config_from_dict(study.user_attrs["config"])
     if with_heartbeat:
         from .samplers import make_pruner, make_sampler

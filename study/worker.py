@@ -55,7 +55,7 @@ def run_worker(name: str, url: str, n_trials: int | None = None, timeout: float 
     if device:
         config = config.with_changes("pipeline", device=device)
     total = n_trials or config.study.n_trials
-    _preflight(config)
+    preflight(config)
     config = config.with_changes("study", storage=mask_url(url))  # what the tracker records as the storage
     _lock_queue_pops(study, url)
     tracker = make_tracker(config)
@@ -252,8 +252,9 @@ def _close_orphans(study: optuna.Study, started: list[optuna.Trial], failure: st
     return left
 
 
-def _preflight(config: Config) -> None:
-    # A worker that cannot run any trial (no CUDA, data not mounted) says so once, before it takes a trial.
+def preflight(config: Config) -> None:
+    """A UserError when no trial of `config` can run here (no CUDA, data not mounted): a worker says so once,
+    before it takes a trial. The task it loads stays cached for the trials."""
     from objectives.device import resolve_device
     from objectives.pipeline import get_task
 

@@ -78,3 +78,14 @@ def postgres_url() -> str:
             pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
         pytest.skip(reason)
     return PG_URL
+
+
+@pytest.fixture(autouse=True)
+def no_user_imports_allowed():
+    """Every test starts and ends with no user package allowed to be imported (models.imports.allow_imports is
+    process-wide); a test of user modules allows its own (allow_imports, --allow-import or the variable)."""
+    from models.imports import allow_imports
+
+    allow_imports(())
+    yield
+    allow_imports(())

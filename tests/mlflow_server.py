@@ -37,19 +37,19 @@ def healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path):
-    """Start `mlflow server` with its store under `root`; yields (tracking URL, process: its guardian, whose pid is
-    the server's process group). At the end the whole group is killed (woken first, should a test have stopped
-    it); it dies with the test process too, even a SIGKILLed one."""
+def mlflow_server(root: Path, *extra_args: str, env: dict | None = None):
+    """Start `mlflow server` with its store under `root` (and `extra_args`, `env` added to its environment); yields
+    (tracking URL, process: its guardian, whose pid is the server's process group). At the end the whole group is
+    killed (woken first, should a test have stopped it); it dies with the test process too, even a SIGKILLed one."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # No job-execution runner (a handful of huey consumers no test uses): the server starts much faster.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(root / "server.log", "wb")
     proc = start_server([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                          "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                         "--artifacts-destination", str(root / "artifacts")],
+                         "--artifacts-destination", str(root / "artifacts"), *extra_args],
                         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 150  # ~15 s on an idle 2-core machine; much longer when it is loaded

@@ -12,6 +12,7 @@ import torch
 
 from models import create_model
 from models.adapters import AdaptedGroup, ResidualAdapter, add_adapters
+from models.imports import allow_imports
 from objectives.checkpoints import StageCheckpoints
 from objectives.pipeline import run_trial
 from objectives.settings import ModelSettings, TrialChoices
@@ -113,6 +114,7 @@ OWN_GROUPS = {"stem": ["conv1", "bn1"], "block1": ["block1"], "block2": ["block2
 def test_adapt_on_a_network_grouped_by_module_names():
     """A user network keeps its own forward: the adapter wraps the group's last module to run (the stem's bn1, not
     its conv1), the whole adapted group stays in eval mode, and a saved student is rebuilt from the layer map."""
+    allow_imports({"examples"})  # examples/own_model.py is a user's module (conftest.py takes the opt-in back)
     teacher = create_model("examples.own_model:build", 10, 1, groups=OWN_GROUPS).eval()
     layers = {"stem": "adapt", "block1": "freeze", "block2": "adapt", "head": "finetune"}
     student, layer_map = build_student(teacher, layers, "reinit", 0.5, None, (1, 8, 8), init_seed=3, adapter_rank=4)

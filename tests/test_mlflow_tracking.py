@@ -428,3 +428,4 @@ def test_unreachable_tracking_server_is_a_one_line_error(tmp_path):
     assert result.stderr.startswith("error: cannot reach the MLflow tracking server") and \
         result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.output
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path}/down.db") == []  # no study, no baselines left behind

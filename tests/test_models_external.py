@@ -15,6 +15,7 @@ from torch import nn
 
 from models import InvalidChoice, UserError, create_model, group_output_shapes
 from models.grouped import in_prefixes
+from models.imports import ImportNotAllowed, allow_imports
 
 USER_MODULE = '''
 import torch
@@ -63,6 +64,7 @@ def user_module(tmp_path, monkeypatch):
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_MODULE))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))  # load_callable adds the working directory: undo it after
+    allow_imports({name})  # the opt-in for a user's package (conftest.py takes it back)
     yield name
     sys.modules.pop(name, None)
 
@@ -157,9 +159,19 @@ def test_bad_builders_are_one_line_errors(user_module):
                           ("no_such_pkg.mod:build", "cannot import 'no_such_pkg.mod'"),
                           ("torchvision:resnet19", "did you mean 'resnet18'"),
                           ("timm:resnet19x", "unknown timm model")]:
+        allow_imports({user_module, "no_such_pkg"})
         with pytest.raises(UserError, match=message) as err:
             create_model(arch, num_classes=4, in_channels=1)
         assert "\n" not in str(err.value)
+
+
+def test_a_package_not_allowed_is_never_imported(user_module):
+    allow_imports({"other"})
+    with pytest.raises(ImportNotAllowed, match=f"'{user_module}:build' would import package '{user_module}'"):
+        create_model(f"{user_module}:build", num_classes=4, in_channels=1)
+    assert user_module not in sys.modules
+    model = create_model("torchvision:resnet18", num_classes=4, in_channels=1)  # built-in names need no opt-in
+    assert model.num_classes == 4
 
 
 def test_timm_model_runs_with_its_default_groups():

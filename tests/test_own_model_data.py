@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
+from models.imports import allow_imports
 from objectives.tasks import TaskOptions, load_task
 
 MODULE = '''
@@ -81,6 +82,9 @@ def workdir(tmp_path, monkeypatch, teacher_cache_dir):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the working directory is added on import: undo it after
     monkeypatch.delenv("DISTILLSTUDY_STORAGE", raising=False)
+    # The opt-in for the user's package: the variable for the commands, allow_imports for direct calls.
+    monkeypatch.setenv("DISTILLSTUDY_ALLOW_IMPORTS", name)
+    allow_imports({name})
     config = {
         "task": {"name": f"{name}:data", "target_labeled_per_class": 2},
         "model": {"arch": f"{name}:build", "groups": GROUPS},
@@ -145,7 +149,7 @@ def test_worked_example_runs(repo_root, monkeypatch, teacher_cache_dir):
     sets = ["pipeline.device=cpu", "pipeline.teacher_epochs=1", "pipeline.finetune_epochs=1",
             "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1", "search.generations=1",
             "search.layers.block2=replace", "pipeline.replace_with=slim", f"pipeline.cache_dir={teacher_cache_dir}"]
-    result = cli("trial", "run", "--config", "examples/own_model.yaml", "--json",
+    result = cli("trial", "run", "--config", "examples/own_model.yaml", "--json", "--allow-import", "examples",
                  *(a for s in sets for a in ("--set", s)))
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)

@@ -10,8 +10,11 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri(config) -> str:
-    """`tracking.mlflow_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (MLflow's own default)."""
-    return config.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """`tracking.mlflow_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (MLflow's own default); without
+    credentials, which go to this process's environment (`access.take_credentials`)."""
+    from .access import take_credentials
+
+    return take_credentials(config.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
 
 
 def make_tracker(config):

@@ -76,3 +76,29 @@ def log_pytorch_model(client, uri: str, experiment_id: str, run_id: str, model: 
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     return logged.model_id
+
+
+def register_version(client, uri: str, name: str, run_id: str, model_id: str | None, tags: dict):
+    """A new version of registered model `name` (tracking URI `uri`): the logged model `model_id` of trial run
+    `run_id`, or its weights folder when `model_id` is None (the model could not be exported).
+
+    The source is `models:/<model_id>`, the form the UI links to the logged model's page. A database registry
+    store (SQLite, PostgreSQL) resolves that source through the process-wide tracking URI, not `client`'s (MLflow
+    3's sqlalchemy_store.create_model_version: "TODO: Propagate tracking URI"): left alone it looks in another
+    store and fails with "Logged model with ID ... not found". So the call runs with `uri` as that URI. The
+    logged model's `mlflow.modelVersions` tag (which `mlflow.register_model` also sets) lists the version on the
+    model's page."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    if model_id is None:
+        source = f"{client.get_run(run_id).info.artifact_uri}/model"
+        return client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    with global_tracking_uri(uri):
+        version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
+                                              model_id=model_id, tags=tags)
+    # Each logged model is registered once: its list holds this version only.
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+        [{"name": version.name, "version": str(version.version)}])})
+    return version

@@ -38,6 +38,7 @@ from ..confirm import describe
 from ..record import TrialRecord
 from ..storage import mask_url
 from . import store, tracking_uri
+from .access import check_server
 
 # Optuna state -> MLflow run status.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
@@ -74,21 +75,6 @@ def run_name(number: int, rec: TrialRecord) -> str:
         return f"confirm {rec.baseline} seed {rec.seed}"
     choices = rec.confirm_choices
     return f"confirm {rec.confirm_role} ({describe(choices.flat())}) seed {rec.seed}"
-
-
-def _check_server(uri: str, timeout: float = 10.0) -> None:
-    """The tracking server answers its health check, else a one-line UserError."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
-    except OSError as exc:  # refused, unresolvable, timed out, HTTP errors
-        problem = mask_url(first_line(exc))
-    raise UserError(f"cannot reach the MLflow tracking server '{mask_url(uri)}' ({problem}); start it, fix "
-                    f"tracking.mlflow_uri / $MLFLOW_TRACKING_URI, or set tracking.enabled: false")
 
 
 def cpu_state(model) -> dict:
@@ -137,7 +123,7 @@ class MlflowTracker:
     def _open(self, study, config: Config, status: str) -> None:
         self.study = study
         if self.uri.startswith(("http://", "https://")):
-            _check_server(self.uri)
+            check_server(self.uri)
         try:
             store.locked_with_retry(self.uri, lambda: self._start_study(study, config, status))
         except Exception as exc:  # noqa: BLE001 - an outage (OSError, database) or MLflow's own refusal
@@ -415,7 +401,7 @@ class MlflowTracker:
             metrics.append(Metric("value", float(value), int(time.time() * 1000), 0))
         self.client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
         if result is not None:
-            self._log_trial_artifacts(run_id, result, improved, meta, weights, best_model)
+            self._artifacts_or_warn(run_id, result, improved, meta, weights, best_model)
         self.client.set_terminated(run_id, RUN_STATUS[state])
         with self._lock:
             self._open_runs.discard(run_id)
@@ -436,6 +422,17 @@ class MlflowTracker:
             out.append(Metric("epochs_to_threshold", float(result.epochs_to_threshold), now, 0))
         out.append(Metric("seconds/total", result.seconds, now, 0))
         return out
+
+    def _artifacts_or_warn(self, run_id: str, *args) -> None:
+        # A store that still answers but refuses an artifact or the registration must not leave the run RUNNING
+        # (the trial is COMPLETE in Optuna): one warning, and the run is closed. An outage goes on to `_guarded`.
+        try:
+            self._log_trial_artifacts(run_id, *args)
+        except Exception as exc:  # noqa: BLE001 - see above
+            if store.is_outage(exc):
+                raise
+            print(f"warning: run {run_id} closes without its artifacts or registered model "
+                  f"({type(exc).__name__}: {mask_url(first_line(exc, 200))})", file=sys.stderr, flush=True)
 
     def _log_trial_artifacts(self, run_id: str, result, improved: tuple, meta: dict, weights: dict | None,
                              best_model: tuple | None = None) -> None:

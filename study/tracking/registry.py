@@ -21,7 +21,7 @@ from filelock import FileLock
 from mlflow.exceptions import MlflowException
 
 from . import store
-from .mlflow_model import global_tracking_uri
+from .mlflow_model import register_version
 
 STATE, VALUE = "distillstudy.state", "distillstudy.value"
 
@@ -78,7 +78,6 @@ def register_answer(client, uri: str, name: str, source: str, run_id: str, model
 
 
 def _create_version(client, uri: str, name: str, source: str, run_id: str, model_id: str | None, tags: dict):
-    # A `models:/<id>` source is looked up through the process-wide tracking URI, not the client's: point it at
-    # this store for the call (a $MLFLOW_TRACKING_URI naming another store would not find the logged model).
-    with global_tracking_uri(uri):
-        return client.create_model_version(name, source=source, run_id=run_id, model_id=model_id, tags=tags)
+    # `register_version` points the process-wide tracking URI at this store for the call (a database registry
+    # resolves a `models:/<id>` source through it) and lists the version on the logged model's page.
+    return register_version(client, uri, name, run_id, model_id, tags)

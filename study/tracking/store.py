@@ -37,11 +37,12 @@ OPEN_ATTEMPTS = 4
 
 def configure_client() -> None:
     """Bounded HTTP timeouts and retries (unless set already), and no store-initialisation log lines: alembic's
-    'Context impl SQLiteImpl' and MLflow's 'Creating initial MLflow database tables' would break the progress bar."""
+    'Context impl SQLiteImpl' and MLflow's 'Creating initial MLflow database tables' would break the progress bar
+    (as would a server registry's 'Waiting up to 300 seconds for model version to finish creation')."""
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store",
-                 "mlflow.store.model_registry.sqlalchemy_store"):
+                 "mlflow.store.model_registry.sqlalchemy_store", "mlflow.store.model_registry.abstract_store"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
