@@ -20,10 +20,13 @@ demo: $(STAMP)
 	$(PY) cli.py study run
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .distillstudy distillstudy.db distillstudy.db-wal distillstudy.db-shm distillstudy.db.queue.lock mlflow.db mlruns
+	# The demo's stores (their write-ahead logs and the lock files workers take beside them), caches and runs.
+	rm -rf $(VENV) .distillstudy distillstudy.db distillstudy.db-wal distillstudy.db-shm distillstudy.db.*.lock \
+		mlflow.db mlflow.db-wal mlflow.db-shm mlflow.db.*.lock mlruns

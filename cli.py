@@ -27,6 +27,11 @@ class _Group(click.Group):
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
             click.echo(f"error: {exc.format_message()} (see: {where} -h)", err=True)
             ctx.exit(2)
+        except click.Abort:
+            # A confirmation prompt answered no, or with no terminal to answer it: nothing was done. The newline ends
+            # the prompt's line (as Click's own "Aborted!" does) when no answer came.
+            click.echo("\nerror: not confirmed, nothing changed (answer y, or pass --yes)", err=True)
+            ctx.exit(2)
         except UserError as exc:
             # Masked here too: no error line ever shows a password, whichever message quoted a URL.
             click.echo(f"error: {mask_secrets(str(exc))}", err=True)
@@ -93,11 +98,9 @@ def trial():
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def trial_run(config_path, overrides, as_json):
     """Run ONE pipeline with fixed choices (range defaults, first list elements, pins) and print per-stage accuracy."""
+    from study.commands import QUICKSTART, run_fixed_trial
     from study.config import load_config
-    from study.commands import run_fixed_trial
     from study.output import format_trial
-
-    from study.commands import QUICKSTART
 
     result = run_fixed_trial(load_config(config_path or str(QUICKSTART), overrides))
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_trial(result))
@@ -146,11 +149,12 @@ def models_show(arch, num_classes, in_channels, as_json):
 
 
 # ---- study -------------------------------------------------------------------------------------------------------
-storage_option = click.option("--storage", default=None, metavar="URL",
+ENV_STORAGE = "DISTILLSTUDY_STORAGE"  # --storage's default (Click reads it; an empty value counts as unset)
+storage_option = click.option("--storage", default=None, metavar="URL", envvar=ENV_STORAGE,
                               help="Optuna storage URL or journal:PATH (default: $DISTILLSTUDY_STORAGE, "
                                    "else the config's study.storage, else sqlite:///distillstudy.db).")
 # Commands that read an existing study take no config, so no config's study.storage either.
-stored_option = click.option("--storage", default=None, metavar="URL",
+stored_option = click.option("--storage", default=None, metavar="URL", envvar=ENV_STORAGE,
                              help="Optuna storage URL or journal:PATH (default: $DISTILLSTUDY_STORAGE, "
                                   "else sqlite:///distillstudy.db).")
 
@@ -272,8 +276,8 @@ def study_export(name, storage, fmt, out):
 @study.command("delete")
 @click.argument("name")
 @stored_option
-@click.option("--yes", is_flag=True, required=True, help="Confirm.")
-def study_delete(name, storage, yes):
+@click.confirmation_option(prompt="Delete this study (its MLflow runs stay)?", help="Delete without asking.")
+def study_delete(name, storage):
     """Delete study NAME (its MLflow runs stay)."""
     from study.storage import resolve_storage_url
     from study.studies import delete_study

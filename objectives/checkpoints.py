@@ -7,20 +7,19 @@ seed, so resuming yields exactly what an uninterrupted run would have.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
+
+from .keys import stable_hash
 
 
 def checkpoint_key(study: str, params: dict, seed: int) -> str:
     """Identifies one trial's computation: the study, every choice, the seed."""
-    blob = json.dumps({"study": study, "params": params, "seed": seed}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return stable_hash({"study": study, "params": params, "seed": seed}, length=20)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

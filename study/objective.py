@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -69,9 +70,13 @@ def _finished(study: optuna.Study, below: int | None = None) -> int:
 
 
 def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=None,
-                   interrupted: threading.Event | None = None):
+                   interrupted: threading.Event | None = None, run: Callable[..., TrialResult] = run_trial):
     """The objective for `study`; it abandons trials beyond the study's total `n_trials` (so parallel workers
-    stop at exactly n_trials finished trials). Setting `interrupted` stops running trials at their next epoch."""
+    stop at exactly n_trials finished trials). Setting `interrupted` stops running trials at their next epoch.
+
+    `run` trains one trial (`objectives.pipeline.run_trial`, whose signature it has); the tests pass a stand-in that
+    reports a scripted curve or raises, to check the bookkeeping around it (pruning, failures, retries) in
+    milliseconds."""
     tracker = tracker or NullTracker()
     space, pipeline = config.search, config.pipeline
     multi = len(config.study.objective) > 1
@@ -131,8 +136,8 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             tracker.log_epoch(run_id, stage, step, metrics)
 
         try:
-            result = run_trial(config.task, config.model, pipeline, choices, report=report, on_epoch=on_epoch,
-                               checkpoints=checkpoints, run_seed=run_seed)
+            result = run(config.task, config.model, pipeline, choices, report=report, on_epoch=on_epoch,
+                         checkpoints=checkpoints, run_seed=run_seed)
         except optuna.TrialPruned as exc:
             checkpoints.clear()
             record.write_pruned(trial, str(exc), time.perf_counter() - started)

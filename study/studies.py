@@ -4,7 +4,6 @@ attributes, so a worker needs only the study's name and storage URL."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import time
@@ -13,6 +12,7 @@ from datetime import datetime
 import optuna
 
 from models.errors import UserError, did_you_mean
+from objectives.keys import stable_hash
 
 from .baselines import BASELINES, baseline_choices, enqueue_params
 from .config import OBJECTIVES, Config, config_from_dict
@@ -31,7 +31,7 @@ def config_hash(config: Config) -> str:
     data = config.to_dict()
     # Run-time settings, not the study's identity: how far to run it and how to confirm it.
     data["study"] = {k: v for k, v in data["study"].items() if k not in ("name", "storage", "n_trials", "confirm")}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return stable_hash(data)
 
 
 def storage_for(url: str, config: Config | None = None, create: bool = True):

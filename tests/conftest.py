@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,32 @@ PG_URL = "postgresql://postgres@127.0.0.1:5432/test"  # this machine's PostgreSQ
 
 # Small models on tiny batches run fastest on one thread (and do not fight over the cores of a loaded machine).
 torch.set_num_threads(1)
+
+
+def _checkout_state() -> set[str] | None:
+    """`git status` of the checkout, ignored files included (a stray distillstudy.db is junk too, only hidden), less
+    what running Python and pytest legitimately leave (bytecode, pytest's cache); None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    skip = ("__pycache__/", ".pytest_cache/", ".venv/", ".egg-info/")
+    return {line for line in out.stdout.splitlines() if not any(s in line for s in skip)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """A test run writes nothing into the checkout (stores, lock files, reports, runs): everything it makes lives in
+    temporary folders. Compares `git status` at the end of the session with its start."""
+    before = _checkout_state()
+    yield
+    after = _checkout_state()
+    if before is not None and after is not None:
+        new = sorted(after - before)
+        assert not new, f"the test run left these in the checkout: {new}"
 
 
 @pytest.fixture(scope="session")

@@ -407,7 +407,7 @@ def test_sigterm_stops_gracefully_and_requeues_the_trial(request, study_name, wo
     assert time.monotonic() - sent < 3, f"took {time.monotonic() - sent:.1f} s to stop"
 
 
-# ---- 5: the teacher cache lock ----------------------------------------------------------------------------------------
+# ---- 5: the teacher cache lock -----------------------------------------------------------------------------------
 def test_teacher_trained_once_by_two_threads_at_once(tiny_pipeline, tiny_task, tmp_path):
     from objectives.pipeline import get_task
     from objectives.settings import ModelSettings

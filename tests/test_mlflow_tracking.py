@@ -239,7 +239,8 @@ def test_metric_histories_follow_the_reported_curve(main_study):
             assert s.history(run_id, "teacher/target_val_acc") == [(0, teacher)] and 0 not in t.intermediate_values
         if t.state.name == "COMPLETE" and t.user_attrs["choices"]["recipe"] == "distill":
             p = s.config.pipeline
-            assert [st for st, _ in s.history(run_id, "finetune/target_val_acc")] == list(range(1, 1 + p.finetune_epochs))
+            steps = [st for st, _ in s.history(run_id, "finetune/target_val_acc")]
+            assert steps == list(range(1, 1 + p.finetune_epochs))
             assert len(s.history(run_id, "finetune/loss")) == p.finetune_epochs
             kd = s.history(run_id, "distill/kd_loss")
             assert len(kd) >= 2 and [st for st, _ in kd] == [st for st, _ in s.history(run_id, "distill/loss")]

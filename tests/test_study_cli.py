@@ -250,6 +250,20 @@ def test_delete(tmp_path, teacher_cache_dir):
     assert cli("study", "list", "--storage", storage).output.strip() == "no studies"
 
 
+def test_delete_asks_first_and_the_storage_comes_from_the_environment(tmp_path, teacher_cache_dir, monkeypatch):
+    storage = url(tmp_path / "s.db")
+    assert cli("study", "create", QUICKSTART, "--name", "gone", "--storage", storage,
+               *tiny(teacher_cache_dir, tmp_path)).exit_code == 0
+    monkeypatch.setenv("DISTILLSTUDY_STORAGE", storage)  # every --storage option's default
+    assert "gone" in cli("study", "list").output
+    declined = CliRunner().invoke(main, ["study", "delete", "gone"], input="n\n")
+    assert declined.exit_code == 2 and optuna.get_all_study_names(storage) == ["gone"]
+    assert CliRunner().invoke(main, ["study", "delete", "gone"], input="y\n").exit_code == 0
+    assert optuna.get_all_study_names(storage) == []
+    assert cli("study", "list").output.strip() == "no studies"
+    assert_user_error(cli("study", "list", "--storage", url(tmp_path / "other.db")), "does not exist")  # it wins
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------------
 def test_unknown_study_and_missing_storage(t1, tmp_path):
     assert_user_error(cli("study", "status", "nope", "--storage", t1["storage"]), "no study 'nope'", "t1")

@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from objectives.pipeline import get_task
 from objectives import teacher as teacher_module
+from objectives.pipeline import get_task
 from objectives.teacher import get_teacher
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,12 +29,12 @@ from models.errors import UserError, first_line
 from objectives.settings import TrialChoices
 from objectives.version import code_version
 
-from .mlflow_model import cpu_copy, log_pytorch_model
-from .writer import BackgroundWriter
 from ..config import Config
 from ..record import TrialRecord
 from ..storage import mask_url
 from . import store, tracking_uri
+from .mlflow_model import cpu_copy, log_pytorch_model
+from .writer import BackgroundWriter
 
 # Optuna state -> MLflow run status.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
