@@ -420,16 +420,3 @@ def test_baselines_are_never_pruned(tmp_path, teacher_cache_dir):
     assert {b: t.state.name for b, t in trials.items()} == dict.fromkeys(trials, "COMPLETE")
     assert trials["head-only"].value < trials["finetune-all"].value
     assert all(len(t.intermediate_values) == t.user_attrs["total_epochs"] for t in trials.values())
-
-
-def test_trials_are_pruned_only_at_decision_points(tmp_path, teacher_cache_dir):
-    # stage_warmup 1000: the pruner is asked only at stage ends (and never at a trial's final step), however eager.
-    storage = url(tmp_path / "s.db")
-    run = cli("study", "run", "ends", "--config", QUICKSTART, "--storage", storage, *tiny(teacher_cache_dir, tmp_path),
-              "--set", "pipeline.teacher_epochs=10", "--set", "pipeline.finetune_epochs=2",
-              "--set", "pipeline.distill_epochs=2",
-              "--set", "study.pruner={name: percentile, kwargs: {percentile: 90, n_startup_trials: 1, "
-                       "n_warmup_steps: 0}, stage_warmup: 1000}", "--n-trials", 8)
-    assert run.exit_code == 0, run.output
-    pruned = load("ends", storage).get_trials(states=(optuna.trial.TrialState.PRUNED,))
-    assert pruned and {max(t.intermediate_values) for t in pruned} == {2}  # the finetune stage's end
