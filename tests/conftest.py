@@ -59,14 +59,21 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_cache_dir(tmp_path_factory) -> str:
-    """One teacher/donor cache for the whole session: each teacher is trained once, then loaded."""
-    return str(tmp_path_factory.mktemp("teacher-cache"))
+    """One teacher/donor cache for the whole session: each teacher is trained once, then loaded. Under pytest-xdist
+    the workers share it (their temporary folders have one parent): the cache's lock file lets one worker train a
+    teacher while the others wait for it, as cluster workers do."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "teacher-cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
 
 
 @pytest.fixture
 def tiny_pipeline(teacher_cache_dir) -> PipelineSettings:
-    """Pipeline settings for a trial of seconds: 1 epoch per stage, CPU, one thread, the session's cache.
-    Tests derive variants with `dataclasses.replace(tiny_pipeline, ...)`."""
+    """Pipeline settings for a trial of seconds: 1 epoch per stage, CPU, one thread, the session's cache (the
+    teacher settings of tests/tiny.py's TINY, so CLI tests share its teachers). Tests derive variants with
+    `dataclasses.replace(tiny_pipeline, ...)`."""
     return PipelineSettings(seed=0, device="cpu", batch_size=64, teacher_epochs=1, finetune_epochs=1,
                             distill_epochs=1, retrain_epochs=1, cache_dir=teacher_cache_dir, cpu_threads=1)
 

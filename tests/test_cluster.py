@@ -36,7 +36,7 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 S = optuna.trial.TrialState
 
 # Creating a study in-process opens a heartbeat storage (an Optuna experimental feature, on purpose).
-pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"), pytest.mark.slow]
 
 # The smallest pipeline: a trial of about a second on one core, 300 images per domain, no born-again rounds.
 TINY = ["tracking.enabled=false", "pipeline.device=cpu", "pipeline.cpu_threads=1", "task.max_per_domain=300",

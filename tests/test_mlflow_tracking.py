@@ -31,7 +31,7 @@ from study.studies import load_study
 
 REPO = Path(__file__).resolve().parent.parent
 # A worker thread that dies (e.g. an Optuna error on tell) fails the test instead of printing a warning.
-pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"), pytest.mark.slow]
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 CHOICES = ("temperature", "alpha", "beta", "threshold", "lr", "source_weight", "generations", "slim_width",

@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
+from tiny import TINY, options
 
 from cli import main
 
@@ -28,12 +29,8 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 def tiny(cache_dir, workdir) -> list[str]:
     """`--set` options for a trial of about a second, with every file under the test's directories."""
-    sets = ["tracking.enabled=false", "task.max_per_domain=300", "pipeline.device=cpu", "pipeline.cpu_threads=1",
-            "pipeline.teacher_epochs=1", "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1",
-            "pipeline.retrain_epochs=1", "search.generations=0", "study.confirm.top=0",
-            f"pipeline.cache_dir={cache_dir}",
-            f"study.checkpoint_dir={Path(workdir) / 'checkpoints'}"]
-    return [arg for s in sets for arg in ("--set", s)]
+    return options([*TINY, "tracking.enabled=false", f"pipeline.cache_dir={cache_dir}",
+                    f"study.checkpoint_dir={Path(workdir) / 'checkpoints'}"])
 
 
 def url(path) -> str:
@@ -215,6 +212,7 @@ def test_export_csv_and_json(t1, tmp_path):
     assert json.loads(out.read_text()) == data
 
 
+@pytest.mark.slow  # Optuna's own CLI in a process
 def test_optuna_cli_reads_the_storage(t1):
     optuna_bin = Path(sys.executable).with_name("optuna")
     proc = subprocess.run([str(optuna_bin), "trials", "--study-name", "t1", "--storage", t1["storage"]],
@@ -328,6 +326,7 @@ def test_multi_objective_pareto_front(tmp_path, teacher_cache_dir):
 
 
 # ---- interrupt ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a worker process interrupted mid-trial
 def test_interrupt_marks_fail_requeues_and_resumes(tmp_path, teacher_cache_dir):
     storage = url(tmp_path / "int.db")
     sets = [*tiny(teacher_cache_dir, tmp_path), "--set", "pipeline.finetune_epochs=40", "--set",
