@@ -91,9 +91,7 @@ def lock_path(url: str, purpose: str) -> Path:
         return Path(f"{path.expanduser()}.{purpose}.lock")
     from objectives.keys import stable_hash
 
-    folder = Path(tempfile.gettempdir()) / "distillstudy-locks"
-    folder.mkdir(exist_ok=True)
-    return folder / f"{purpose}-{stable_hash(url)}.lock"
+    return Path(tempfile.gettempdir()) / f"distillstudy-{purpose}-{stable_hash(url)}.lock"
 
 
 def _sqlite_url(url: str):

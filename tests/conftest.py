@@ -88,6 +88,16 @@ def tiny_task():
     return make
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """A migrated, empty MLflow SQLite store to copy (see tests/mlflow_server.py `migrated_store`), made once per
+    run, shared by pytest-xdist workers. For stores whose creation a test is not about."""
+    from mlflow_server import migrated_store
+
+    base = tmp_path_factory.getbasetemp()
+    return migrated_store(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def default_tracking_store(tmp_path_factory):
     """A test that leaves `tracking.mlflow_uri` unset tracks into a session-wide temporary store (`study create`

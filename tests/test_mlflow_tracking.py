@@ -42,11 +42,11 @@ TINY = ["--set", "pipeline.device=cpu", "--set", "pipeline.teacher_epochs=2", "-
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, mlflow_template):
     """`mlflow server` on a free loopback port, SQLite backend, artifacts proxied to a local folder. Yields
     (tracking URL, working folder); the whole process group is killed at the end."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    with mlflow_server(root) as (url, _):
+    with mlflow_server(root, mlflow_template) as (url, _):
         yield url, root
 
 

@@ -69,11 +69,10 @@ def test_lock_files_go_beside_a_writable_file_and_never_into_the_working_directo
     elsewhere = tmp_path / "store"
     assert lock_path(f"sqlite:///{elsewhere / 's.db'}", "queue") == Path(f"{elsewhere / 's.db'}.queue.lock")
     assert lock_path("sqlite:///s.db", "init") == Path("s.db.init.lock")  # the store is in the working directory
-    temp = Path(tempfile.gettempdir()) / "distillstudy-locks"
     for url in (f"sqlite:///file:{elsewhere / 's.db'}?mode=ro&uri=true", "sqlite:///:memory:",
                 "http://127.0.0.1:5000"):
         lock = lock_path(url, "init")
-        assert lock.parent == temp and lock.name.startswith("init-"), (url, lock)
+        assert lock.parent == Path(tempfile.gettempdir()) and lock.name.startswith("distillstudy-init-"), (url, lock)
     assert lock_path("sqlite:///:memory:", "init") != lock_path("http://127.0.0.1:5000", "init")
     opened = open_storage(f"sqlite:///file:{_read_only_copy(tmp_path)}?mode=ro&uri=true")
     assert optuna.get_all_study_names(opened) == ["a"]
