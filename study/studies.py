@@ -89,7 +89,9 @@ def _existing(name: str, url: str, storage, config: Config, load_if_exists: bool
 
 
 def _names(storage) -> list[str]:
-    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    # Names only: summaries would read every study's trials, and fail on a study another client deletes meanwhile
+    # (a shared PostgreSQL database).
+    return optuna.get_all_study_names(storage)
 
 
 def load_study(name: str, url: str, with_heartbeat: bool = False) -> tuple[optuna.Study, Config]:

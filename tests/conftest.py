@@ -26,8 +26,9 @@ torch.set_num_threads(1)
 
 
 def _checkout_state() -> set[str] | None:
-    """`git status` of the checkout, ignored files included (a stray distillstudy.db is junk too, only hidden), less
-    what running Python and pytest legitimately leave (bytecode, pytest's cache); None outside a git checkout."""
+    """The untracked and ignored files of the checkout (`git status`: a stray distillstudy.db or mlruns/ is junk
+    too, only hidden), less what running Python and pytest legitimately leave (bytecode, pytest's cache); None
+    outside a git checkout. Edits to tracked files are left out: a developer may edit while the tests run."""
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
@@ -36,7 +37,8 @@ def _checkout_state() -> set[str] | None:
     if out.returncode != 0:
         return None
     skip = ("__pycache__/", ".pytest_cache/", ".venv/", ".egg-info/")
-    return {line for line in out.stdout.splitlines() if not any(s in line for s in skip)}
+    return {line for line in out.stdout.splitlines()
+            if line.startswith(("??", "!!")) and not any(s in line for s in skip)}
 
 
 @pytest.fixture(scope="session", autouse=True)

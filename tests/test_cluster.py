@@ -147,7 +147,10 @@ def create(request, name: str, url: str, sets: list[str], cwd: Path, via_cli: bo
     else:
         from study.commands import create as create_command
 
-        create_command(str(QUICKSTART), name, url, list(sets), load_if_exists=False)
+        # In `cwd`, as the CLI would be: an MLflow experiment created here keeps its artifacts in ./mlruns.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(cwd)
+            create_command(str(QUICKSTART), name, url, list(sets), load_if_exists=False)
 
 
 _storages: dict[str, optuna.storages.RDBStorage] = {}

@@ -140,7 +140,8 @@ def test_study_run_confirms_on_fresh_seeds_and_ends_with_the_verdict(tmp_path, t
         {"top-1", "top-2", "finetune-all", "head-only", "finetune-all-kd"}
 
 
-def test_confirming_a_study_without_a_completed_trial_is_a_one_line_error(tmp_path):
+def test_confirming_a_study_without_a_completed_trial_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the parent run's artifacts go to ./mlruns: never into the checkout
     storage = f"sqlite:///{tmp_path / 's.db'}"
     assert cli("study", "create", QUICKSTART, "--name", "empty", "--storage", storage).exit_code == 0
     result = cli("study", "confirm", "empty", "--storage", storage)
