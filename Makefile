@@ -24,10 +24,15 @@ ui: $(STAMP)
 	$(PY) cli.py ui
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m ruff check .
+	# Two worker processes, one test module each at a time (module fixtures run once): the suite is mostly single
+	# threaded worker processes and servers, so a second core cuts its wall time (README, Development).
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .distillstudy distillstudy.db distillstudy.db-wal distillstudy.db-shm distillstudy.db.queue.lock mlflow.db mlruns
+	# The demo's stores (their write-ahead logs and the lock files workers take beside them), caches and runs.
+	rm -rf $(VENV) .distillstudy distillstudy.db distillstudy.db-wal distillstudy.db-shm distillstudy.db.*.lock \
+		mlflow.db mlflow.db-wal mlflow.db-shm mlflow.db.*.lock mlruns

@@ -27,6 +27,11 @@ class _Group(click.Group):
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
             click.echo(f"error: {exc.format_message()} (see: {where} -h)", err=True)
             ctx.exit(2)
+        except click.Abort:
+            # A confirmation prompt answered no, or with no terminal to answer it: nothing was done. The newline ends
+            # the prompt's line (as Click's own "Aborted!" does) when no answer came.
+            click.echo("\nerror: not confirmed, nothing changed (answer y, or pass --yes)", err=True)
+            ctx.exit(2)
         except UserError as exc:
             # Masked here too: no error line ever shows a password, whichever message quoted a URL.
             click.echo(f"error: {mask_secrets(str(exc))}", err=True)
@@ -164,11 +169,12 @@ def models_show(arch, num_classes, in_channels, as_json):
 
 
 # ---- study -------------------------------------------------------------------------------------------------------
-storage_option = click.option("--storage", default=None, metavar="URL",
+ENV_STORAGE = "DISTILLSTUDY_STORAGE"  # --storage's default (Click reads it; an empty value counts as unset)
+storage_option = click.option("--storage", default=None, metavar="URL", envvar=ENV_STORAGE,
                               help="Optuna storage URL or journal:PATH (default: $DISTILLSTUDY_STORAGE, "
                                    "else the config's study.storage, else sqlite:///distillstudy.db).")
 # Commands that read an existing study take no config, so no config's study.storage either.
-stored_option = click.option("--storage", default=None, metavar="URL",
+stored_option = click.option("--storage", default=None, metavar="URL", envvar=ENV_STORAGE,
                              help="Optuna storage URL or journal:PATH (default: $DISTILLSTUDY_STORAGE, "
                                   "else sqlite:///distillstudy.db).")
 
@@ -296,8 +302,9 @@ def study_export(name, storage, fmt, out):
 @study.command("delete")
 @click.argument("name")
 @stored_option
-@click.option("--yes", is_flag=True, required=True, help="Confirm.")
-def study_delete(name, storage, yes):
+@click.confirmation_option(prompt="Delete this study, its confirmation study and their checkpoints (their MLflow runs stay)?",
+                           help="Delete without asking.")
+def study_delete(name, storage):
     """Delete study NAME, its confirmation study NAME-confirm and their stage checkpoints (their MLflow runs
     stay)."""
     from study.storage import resolve_storage_url

@@ -62,11 +62,11 @@ def storage_url(directory: str | Path, name: str = "optuna.db") -> str:
 
 def warm_teacher(config) -> float:
     """Train (or load) the config's teacher into its cache dir on the config's threads; returns seconds spent."""
+    import torch
+
     from objectives.device import resolve_device
     from objectives.pipeline import get_task
     from objectives.teacher import get_teacher
-
-    import torch
 
     started = time.perf_counter()
     device = resolve_device(config.pipeline.device)

@@ -19,10 +19,9 @@ import os
 import time
 from contextlib import nullcontext
 
+import common
 import torch
 import torch.nn.functional as F
-
-import common
 
 # The goal for a trial through `study run` against the bare loop (issue: "at most 1.10x the bare loop per trial").
 TARGET = 1.10

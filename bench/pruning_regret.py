@@ -310,8 +310,10 @@ def run(args) -> common.Section:
               f"top-quartile stopped {s['top_stopped']}/{s['top_total']} ({common.verdict(s['met']['top'])}), "
               f"worst fairness ratio {ratio_text(s['fair_max'])} ({common.verdict(s['met']['fair'])}{unfair})."]
     pred = {t: predictability(recorded[t]["trials"]) for t in TASKS}
-    each = lambda k, key: "/".join(f"{100 * pred[t][k][key]:.0f}%" if key == "oracle_share" else
-                                   f"{pred[t][k][key]:.2f}" for t in TASKS)
+    def each(k, key):
+        return "/".join(f"{100 * pred[t][k][key]:.0f}%" if key == "oracle_share" else f"{pred[t][k][key]:.2f}"
+                        for t in TASKS)
+
     lines += ["", f"Why the targets pull against each other (per task, {'/'.join(TASKS)}): an oracle that runs the "
               f"baselines and the top-quartile trials in full and stops every other trial after its first epoch "
               f"spends {each(1, 'oracle_share')} of the epochs, after the finetune stage (step 3) "

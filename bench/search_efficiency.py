@@ -20,9 +20,8 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-import numpy as np
-
 import common
+import numpy as np
 import search_table
 
 BUDGET = 100  # trials per simulated study: 4x the quickstart's 24, so most seeds get there

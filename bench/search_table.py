@@ -70,7 +70,7 @@ def _run_chunk(task: str, quick: bool, cache_dir: str, jobs: list) -> list[dict]
         started = time.perf_counter()
         try:
             value = run_trial(config.task, config.model, config.pipeline, choices,
-                              report=lambda step, value, stage: curve.__setitem__(step, value)).value
+                              report=lambda step, value, stage: curve.__setitem__(step, value)).value  # noqa: B023
         except InvalidChoice:  # every group frozen: the study's objective fails such a trial, so the table does too
             value = None
         rows.append({"key": job if isinstance(job, str) else cell_key(*job), "value": value,

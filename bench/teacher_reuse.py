@@ -64,7 +64,8 @@ def run(args) -> common.Section:
         measured_vs_one.append(s["total"] / one)
         rows.append(f"| {t_teacher:.2f} | {trial:.2f} | {common.fmt(s['cold'])} | "
                     f"{s['n']} ({s['misses']} miss / {s['hits']} hit) | {s['total']:.2f} | "
-                    f"{s['total'] - s['in_trials']:.2f} | {one:.2f} | {naive:.2f} | {s['total'] / naive:.3f} | {s['total'] / one:.3f} |")
+                    f"{s['total'] - s['in_trials']:.2f} | {one:.2f} | {naive:.2f} | {s['total'] / naive:.3f} | "
+                    f"{s['total'] / one:.3f} |")
     p = a_cfg.pipeline
     f = {"n_trials": n, "repeats": repeats, "measured_over_naive": common.median(measured_vs_naive),
          "measured_over_one_teacher_plus_trials": common.median(measured_vs_one),

@@ -16,10 +16,9 @@ import math
 import time
 from contextlib import nullcontext
 
+import common
 import torch
 import torch.nn.functional as F
-
-import common
 
 BATCH = 64  # the pipeline's default batch size
 
@@ -106,16 +105,18 @@ def run(args) -> common.Section:
         first = min(with_train_stage(a_model, head, 1, device), bare(b_model, head, 1, device))
         epochs = max(1, round(target / (first * len(data) / len(head))))
         images = epochs * math.ceil(len(data) / BATCH) * min(BATCH, len(data))
-        r = common.interleave(repeats, {"stage": lambda: with_train_stage(a_model, data, epochs, device),
-                                        "bare": lambda: bare(b_model, data, epochs, device)})
+        # Both lambdas run inside common.interleave, within this iteration: the loop variables they read are current.
+        r = common.interleave(repeats, {"stage": lambda: with_train_stage(a_model, data, epochs, device),  # noqa: B023
+                                        "bare": lambda: bare(b_model, data, epochs, device)})  # noqa: B023
         ratio = [s / b for s, b in zip(r["stage"], r["bare"])]
         ips_stage, ips_bare = images / common.median(r["stage"]), images / common.median(r["bare"])
         f[name] = {"images_per_s_train_stage": ips_stage, "images_per_s_bare": ips_bare,
                    "time_ratio": common.median(ratio), "images_per_measure": images}
         rows.append(f"| {name} | {what} | {images} | {ips_stage:,.0f} | {ips_bare:,.0f} | "
                     f"**{f[name]['time_ratio']:.3f}** ({common.fmt(ratio, 3)}) |")
+    precision = "bf16 autocast, channels_last" if device.type == "cuda" else "fp32"
     lines = [f"Device `{device}`, batch {BATCH}, 1 torch thread on CPU, {repeats} repeats interleaved after a "
-             f"warm-up on 4 batches; each measure is whole epochs ({'bf16 autocast, channels_last' if device.type == 'cuda' else 'fp32'}).",
+             f"warm-up on 4 batches; each measure is whole epochs ({precision}).",
              "", "| model | data | images per measure | train_stage img/s | bare img/s | "
              "time ratio train_stage / bare (per repeat) |", "|---|---|---:|---:|---:|---|", *rows, "",
              "A ratio near 1.0 means the loop adds nothing measurable over plain PyTorch on the same batches."]

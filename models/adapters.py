@@ -52,7 +52,7 @@ class AdaptedGroup(nn.Module):
         self.group.requires_grad_(False)
         self.group.eval()
 
-    def train(self, mode: bool = True) -> "AdaptedGroup":
+    def train(self, mode: bool = True) -> AdaptedGroup:
         super().train(mode)
         self.group.eval()  # whatever the model's mode, the frozen group never updates its running statistics
         return self

@@ -14,8 +14,8 @@ also keeps a random kernel's scale). timm does both itself (`num_classes`, `in_c
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 

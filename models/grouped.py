@@ -9,7 +9,7 @@ slimmer or wider replacement, or the same group from a wider donor model, drop i
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,9 +35,9 @@ class GroupedModel(nn.Module):
     named by module-name prefixes) can stand in for it.
     """
 
-    custom_groups: "dict[str, list[str]] | None" = None  # the `model.groups` it was built with (None: its own)
+    custom_groups: dict[str, list[str]] | None = None  # the `model.groups` it was built with (None: its own)
 
-    def __init__(self, arch: str, groups: "OrderedDict[str, nn.Module]", factory: GroupFactory,
+    def __init__(self, arch: str, groups: OrderedDict[str, nn.Module], factory: GroupFactory,
                  group_widths: dict[str, float] | None = None):
         super().__init__()
         self.arch = arch
@@ -86,7 +86,7 @@ class GroupedModel(nn.Module):
         return x
 
 
-def group_parameter_counts(model: GroupedModel) -> "OrderedDict[str, int]":
+def group_parameter_counts(model: GroupedModel) -> OrderedDict[str, int]:
     """Number of parameters in each group, input to output."""
     return OrderedDict((g, sum(p.numel() for p in model.group_module(g).parameters())) for g in model.group_names)
 
@@ -108,7 +108,7 @@ def hook_group_outputs(model: GroupedModel, groups, store: dict) -> list:
     return [m.register_forward_hook(capture(g)) for g in groups for m in model.group_hook_modules(g)]
 
 
-def group_output_shapes(model: GroupedModel, input_shape: tuple[int, ...]) -> "OrderedDict[str, tuple | None]":
+def group_output_shapes(model: GroupedModel, input_shape: tuple[int, ...]) -> OrderedDict[str, tuple | None]:
     """Per-sample output shape of every group for an input of `input_shape` (C, H, W); None for a group that is
     only parameters (a class token) and gives no output of its own.
 

@@ -5,7 +5,8 @@ list, timm's `@register_model`)."""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 from .errors import unknown
 

@@ -10,7 +10,7 @@ groups together cover the whole network exactly once.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -28,16 +28,16 @@ class GroupParts(nn.Module):
     `NetworkGroups.group_module` gives (its parameters are the network's own, not copies) and `replace_group`
     takes. Never called: the network runs them in its own forward."""
 
-    def __init__(self, parts: "OrderedDict[str, nn.Module | nn.Parameter]"):
+    def __init__(self, parts: OrderedDict[str, nn.Module | nn.Parameter]):
         super().__init__()
         self.paths = list(parts)
-        for i, (path, part) in enumerate(parts.items()):
+        for i, part in enumerate(parts.values()):
             if isinstance(part, nn.Parameter):
                 self.register_parameter(f"p{i}", part)
             else:
                 self.add_module(f"m{i}", part)
 
-    def part(self, i: int) -> "nn.Module | nn.Parameter":
+    def part(self, i: int) -> nn.Module | nn.Parameter:
         """The module or parameter at `self.paths[i]`."""
         return getattr(self, f"m{i}") if f"m{i}" in self._modules else getattr(self, f"p{i}")
 
@@ -45,7 +45,7 @@ class GroupParts(nn.Module):
         raise RuntimeError("GroupParts is a view of a network's modules; run the network instead")
 
 
-def check_groups(net: nn.Module, groups: "OrderedDict[str, list[str]]", arch: str) -> None:
+def check_groups(net: nn.Module, groups: OrderedDict[str, list[str]], arch: str) -> None:
     """Every prefix must name a module or parameter of `net`, and every parameter fall under exactly one group:
     else a one-line UserError naming the module (or parameter) and the group(s)."""
     modules, params = dict(net.named_modules()), dict(net.named_parameters())
@@ -88,7 +88,7 @@ class NetworkGroups(GroupedModel):
         group_widths: per-group width of `net`'s groups (1.0 unless rebuilt with slim groups).
     """
 
-    def __init__(self, arch: str, net: nn.Module, groups: "OrderedDict[str, list[str]]", factory: NetworkFactory,
+    def __init__(self, arch: str, net: nn.Module, groups: OrderedDict[str, list[str]], factory: NetworkFactory,
                  group_widths: dict[str, float] | None = None):
         nn.Module.__init__(self)  # not GroupedModel's: there is no ModuleDict of groups to run in order
         check_groups(net, groups, arch)
@@ -137,7 +137,7 @@ class NetworkGroups(GroupedModel):
         return self.net(x)
 
 
-def _get(net: nn.Module, path: str) -> "nn.Module | nn.Parameter":
+def _get(net: nn.Module, path: str) -> nn.Module | nn.Parameter:
     parent, _, leaf = path.rpartition(".")
     owner = net.get_submodule(parent) if parent else net
     return getattr(owner, leaf)

@@ -8,7 +8,7 @@ A builder has the signature `builder(num_classes, in_channels, width, group_widt
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from .default_groups import default_groups
 from .errors import UserError
@@ -112,7 +112,7 @@ def _network_model(name: str, num_classes: int, in_channels: int, width: float, 
     return model
 
 
-def parse_groups(groups) -> "OrderedDict[str, list[str]]":
+def parse_groups(groups) -> OrderedDict[str, list[str]]:
     """`model.groups` as group -> list of module-name prefixes (a single name may be written without brackets);
     one-line UserErrors for anything else."""
     if not isinstance(groups, dict):

@@ -18,18 +18,18 @@ Pretrained weights (`pretrained=True`) are torchvision's DEFAULT weights, read t
 torch hub cache, `$TORCH_HOME/hub/checkpoints/<file>` (or `torch.hub.get_dir()/checkpoints` when set), downloading
 them when absent (`models.weights`). Set `DISTILLSTUDY_OFFLINE` (any value but empty or 0) to never download: a
 missing file is then reported at once instead of waiting on the network. Either way a missing or unreadable file is a
-UserError naming the file and its path. The output layer is always freshly initialised for `num_classes`, and so is any group whose
-width is not 1.0 (pretrained weights do not fit it). With `in_channels != 3` the pretrained stem kernel is summed
-over RGB and divided by `in_channels` for every input channel, so an image whose channels all hold the same grey
-value gets the response the RGB network gave that grey image.
+UserError naming the file and its path. The output layer is always freshly initialised for `num_classes`, and so is
+any group whose width is not 1.0 (pretrained weights do not fit it). With `in_channels != 3` the pretrained stem
+kernel is summed over RGB and divided by `in_channels` for every input channel, so an image whose channels all hold
+the same grey value gets the response the RGB network gave that grey image.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 from torch import nn
 from torchvision.models.mobilenetv3 import InvertedResidual, _mobilenet_v3_conf

@@ -4,8 +4,8 @@ Knows nothing of Optuna beyond a `report(step, value, stage)` callback; `run_tri
 Beta's layer terms and the replacement strategies are registries: `register_layer_term`, `register_replacement`.
 """
 
-from .layer_terms import LayerTerm, LayerTermContext, list_layer_terms, register_layer_term
 from . import dann  # noqa: F401,E402 - registers the built-in `dann` layer term, after feature and params
+from .layer_terms import LayerTerm, LayerTermContext, list_layer_terms, register_layer_term
 from .pipeline import TrialResult, run_trial
 from .replacements import GroupToReplace, list_replacements, register_replacement
 from .settings import ModelSettings, PipelineSettings, TrialChoices

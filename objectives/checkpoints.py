@@ -10,15 +10,15 @@ have.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from .keys import stable_hash
 from .version import code_version
 
 
@@ -31,7 +31,7 @@ def checkpoint_identity(owner: dict, params: dict, seed: int, data_seed: int) ->
 
 def checkpoint_key(identity: str) -> str:
     """The directory name of a checkpoint with `identity` (see `checkpoint_identity`)."""
-    return hashlib.sha256(identity.encode()).hexdigest()[:20]
+    return stable_hash(identity, length=20)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import InvalidChoice, derive_seed, group_output_shapes, seeded_init
-from models.grouped import hook_group_outputs
 from models.errors import did_you_mean
+from models.grouped import hook_group_outputs
 
 from .layer_terms import LayerTerm, LayerTermContext, LayerTermPlan, register_layer_term
 from .train import StepInfo

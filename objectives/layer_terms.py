@@ -19,8 +19,8 @@ uses the unlabelled target pool (`uses_target_pool`: the pool is then trained on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,6 @@ from torch import nn
 
 from models import GroupedModel, derive_seed, group_output_shapes, seeded_init
 from models.grouped import hook_group_outputs, in_prefixes
-
 from models.named import Registry
 
 from .settings import PipelineSettings

@@ -16,13 +16,12 @@ constructs draws its initial weights from that seed alone.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
 from models import GroupedModel, InvalidChoice
-
 from models.named import Registry
 
 

@@ -123,7 +123,7 @@ class TrialChoices:
         return out
 
     @classmethod
-    def from_flat(cls, flat: dict) -> "TrialChoices":
+    def from_flat(cls, flat: dict) -> TrialChoices:
         """The inverse of `flat`."""
         layers = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("layers.")}
         return cls(layers=layers, **{k: v for k, v in flat.items() if not k.startswith("layers.")})

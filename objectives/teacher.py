@@ -15,7 +15,6 @@ for a corrupt entry and for a teacher near chance on its own source (see `NEAR_C
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from models import GroupedModel, UserError, create_model, derive_seed, seeded_init
 from models.errors import first_line
@@ -34,6 +34,7 @@ from models.registry import arch_fingerprint
 
 from .checkpoints import atomic_save, atomic_write
 from .device import place
+from .keys import stable_hash
 from .settings import ModelSettings, PipelineSettings
 from .tasks import TaskData
 from .train import DataSource, LoopContext, StageSpec, accuracy, train_stage
@@ -77,7 +78,7 @@ def cache_key(role: str, arch: str, width: float, task: TaskData, model: ModelSe
         "epochs": pipeline.teacher_epochs, "lr": pipeline.teacher_lr, "batch_size": pipeline.batch_size,
         "weight_decay": pipeline.weight_decay, "seed": seed, "code": code_version(),
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return stable_hash(parts, length=20)
 
 
 def get_teacher(role: str, arch: str, width: float, task: TaskData, model: ModelSettings,
@@ -95,8 +96,7 @@ def get_teacher(role: str, arch: str, width: float, task: TaskData, model: Model
     # process or its other trial threads drew, or the same key would give different teachers in different workers.
     with seeded_init(derive_seed(seed, role, "init")):
         net = _fresh(role, arch, width, task, model)
-    with open(cache_dir / f"{role}-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per key; the rest block here, then find the file
+    with FileLock(cache_dir / f"{role}-{key}.lock"):  # one trainer per key; the rest block here, then find the file
         info = _load_cached(net, weights, meta)
         if info is not None:
             if _first_time(str(weights)):

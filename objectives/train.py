@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -190,7 +190,7 @@ class _FolderStream:
         self.batches.close()  # ends the DataLoader iterator, which stops its workers
 
 
-def _stream(data: Images, ctx: "LoopContext"):
+def _stream(data: Images, ctx: LoopContext):
     if isinstance(data, LabeledImages):
         return _IndexStream(data, ctx.batch_size, ctx.generator, ctx.device)
     return _FolderStream(data, ctx.batch_size, ctx.generator, ctx.num_workers)

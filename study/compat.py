@@ -6,7 +6,7 @@ to look for when upgrading.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import optuna
 

@@ -138,7 +138,7 @@ class Config:
     study: StudySettings
     tracking: TrackingSettings
 
-    def with_changes(self, section: str, **changes) -> "Config":
+    def with_changes(self, section: str, **changes) -> Config:
         """A copy with `changes` to one section: a validated config is never changed in place (a worker's
         `--device`, a study's name), so whoever holds it can trust it."""
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})

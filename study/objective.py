@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
@@ -116,10 +117,14 @@ def _plan(trial: optuna.Trial, study: optuna.Study, config: Config, confirming: 
 
 
 def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=None,
-                   interrupted: threading.Event | None = None):
+                   interrupted: threading.Event | None = None, run: Callable[..., TrialResult] = run_trial):
     """The objective for `study`; it abandons trials beyond the study's total `n_trials` (so parallel workers
     stop at exactly n_trials finished trials). Setting `interrupted` stops running trials at their next epoch.
-    `config.study.storage` is the study's storage URL (its stage checkpoints are the study's own)."""
+    `config.study.storage` is the study's storage URL (its stage checkpoints are the study's own).
+
+    `run` trains one trial (`objectives.pipeline.run_trial`, whose signature it has); the tests pass a stand-in that
+    reports a scripted curve or raises, to check the bookkeeping around it (pruning, failures, retries) in
+    milliseconds."""
     tracker = tracker or NullTracker()
     confirming = is_companion(study)
 
@@ -143,10 +148,10 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
         checkpoints = trial_checkpoints(config, study, config.study.storage, plan.choices, plan.run_seed,
                                         plan.data_seed)
         try:
-            result = run_trial(config.task, config.model, config.pipeline, plan.choices,
-                               report=_reporter(trial, study, config, plan, interrupted),
-                               on_epoch=lambda stage, step, metrics: tracker.log_epoch(run_id, stage, step, metrics),
-                               checkpoints=checkpoints, run_seed=plan.run_seed, data_seed=plan.data_seed)
+            result = run(config.task, config.model, config.pipeline, plan.choices,
+                         report=_reporter(trial, study, config, plan, interrupted),
+                         on_epoch=lambda stage, step, metrics: tracker.log_epoch(run_id, stage, step, metrics),
+                         checkpoints=checkpoints, run_seed=plan.run_seed, data_seed=plan.data_seed)
         except optuna.TrialPruned as exc:
             checkpoints.clear()
             record.write_pruned(trial, str(exc), time.perf_counter() - started)

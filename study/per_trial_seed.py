@@ -10,7 +10,8 @@ and keeps a study reproducible: the same trial number always draws the same way 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import optuna

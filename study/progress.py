@@ -8,7 +8,8 @@ import contextlib
 import logging
 import sys
 import threading
-from typing import Callable, Iterator, TextIO
+from collections.abc import Callable, Iterator
+from typing import TextIO
 
 
 class TrialProgress:

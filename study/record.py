@@ -94,7 +94,7 @@ def confirm_attrs(role: str, of_trial: int, choices: TrialChoices, seed: int, da
     return {**attrs, **(baseline_attrs(baseline) if baseline else {})}
 
 
-def requeue_attrs(record: "TrialRecord") -> dict:
+def requeue_attrs(record: TrialRecord) -> dict:
     """The attributes of a re-queued copy of an interrupted trial: what made it what it was (a baseline, a
     confirmation run and its seed), and which trial it retries."""
     keep = ("baseline", "confirm_role", "confirm_of_trial", "confirm_choices") + \

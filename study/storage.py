@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
-
+import tempfile
 import warnings
+from pathlib import Path
 
 import optuna
 
@@ -20,7 +20,6 @@ from .storage_retry import DEFAULT_WINDOW_S, ResilientRDBStorage
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 DEFAULT_STORAGE = "sqlite:///distillstudy.db"
-ENV_STORAGE = "DISTILLSTUDY_STORAGE"
 
 # URLs whose tables and schema version this process has already checked. A worker opens its storage a few times
 # (to read the stored config, then with heartbeats); each full open creates missing tables and runs Alembic's
@@ -45,8 +44,9 @@ def _check_key(url: str):
 
 
 def resolve_storage_url(cli_value: str | None, config_value: str | None = None) -> str:
-    """`--storage` beats $DISTILLSTUDY_STORAGE beats the config's `study.storage` beats the default."""
-    return cli_value or os.environ.get(ENV_STORAGE) or config_value or DEFAULT_STORAGE
+    """`--storage` (or $DISTILLSTUDY_STORAGE, which the CLI reads as its default) beats the config's
+    `study.storage` beats the default."""
+    return cli_value or config_value or DEFAULT_STORAGE
 
 
 def mask_url(url: str) -> str:
@@ -65,11 +65,71 @@ def mask_url(url: str) -> str:
 
 
 def sqlite_path(url: str) -> Path | None:
-    """The file of a `sqlite:///PATH` URL; None for an in-memory database or any other kind of URL."""
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):]
-        return None if path in ("", ":memory:") else Path(path)
-    return None
+    """The database file of a SQLite URL, None for an in-memory database or any other kind of URL.
+
+    Read as SQLAlchemy and SQLite read it: `sqlite:///PATH` (relative) and `sqlite:////PATH` (absolute), and with
+    `uri=true` in the query SQLite's URI filename `sqlite:///file:PATH?mode=ro&uri=true` (the `file:` prefix, an
+    optional `//localhost` authority and percent escapes are not part of the file's name). In memory:
+    `sqlite://`, `sqlite:///:memory:`, `file::memory:` and `mode=memory`.
+    """
+    parsed = _sqlite_url(url)
+    if parsed is None:
+        return None
+    database = parsed.database or ""
+    if _is_uri(parsed) and database.startswith("file:"):
+        database = _uri_filename(database)
+    if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+        return None
+    return Path(database)
+
+
+def lock_path(url: str, purpose: str) -> Path:
+    """The lock file through which processes on one machine take turns at `purpose` (`init`, `queue`) on store
+    `url`: beside a writable SQLite file (`s.db.init.lock`: every worker on that file meets there, wherever it was
+    started), else (an in-memory or read-only SQLite database, a server) in the temp folder under a hash of the URL.
+    Never in the working directory for a store that lives elsewhere."""
+    path = sqlite_path(url)
+    if path is not None and not _read_only(url):
+        return Path(f"{path.expanduser()}.{purpose}.lock")
+    from objectives.keys import stable_hash
+
+    return Path(tempfile.gettempdir()) / f"distillstudy-{purpose}-{stable_hash(url)}.lock"
+
+
+def _sqlite_url(url: str):
+    """`url` parsed by SQLAlchemy when it is a SQLite URL, else None."""
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can read: open_storage says why
+        return None
+    return parsed if parsed.get_backend_name() == "sqlite" else None
+
+
+def _is_uri(parsed) -> bool:
+    # SQLAlchemy hands the database to SQLite as a URI filename when the query says uri=true (any true spelling).
+    return str(parsed.query.get("uri", "")).lower() in ("true", "1", "yes", "on")
+
+
+def _uri_filename(database: str) -> str:
+    """The file of SQLite URI filename `file:PATH` (`file:///PATH`, `file://localhost/PATH`); '' for none."""
+    from urllib.parse import unquote
+
+    rest = database[len("file:"):]
+    if rest.startswith("//"):  # an authority: SQLite accepts only an empty one or localhost
+        authority, _, path = rest[2:].partition("/")
+        rest = "/" + path if authority in ("", "localhost") else rest
+    return unquote(rest.split("#", 1)[0])
+
+
+def _read_only(url: str) -> bool:
+    parsed = _sqlite_url(url)
+    if parsed is None or not _is_uri(parsed):
+        return False
+    return parsed.query.get("mode") == "ro" or str(parsed.query.get("immutable", "")).lower() in ("1", "true")
 
 
 def storage_exists(url: str) -> bool:
@@ -117,7 +177,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     key = _check_key(url)
     checked = key is not None and key in _checked
     try:
-        with _first_open_lock(None if checked else sqlite_path(url)):
+        with _first_open_lock(None if checked or sqlite_path(url) is None else url):
             storage = storage_class(url, engine_kwargs=engine_kwargs, skip_compatibility_check=checked,
                                     skip_table_creation=checked, **kwargs)
         key = _check_key(url)  # now that the file exists
@@ -131,16 +191,16 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
 
 
 @contextlib.contextmanager
-def _first_open_lock(path: Path | None):
+def _first_open_lock(url: str | None):
     # Workers started together on a fresh SQLite file would all create its tables and stamp its Alembic version
     # ("UNIQUE constraint failed: alembic_version.version_num"): a lock file beside it lets one set it up first.
     # A folder where no lock file can be made (read-only) has nobody to race with.
-    if path is None:
+    if url is None:
         yield
         return
     from filelock import FileLock
 
-    lock = FileLock(f"{path.expanduser()}.init.lock", timeout=300)
+    lock = FileLock(lock_path(url, "init"), timeout=300)
     try:
         lock.acquire()
     except OSError:

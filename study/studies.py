@@ -4,7 +4,6 @@ attributes, so a worker needs only the study's name and storage URL."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import time
@@ -13,6 +12,7 @@ from datetime import datetime
 import optuna
 
 from models.errors import UserError, did_you_mean
+from objectives.keys import stable_hash
 
 from .allowed_imports import ATTR, narrow_to_study, packages_of
 from .baselines import BASELINES, baseline_choices, enqueue_params
@@ -34,7 +34,7 @@ def config_hash(config: Config) -> str:
     # for its database.
     data["study"] = {k: v for k, v in data["study"].items()
                      if k not in ("name", "storage", "n_trials", "confirm", "storage_retry")}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return stable_hash(data)
 
 
 def storage_for(url: str, config: Config | None = None, create: bool = True):
@@ -94,7 +94,9 @@ def _existing(name: str, url: str, storage, config: Config, load_if_exists: bool
 
 
 def _names(storage) -> list[str]:
-    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    # Names only: summaries would read every study's trials, and fail on a study another client deletes meanwhile
+    # (a shared PostgreSQL database).
+    return optuna.get_all_study_names(storage)
 
 
 def _find_study(name: str, url: str) -> optuna.Study:

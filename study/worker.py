@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import optuna
 
@@ -267,19 +267,20 @@ def _lock_queue_pops(study: optuna.Study, url: str) -> None:
     # the second tell ("Cannot tell a COMPLETE trial", optuna#4002). A thread lock serialises this worker's
     # threads; for SQLite a lock file beside the database serialises the processes too (PostgreSQL's row lock
     # already does).
-    import fcntl
+    from filelock import FileLock
 
-    from .storage import sqlite_path
+    from .storage import lock_path, sqlite_path
 
-    thread_lock, path = threading.Lock(), sqlite_path(url)
+    thread_lock = threading.Lock()
+    # No timeout: a pop waits as long as another process's pop takes, as it did on the database itself.
+    file_lock = FileLock(lock_path(url, "queue")) if sqlite_path(url) is not None else None
 
     def locked(pop):
         def locked_pop():
             with thread_lock:
-                if path is None:
+                if file_lock is None:
                     return pop()
-                with open(f"{path.expanduser()}.queue.lock", "a") as lock:
-                    fcntl.flock(lock, fcntl.LOCK_EX)
+                with file_lock:
                     return pop()
 
         return locked_pop

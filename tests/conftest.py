@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,34 @@ PG_URL = "postgresql://postgres@127.0.0.1:5432/test"  # this machine's PostgreSQ
 torch.set_num_threads(1)
 
 
+def _checkout_state() -> set[str] | None:
+    """The untracked and ignored files of the checkout (`git status`: a stray distillstudy.db or mlruns/ is junk
+    too, only hidden), less what running Python and pytest legitimately leave (bytecode, pytest's cache); None
+    outside a git checkout. Edits to tracked files are left out: a developer may edit while the tests run."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    skip = ("__pycache__/", ".pytest_cache/", ".venv/", ".egg-info/")
+    return {line for line in out.stdout.splitlines()
+            if line.startswith(("??", "!!")) and not any(s in line for s in skip)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """A test run writes nothing into the checkout (stores, lock files, reports, runs): everything it makes lives in
+    temporary folders. Compares `git status` at the end of the session with its start."""
+    before = _checkout_state()
+    yield
+    after = _checkout_state()
+    if before is not None and after is not None:
+        new = sorted(after - before)
+        assert not new, f"the test run left these in the checkout: {new}"
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository root (for examples/ and other checked-in files)."""
@@ -32,14 +61,21 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_cache_dir(tmp_path_factory) -> str:
-    """One teacher/donor cache for the whole session: each teacher is trained once, then loaded."""
-    return str(tmp_path_factory.mktemp("teacher-cache"))
+    """One teacher/donor cache for the whole session: each teacher is trained once, then loaded. Under pytest-xdist
+    the workers share it (their temporary folders have one parent): the cache's lock file lets one worker train a
+    teacher while the others wait for it, as cluster workers do."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "teacher-cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
 
 
 @pytest.fixture
 def tiny_pipeline(teacher_cache_dir) -> PipelineSettings:
-    """Pipeline settings for a trial of seconds: 1 epoch per stage, CPU, one thread, the session's cache.
-    Tests derive variants with `dataclasses.replace(tiny_pipeline, ...)`."""
+    """Pipeline settings for a trial of seconds: 1 epoch per stage, CPU, one thread, the session's cache (the
+    teacher settings of tests/tiny.py's TINY, so CLI tests share its teachers). Tests derive variants with
+    `dataclasses.replace(tiny_pipeline, ...)`."""
     return PipelineSettings(seed=0, device="cpu", batch_size=64, teacher_epochs=1, finetune_epochs=1,
                             distill_epochs=1, retrain_epochs=1, cache_dir=teacher_cache_dir, cpu_threads=1)
 
@@ -52,6 +88,16 @@ def tiny_task():
         return dataclasses.replace(TaskOptions(name=name, max_per_domain=300), **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """A migrated, empty MLflow SQLite store to copy (see tests/mlflow_server.py `migrated_store`), made once per
+    run, shared by pytest-xdist workers. For stores whose creation a test is not about."""
+    from mlflow_server import migrated_store
+
+    base = tmp_path_factory.getbasetemp()
+    return migrated_store(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
 
 
 @pytest.fixture(scope="session", autouse=True)

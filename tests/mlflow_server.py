@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -36,11 +37,30 @@ def healthy(url: str) -> bool:
         return False
 
 
+def migrated_store(template_dir: Path) -> Path:
+    """An empty MLflow SQLite store with every schema migration applied, made once in `template_dir` (under a lock:
+    pytest-xdist workers may ask together). Copying it is instant; migrating a fresh store takes seconds."""
+    from filelock import FileLock
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db = template_dir / "mlflow-template.db"
+    with FileLock(template_dir / "mlflow-template.lock"):
+        if not db.exists():
+            tmp = template_dir / "mlflow-template.tmp.db"
+            store = SqlAlchemyStore(f"sqlite:///{tmp}", str(template_dir / "unused-artifacts"))
+            store.engine.dispose()
+            os.replace(tmp, db)
+    return db
+
+
 @contextlib.contextmanager
-def mlflow_server(root: Path, *extra_args: str, env: dict | None = None):
-    """Start `mlflow server` with its store under `root` (and `extra_args`, `env` added to its environment); yields
+def mlflow_server(root: Path, *extra_args: str, env: dict | None = None, template: Path | None = None):
+    """Start `mlflow server` with its store under `root` (a copy of `template`, a `migrated_store`, when given: the
+    server then starts without migrating; `extra_args` and `env` added to its command and environment); yields
     (tracking URL, process: its guardian, whose pid is the server's process group). At the end the whole group is
     killed (woken first, should a test have stopped it); it dies with the test process too, even a SIGKILLed one."""
+    if template is not None:
+        shutil.copyfile(template, root / "mlflow.db")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # No job-execution runner (a handful of huey consumers no test uses): the server starts much faster.

@@ -190,7 +190,7 @@ def test_tasks_list_json():
         assert all(n > 0 for n in row["sizes"].values())
         # The two halves of the 1,797 digits, every image in exactly one split.
         assert sum(row["sizes"].values()) == 1797
-    for name, row in rows.items():
+    for row in rows.values():
         if not row["offline"]:
             assert "sizes" not in row  # needs the user's data
 

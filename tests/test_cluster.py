@@ -36,7 +36,7 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 S = optuna.trial.TrialState
 
 # Creating a study in-process opens a heartbeat storage (an Optuna experimental feature, on purpose).
-pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"), pytest.mark.slow]
 
 # The smallest pipeline: a trial of about a second on one core, 300 images per domain, no born-again rounds.
 TINY = ["tracking.enabled=false", "pipeline.device=cpu", "pipeline.cpu_threads=1", "task.max_per_domain=300",
@@ -147,7 +147,10 @@ def create(request, name: str, url: str, sets: list[str], cwd: Path, via_cli: bo
     else:
         from study.commands import create as create_command
 
-        create_command(str(QUICKSTART), name, url, list(sets), load_if_exists=False)
+        # In `cwd`, as the CLI would be: an MLflow experiment created here keeps its artifacts in ./mlruns.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(cwd)
+            create_command(str(QUICKSTART), name, url, list(sets), load_if_exists=False)
 
 
 _storages: dict[str, optuna.storages.RDBStorage] = {}
@@ -411,7 +414,7 @@ def test_sigterm_stops_gracefully_and_requeues_the_trial(request, study_name, wo
     assert time.monotonic() - sent < 3, f"took {time.monotonic() - sent:.1f} s to stop"
 
 
-# ---- 5: the teacher cache lock ----------------------------------------------------------------------------------------
+# ---- 5: the teacher cache lock -----------------------------------------------------------------------------------
 def test_teacher_trained_once_by_two_threads_at_once(tiny_pipeline, tiny_task, tmp_path):
     from objectives.pipeline import get_task
     from objectives.settings import ModelSettings

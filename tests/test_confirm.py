@@ -219,7 +219,8 @@ def _every_surface_names_the_answer(tmp_path, storage: str, mlflow_uri: str, ver
     assert not client.search_registered_models("name='c-confirm-best'")
 
 
-def test_confirming_a_study_without_a_completed_trial_is_a_one_line_error(tmp_path):
+def test_confirming_a_study_without_a_completed_trial_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the parent run's artifacts go to ./mlruns: never into the checkout
     storage = f"sqlite:///{tmp_path / 's.db'}"
     assert cli("study", "create", QUICKSTART, "--name", "empty", "--storage", storage).exit_code == 0
     result = cli("study", "confirm", "empty", "--storage", storage)

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from models import UserError
-from objectives.layer_terms import (LayerTerm, LayerTermContext, get_layer_term, list_layer_terms,
-                                    register_layer_term, unregister_layer_term)
+from objectives.layer_terms import (
+    LayerTerm,
+    LayerTermContext,
+    get_layer_term,
+    list_layer_terms,
+    register_layer_term,
+    unregister_layer_term,
+)
 from objectives.pipeline import run_trial
 from objectives.settings import ModelSettings, PipelineSettings, TrialChoices
 

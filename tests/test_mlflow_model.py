@@ -13,17 +13,16 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
+from tiny import TINY, options
 
 import cli
 from models import create_model
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--set", "pipeline.device=cpu", "--set", "pipeline.teacher_epochs=1", "--set", "pipeline.finetune_epochs=1",
-        "--set", "pipeline.distill_epochs=1", "--set", "pipeline.retrain_epochs=1", "--set", "task.max_per_domain=300",
-        "--set", "study.baselines=false", "--set", "study.confirm.top=0", "--set", "study.pruner.name=none",
-        "--set", "study.pruner.kwargs={}"]
+SETS = options([*TINY, "study.baselines=false", "study.pruner.name=none", "study.pruner.kwargs={}"])
 
 LOAD = """
 import sys, mlflow, numpy as np, torch
@@ -36,6 +35,7 @@ assert not ours, f"loading imported distillstudy modules {ours}"
 """
 
 
+@pytest.mark.slow  # a study with MLflow, then a fresh process loading the model
 def test_registered_best_model_loads_in_a_new_process(tmp_path, monkeypatch, teacher_cache_dir):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -43,7 +43,7 @@ def test_registered_best_model_loads_in_a_new_process(tmp_path, monkeypatch, tea
     result = CliRunner().invoke(cli.main, [
         "study", "run", "tiny", "--config", str(REPO / "examples" / "quickstart.yaml"), "--n-trials", "1",
         "--storage", f"sqlite:///{tmp_path}/optuna.db", "--set", f"tracking.mlflow_uri={uri}",
-        "--set", f"pipeline.cache_dir={teacher_cache_dir}", "--quiet", *TINY])
+        "--set", f"pipeline.cache_dir={teacher_cache_dir}", "--quiet", *SETS])
     assert result.exit_code == 0, result.output
     # Logging the model pointed MLflow's process-wide URI at the study's store for the call only.
     assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -31,7 +31,7 @@ from study.studies import load_study
 
 REPO = Path(__file__).resolve().parent.parent
 # A worker thread that dies (e.g. an Optuna error on tell) fails the test instead of printing a warning.
-pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"), pytest.mark.slow]
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 CHOICES = ("temperature", "alpha", "beta", "threshold", "lr", "source_weight", "generations", "slim_width",
@@ -42,11 +42,11 @@ TINY = ["--set", "pipeline.device=cpu", "--set", "pipeline.teacher_epochs=2", "-
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, mlflow_template):
     """`mlflow server` on a free loopback port, SQLite backend, artifacts proxied to a local folder. Yields
     (tracking URL, working folder); the whole process group is killed at the end."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    with mlflow_server(root) as (url, _):
+    with mlflow_server(root, mlflow_template) as (url, _):
         yield url, root
 
 
@@ -239,7 +239,8 @@ def test_metric_histories_follow_the_reported_curve(main_study):
             assert s.history(run_id, "teacher/target_val_acc") == [(0, teacher)] and 0 not in t.intermediate_values
         if t.state.name == "COMPLETE" and t.user_attrs["choices"]["recipe"] == "distill":
             p = s.config.pipeline
-            assert [st for st, _ in s.history(run_id, "finetune/target_val_acc")] == list(range(1, 1 + p.finetune_epochs))
+            steps = [st for st, _ in s.history(run_id, "finetune/target_val_acc")]
+            assert steps == list(range(1, 1 + p.finetune_epochs))
             assert len(s.history(run_id, "finetune/loss")) == p.finetune_epochs
             kd = s.history(run_id, "distill/kd_loss")
             assert len(kd) >= 2 and [st for st, _ in kd] == [st for st, _ in s.history(run_id, "distill/loss")]

@@ -145,7 +145,7 @@ def test_every_action_on_every_group(actions, pipeline_overrides, choice_overrid
     assert {g: m["action"] for g, m in result.layer_map.items()} == layers(**actions)
     assert_frozen_groups_identical(result)
     want = {"reinit": "reinit", "slim": "slim x0.5", "donor": "donor digitnet x2"}[pipeline.replace_with]
-    for g, m in result.layer_map.items():
+    for m in result.layer_map.values():
         assert m["weights"] == (want if m["action"] == "replace" else "teacher")
     assert (result.donor is not None) == (pipeline.replace_with == "donor" and "replace" in actions.values())
     # Every student epoch reported its metrics; distill stages report the layer term exactly when beta > 0.

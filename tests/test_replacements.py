@@ -11,8 +11,13 @@ import torch
 
 from models import UserError, create_model
 from objectives.pipeline import run_trial
-from objectives.replacements import (GroupToReplace, get_replacement, list_replacements, register_replacement,
-                                     unregister_replacement)
+from objectives.replacements import (
+    GroupToReplace,
+    get_replacement,
+    list_replacements,
+    register_replacement,
+    unregister_replacement,
+)
 from objectives.settings import ModelSettings, PipelineSettings, TrialChoices
 from objectives.student import build_student
 

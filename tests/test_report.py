@@ -242,7 +242,8 @@ def test_adapt_and_the_layer_term_get_effect_rows(tmp_path):
               Spec("aaaa", 0.40, PRUNED, extra={"fixed": {"layer_term": "dann", "recipe": "distill"}})]
     url = f"sqlite:///{tmp_path}/e.db"
     make_study(url, "E", specs, ["search.layers.actions=[freeze, finetune, replace, adapt]",
-                                 "search.layer_term=[none, feature, params, dann]", "search.recipe=[distill, finetune]"])
+                                 "search.layer_term=[none, feature, params, dann]",
+                                 "search.recipe=[distill, finetune]"])
     result = cli("study", "report", "E", "--storage", url, "--out", tmp_path / "e", "--format", "json")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "e" / "report.json").read_text())

@@ -28,6 +28,7 @@ TINY = ["tracking.enabled=false", "pipeline.device=cpu", "pipeline.cpu_threads=1
         "pipeline.teacher_epochs=2", "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1",
         "pipeline.retrain_epochs=1", "search.generations=0", "study.confirm.top=0", "study.n_trials=4",
         "study.sampler.kwargs={seed: null}"]
+pytestmark = pytest.mark.slow  # a Slurm array of worker processes
 
 
 def _run(*cmd: str, timeout: float = 20) -> subprocess.CompletedProcess:

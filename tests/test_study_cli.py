@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
+from tiny import TINY, options
 
 from cli import main
 
@@ -28,12 +29,8 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 def tiny(cache_dir, workdir) -> list[str]:
     """`--set` options for a trial of about a second, with every file under the test's directories."""
-    sets = ["tracking.enabled=false", "task.max_per_domain=300", "pipeline.device=cpu", "pipeline.cpu_threads=1",
-            "pipeline.teacher_epochs=1", "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1",
-            "pipeline.retrain_epochs=1", "search.generations=0", "study.confirm.top=0",
-            f"pipeline.cache_dir={cache_dir}",
-            f"study.checkpoint_dir={Path(workdir) / 'checkpoints'}"]
-    return [arg for s in sets for arg in ("--set", s)]
+    return options([*TINY, "tracking.enabled=false", f"pipeline.cache_dir={cache_dir}",
+                    f"study.checkpoint_dir={Path(workdir) / 'checkpoints'}"])
 
 
 def url(path) -> str:
@@ -215,6 +212,7 @@ def test_export_csv_and_json(t1, tmp_path):
     assert json.loads(out.read_text()) == data
 
 
+@pytest.mark.slow  # Optuna's own CLI in a process
 def test_optuna_cli_reads_the_storage(t1):
     optuna_bin = Path(sys.executable).with_name("optuna")
     proc = subprocess.run([str(optuna_bin), "trials", "--study-name", "t1", "--storage", t1["storage"]],
@@ -274,6 +272,20 @@ def test_delete(tmp_path, teacher_cache_dir):
     assert optuna.get_all_study_names(storage) == []
     assert_user_error(cli("study", "delete", "gone", "--storage", storage, "--yes"), "no study 'gone'")
     assert cli("study", "list", "--storage", storage).output.strip() == "no studies"
+
+
+def test_delete_asks_first_and_the_storage_comes_from_the_environment(tmp_path, teacher_cache_dir, monkeypatch):
+    storage = url(tmp_path / "s.db")
+    assert cli("study", "create", QUICKSTART, "--name", "gone", "--storage", storage,
+               *tiny(teacher_cache_dir, tmp_path)).exit_code == 0
+    monkeypatch.setenv("DISTILLSTUDY_STORAGE", storage)  # every --storage option's default
+    assert "gone" in cli("study", "list").output
+    declined = CliRunner().invoke(main, ["study", "delete", "gone"], input="n\n")
+    assert declined.exit_code == 2 and optuna.get_all_study_names(storage) == ["gone"]
+    assert CliRunner().invoke(main, ["study", "delete", "gone"], input="y\n").exit_code == 0
+    assert optuna.get_all_study_names(storage) == []
+    assert cli("study", "list").output.strip() == "no studies"
+    assert_user_error(cli("study", "list", "--storage", url(tmp_path / "other.db")), "does not exist")  # it wins
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
@@ -340,6 +352,7 @@ def test_multi_objective_pareto_front(tmp_path, teacher_cache_dir):
 
 
 # ---- interrupt ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a worker process interrupted mid-trial
 def test_interrupt_marks_fail_requeues_and_resumes(tmp_path, teacher_cache_dir):
     storage = url(tmp_path / "int.db")
     sets = [*tiny(teacher_cache_dir, tmp_path), "--set", "pipeline.finetune_epochs=40", "--set",
@@ -442,16 +455,3 @@ def test_baselines_are_never_pruned(tmp_path, teacher_cache_dir):
     assert {b: t.state.name for b, t in trials.items()} == dict.fromkeys(trials, "COMPLETE")
     assert trials["head-only"].value < trials["finetune-all"].value
     assert all(len(t.intermediate_values) == t.user_attrs["total_epochs"] for t in trials.values())
-
-
-def test_trials_are_pruned_only_at_decision_points(tmp_path, teacher_cache_dir):
-    # stage_warmup 1000: the pruner is asked only at stage ends (and never at a trial's final step), however eager.
-    storage = url(tmp_path / "s.db")
-    run = cli("study", "run", "ends", "--config", QUICKSTART, "--storage", storage, *tiny(teacher_cache_dir, tmp_path),
-              "--set", "pipeline.teacher_epochs=10", "--set", "pipeline.finetune_epochs=2",
-              "--set", "pipeline.distill_epochs=2",
-              "--set", "study.pruner={name: percentile, kwargs: {percentile: 90, n_startup_trials: 1, "
-                       "n_warmup_steps: 0}, stage_warmup: 1000}", "--n-trials", 8)
-    assert run.exit_code == 0, run.output
-    pruned = load("ends", storage).get_trials(states=(optuna.trial.TrialState.PRUNED,))
-    assert pruned and {max(t.intermediate_values) for t in pruned} == {2}  # the finetune stage's end

@@ -17,10 +17,11 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
+from tiny import TINY, options
 
 from cli import main
-from objectives.pipeline import get_task
 from objectives import teacher as teacher_module
+from objectives.pipeline import get_task
 from objectives.teacher import get_teacher
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,11 +30,8 @@ S = optuna.trial.TrialState
 
 
 def tiny(cache_dir, workdir) -> list[str]:
-    sets = ["tracking.enabled=false", "task.max_per_domain=300", "pipeline.device=cpu", "pipeline.cpu_threads=1",
-            "pipeline.teacher_epochs=1", "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1",
-            "pipeline.retrain_epochs=1", "search.generations=0", "study.confirm.top=0",
-            f"pipeline.cache_dir={cache_dir}", f"study.checkpoint_dir={Path(workdir) / 'checkpoints'}"]
-    return [arg for s in sets for arg in ("--set", s)]
+    return options([*TINY, "tracking.enabled=false", f"pipeline.cache_dir={cache_dir}",
+                    f"study.checkpoint_dir={Path(workdir) / 'checkpoints'}"])
 
 
 def cli(*args):

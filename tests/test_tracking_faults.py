@@ -22,22 +22,22 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow_server import mlflow_server
+from tiny import TINY
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "cli.py"
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
-TINY = ["pipeline.device=cpu", "pipeline.cpu_threads=1", "task.max_per_domain=300", "pipeline.teacher_epochs=1",
-        "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1",
-        "search.generations=0", "study.confirm.top=0", "study.pruner.name=none", "study.pruner.kwargs={}"]
+SETS = [*TINY, "study.pruner.name=none", "study.pruner.kwargs={}"]
 WARNING = "is unavailable"  # the one line a tracking outage prints
+pytestmark = pytest.mark.slow  # worker processes, mlflow servers, signals: tens of seconds each
 
 
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, mlflow_template):
     """A fresh `mlflow server` on a free loopback port (its own session, so the test can stop or kill it all)."""
     root = tmp_path / "server"
     root.mkdir()
-    with mlflow_server(root) as (url, proc):
+    with mlflow_server(root, mlflow_template) as (url, proc):
         yield url, proc
 
 
@@ -47,10 +47,11 @@ def _env() -> dict:
     return env
 
 
-def _worker(tmp_path: Path, name: str, tracking: str, n_trials: int, extra=(), prefix=()) -> subprocess.Popen:
-    sets = [*TINY, f"tracking.mlflow_uri={tracking}", f"pipeline.cache_dir={tmp_path}/cache",
+def _worker(tmp_path: Path, cache: str, name: str, tracking: str, n_trials: int, extra=()) -> subprocess.Popen:
+    """A `study run` worker process; `cache`: the session's teacher cache (these tests are about tracking)."""
+    sets = [*SETS, f"tracking.mlflow_uri={tracking}", f"pipeline.cache_dir={cache}",
             f"study.checkpoint_dir={tmp_path}/ck", *extra]
-    args = [*prefix, sys.executable, str(CLI), "study", "run", name, "--config", QUICKSTART, "--quiet",
+    args = [sys.executable, str(CLI), "study", "run", name, "--config", QUICKSTART, "--quiet",
             "--storage", f"sqlite:///{tmp_path}/optuna.db", "--n-trials", str(n_trials),
             *[a for s in sets for a in ("--set", s)]]
     return subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=open(tmp_path / "out", "w"),
@@ -90,9 +91,9 @@ def _finished(tmp_path: Path, name: str) -> int:
     return sum(t.state.name in ("COMPLETE", "PRUNED") for t in _trials(tmp_path, name))
 
 
-def test_a_dead_server_mid_study_means_untracked_trials_after_one_warning(server, tmp_path):
+def test_a_dead_server_mid_study_means_untracked_trials_after_one_warning(server, tmp_path, teacher_cache_dir):
     url, proc = server
-    worker = _worker(tmp_path, "dead", url, 6)
+    worker = _worker(tmp_path, teacher_cache_dir, "dead", url, 6)
     _when(lambda: _finished(tmp_path, "dead") >= 2, 300, worker, tmp_path, "2 finished trials")
     os.killpg(proc.pid, signal.SIGKILL)
     killed = time.monotonic()
@@ -106,9 +107,9 @@ def test_a_dead_server_mid_study_means_untracked_trials_after_one_warning(server
     assert time.monotonic() - killed < 110
 
 
-def test_sigterm_with_a_hung_server_exits_at_once_and_requeues_the_trial(server, tmp_path):
+def test_sigterm_with_a_hung_server_exits_at_once_and_requeues_the_trial(server, tmp_path, teacher_cache_dir):
     url, proc = server
-    worker = _worker(tmp_path, "hung", url, 20, extra=["pipeline.distill_epochs=4"])
+    worker = _worker(tmp_path, teacher_cache_dir, "hung", url, 20, extra=["pipeline.distill_epochs=4"])
     _when(lambda: _finished(tmp_path, "hung") >= 1, 300, worker, tmp_path, "a finished trial")
     os.killpg(proc.pid, signal.SIGSTOP)  # accepts connections (the kernel's backlog), never answers
     time.sleep(2)
@@ -146,11 +147,11 @@ def _runs(tracking: str):
     return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
 
 
-def test_an_unwritable_artifact_folder_at_start_is_one_error_line(tmp_path):
+def test_an_unwritable_artifact_folder_at_start_is_one_error_line(tmp_path, teacher_cache_dir):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"  # artifacts default to ./mlruns beside it
     _immutable(tmp_path / "mlruns")
     try:
-        rc, output = _wait(_worker(tmp_path, "ro", tracking, 2), 300, tmp_path)
+        rc, output = _wait(_worker(tmp_path, teacher_cache_dir, "ro", tracking, 2), 300, tmp_path)
     finally:
         _mutable(tmp_path / "mlruns")
     assert rc == 2 and "Traceback" not in output, output
@@ -159,9 +160,10 @@ def test_an_unwritable_artifact_folder_at_start_is_one_error_line(tmp_path):
     assert not [r for r in _runs(tracking) if r.info.status == "RUNNING"]
 
 
-def test_an_artifact_folder_unwritable_mid_study_means_one_warning_and_no_running_run(tmp_path):
+def test_an_artifact_folder_unwritable_mid_study_means_one_warning_and_no_running_run(tmp_path,
+                                                                                     teacher_cache_dir):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    worker = _worker(tmp_path, "ro-mid", tracking, 4)
+    worker = _worker(tmp_path, teacher_cache_dir, "ro-mid", tracking, 4)
     _when(lambda: _finished(tmp_path, "ro-mid") >= 1, 300, worker, tmp_path, "a finished trial")
     experiments = [p for p in (tmp_path / "mlruns").iterdir() if p.name not in ("0", ".trash")]
     for p in experiments:
@@ -191,7 +193,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_orphan_trial(tmp_path):
     mnt, keep = tmp_path / "mnt", tmp_path / "kept"
     mnt.mkdir()
     keep.mkdir()
-    sets = [*TINY, "tracking.enabled=false", f"pipeline.cache_dir={tmp_path}/cache", "study.n_trials=30",
+    sets = [*SETS, "tracking.enabled=false", f"pipeline.cache_dir={tmp_path}/cache", "study.n_trials=30",
             "study.checkpoint_dir=checkpoints"]  # on the small disk, beside the storage
     command = " ".join([sys.executable, str(CLI), "study", "run", "full", "--config", QUICKSTART, "--quiet",
                         *[f"--set '{s}'" for s in sets]])

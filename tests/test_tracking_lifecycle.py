@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 from click.testing import CliRunner
+from tiny import TINY
 
 import cli
 from study.studies import load_study
@@ -27,9 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "cli.py"
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
 # A trial of about a second on one core; three trials = the three baselines.
-TINY = ["pipeline.device=cpu", "pipeline.cpu_threads=1", "task.max_per_domain=300", "pipeline.teacher_epochs=1",
-        "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1",
-        "search.generations=0", "study.confirm.top=0", "study.n_trials=3"]
+SETS = [*TINY, "study.n_trials=3"]
 # What MLflow's store initialisation prints through alembic and its own logger on a fresh database.
 INIT_LOG = ("alembic", "Context impl", "Running upgrade", "Creating initial MLflow database tables")
 
@@ -56,10 +56,11 @@ def _runs(client, name: str, role: str):
     return client.search_runs([exp.experiment_id], f"tags.`distillstudy.role` = '{role}'", max_results=1000)
 
 
+@pytest.mark.slow  # three worker processes initialising fresh stores together
 def test_three_workers_start_at_once_on_fresh_stores(tmp_path):
     optuna_url, mlflow_uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
     args = ["study", "run", "first", "--config", QUICKSTART, "--storage", optuna_url, "--quiet",
-            *_sets([*TINY, f"tracking.mlflow_uri={mlflow_uri}", f"pipeline.cache_dir={tmp_path}/cache"])]
+            *_sets([*SETS, f"tracking.mlflow_uri={mlflow_uri}", f"pipeline.cache_dir={tmp_path}/cache"])]
     procs = [subprocess.Popen([sys.executable, str(CLI), *args], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outputs = []
@@ -94,7 +95,7 @@ def _cli(args: list[str]):
 def test_parent_run_lifecycle_view_and_best_metric(tmp_path, teacher_cache_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     optuna_url, mlflow_uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
-    sets = _sets([*TINY, f"tracking.mlflow_uri={mlflow_uri}", f"pipeline.cache_dir={teacher_cache_dir}",
+    sets = _sets([*SETS, f"tracking.mlflow_uri={mlflow_uri}", f"pipeline.cache_dir={teacher_cache_dir}",
                   "study.n_trials=4"])
     result = _cli(["study", "create", QUICKSTART, "--name", "life", "--storage", optuna_url, *sets])
     assert result.exit_code == 0, result.output

@@ -8,8 +8,9 @@ the same way. Images are float32 tensors (N, C, H, W) in [0, 1]; labels int64 (N
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +35,10 @@ class LabeledImages:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.x.shape[1:])
 
-    def subset(self, index: torch.Tensor) -> "LabeledImages":
+    def subset(self, index: torch.Tensor) -> LabeledImages:
         return LabeledImages(self.x[index], self.y[index])
 
-    def to(self, device) -> "LabeledImages":
+    def to(self, device) -> LabeledImages:
         """Both tensors on `device`; on CUDA the images go channels_last (what cuDNN's fast kernels want)."""
         device = torch.device(device)
         fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format

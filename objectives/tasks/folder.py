@@ -12,8 +12,8 @@ torchvision costs seconds in every process that never reads a folder.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -96,10 +96,10 @@ class FolderImages:
     def paths(self) -> list[str]:
         return [os.path.join(self.root, f) for f in self.files]
 
-    def subset(self, index: torch.Tensor) -> "FolderImages":
+    def subset(self, index: torch.Tensor) -> FolderImages:
         return replace(self, files=[self.files[i] for i in index.tolist()], y=self.y[index])
 
-    def to(self, device) -> "FolderImages":
+    def to(self, device) -> FolderImages:
         """The same files with batches delivered to `device` (nothing is read or moved now)."""
         return replace(self, device=torch.device(device))
 

@@ -20,8 +20,8 @@ The datasets' official test splits become `DomainPool.test`. `imagefolder` alone
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from http.client import HTTPException
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from torchvision.datasets.utils import download_and_extract_archive, download_ur
 from models.errors import UserError
 
 from .base import DomainPool, LabeledImages, TaskOptions, register_task
-from .base import one_line as _one_line, resize_images as _resize
+from .base import one_line as _one_line
+from .base import resize_images as _resize
 from .folder import FolderImages, check_readable
 
 # Seed of the pre-cap subsample (see `_capped`). Fixed, so the same files always give the same images whatever
@@ -79,7 +80,8 @@ def _read(dataset: str, folder: str, files: list[str], download: bool, fetch: Ca
         try:
             fetch()
         except (OSError, RuntimeError, HTTPException) as e:  # URLError is an OSError; bad checksums are RuntimeError
-            raise UserError(f"{dataset} data download failed ({_one_line(e)}): put {', '.join(missing)} in {folder}")
+            raise UserError(
+                f"{dataset} data download failed ({_one_line(e)}): put {', '.join(missing)} in {folder}") from None
     try:
         return load()
     except MemoryError:

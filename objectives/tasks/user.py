@@ -11,7 +11,7 @@ fingerprinted and cached like a built-in task (`split.split_task`); any problem 
 from __future__ import annotations
 
 import numbers
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

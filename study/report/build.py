@@ -25,8 +25,17 @@ from ..record import TrialRecord
 from ..search import applicable_choices
 from ..storage import mask_url
 from ..studies import load_study
-from .stats import (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, MIN_INTERVAL_TRIALS, choice_effects,
-                    effective_study, group_effects, importances, target_val_acc)
+from .stats import (
+    BOOTSTRAP_LEVEL,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    MIN_INTERVAL_TRIALS,
+    choice_effects,
+    effective_study,
+    group_effects,
+    importances,
+    target_val_acc,
+)
 
 FORMATS = ("html", "md", "json")
 FEW_TRIALS = "fewer than two completed trials"

@@ -5,9 +5,9 @@ the layer-group x action heatmap, and the Pareto front of multi-objective studie
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import optuna
 from optuna.trial import TrialState

@@ -3,8 +3,9 @@ Markdown (tables, links to the PNGs beside it). Both render the same tables from
 
 from __future__ import annotations
 
-import html
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ACC_COLUMNS = [("target_val_acc", "target val"), ("target_test_acc", "target test"),
                ("source_val_acc", "source val"), ("source_test_acc", "source test")]
@@ -212,35 +213,33 @@ td:nth-child(-n+3){text-align:left}tr.best td{background:#fff3b0;font-weight:600
 
 def render_html(data: dict, figures: dict) -> str:
     """One page: summary, notes, tables, then each plot (plotly.js is inlined once, so it works offline)."""
-    e = html.escape
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>distillstudy report: {e(data['study'])}"
-             f"</title><style>{CSS}</style>"]
+    from markupsafe import Markup
+
+    plotlyjs = ""
     if figures:
         from plotly.offline import get_plotlyjs
 
-        parts.append(f"<script type='text/javascript'>{get_plotlyjs()}</script>")
-    parts.append(f"</head><body><h1>Study {e(data['study'])}</h1>")
-    parts += [f"<p>{e(line)}</p>" for line in _summary(data)]
-    if data["notes"]:
-        parts.append("<ul class='notes'>" + "".join(f"<li>{e(n)}</li>" for n in data["notes"]) + "</ul>")
-    for t in tables(data):
-        parts.append(f"<h2>{e(t.title)}</h2><p class='intro'>{e(t.intro)}</p><div class='wrap'><table><tr>"
-                     + "".join(f"<th>{e(h)}</th>" for h in t.head) + "</tr>")
-        for i, row in enumerate(t.rows):
-            parts.append(f"<tr{' class=best' if i in t.highlight else ''}>"
-                         + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
-        parts.append("</table></div>")
-    if data["plots"]:
-        parts.append("<h2>Plots</h2>")
+        plotlyjs = Markup(get_plotlyjs())
+    plots = []
     for key, meta in data["plots"].items():
         fig = figures.get(key)
-        parts.append(f"<div class='plot'><h3>{e(meta['title'])}</h3>")
-        if fig is not None:
-            parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot-{key}",
-                                     default_height="480px", config={"displaylogo": False}))
-        parts.append(f"<p><a href='{e(meta['png'])}'>PNG</a></p></div>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        figure = None if fig is None else Markup(fig.to_html(
+            full_html=False, include_plotlyjs=False, div_id=f"plot-{key}", default_height="480px",
+            config={"displaylogo": False}))
+        plots.append({"title": meta["title"], "png": meta["png"], "figure": figure})
+    return _template("report.html.j2").render(
+        study=data["study"], css=Markup(CSS), plotlyjs=plotlyjs, summary=_summary(data), notes=data["notes"],
+        tables=tables(data), plots=plots)
+
+
+@functools.cache
+def _template(name: str):
+    """A template of templates/, autoescaped; a block tag's own line leaves no blank line behind."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    return env.get_template(name)
 
 
 # ---- Markdown ----------------------------------------------------------------------------------------------------
@@ -260,6 +259,6 @@ def render_md(data: dict) -> str:
         lines.append("")
     if data["plots"]:
         lines += ["## Plots", ""]
-    for key, meta in data["plots"].items():
+    for meta in data["plots"].values():
         lines += [f"### {meta['title']}", "", f"![{meta['title']}]({meta['png']})", ""]
     return "\n".join(lines)

@@ -8,16 +8,14 @@ a worker stops with the study at its total, and KILLED when a worker stops short
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
-import tempfile
 import time
 
 from filelock import FileLock
 
-from ..storage import sqlite_path
+from ..storage import lock_path
 
 # MLflow's defaults retry a failed request 7 times with exponential backoff and wait 120 s for each answer: about
 # 4 minutes for a dead server and over 15 for a hung one, per call. A study goes on without tracking instead (see
@@ -93,26 +91,19 @@ def is_unreachable(exc: BaseException) -> bool:
         "failed with exception" in text or "failed with timeout exception" in text
 
 
-def _lock_path(uri: str) -> str:
-    # A SQLite store is locked beside its file (workers on one machine share it); any other store by a lock file
-    # named after its URI in the temp folder (a server initialises its own database; this only orders the
-    # experiment and parent-run lookups of one machine's workers).
-    path = sqlite_path(uri)
-    if path is not None:
-        return f"{path.expanduser()}.init.lock"
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"distillstudy-mlflow-{digest}.lock")
-
-
 def registry_lock(uri: str) -> str:
     """The lock file under which a machine's workers decide and make `<study>-best` versions (`registry.py`)."""
-    return _lock_path(uri).removesuffix(".init.lock").removesuffix(".lock") + ".registry.lock"
+    return str(lock_path(uri, "registry"))
 
 
 def locked_with_retry(uri: str, fn):
     """`fn()` under the store's file lock, tried again (with a short random wait) when it fails on the store: two
-    processes initialising one database, or a server that is still starting, succeed on a later attempt."""
-    lock = FileLock(_lock_path(uri), timeout=LOCK_TIMEOUT_S)
+    processes initialising one database, or a server that is still starting, succeed on a later attempt.
+
+    A SQLite store is locked beside its file (workers on one machine share it); any other store by a lock file named
+    after its URI in the temp folder (a server initialises its own database; this only orders the experiment and
+    parent-run lookups of one machine's workers)."""
+    lock = FileLock(lock_path(uri, "init"), timeout=LOCK_TIMEOUT_S)
     for attempt in range(OPEN_ATTEMPTS):
         try:
             with lock:

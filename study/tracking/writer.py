@@ -6,7 +6,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from models.errors import first_line
 
