@@ -302,8 +302,8 @@ def study_export(name, storage, fmt, out):
 @study.command("delete")
 @click.argument("name")
 @stored_option
-@click.confirmation_option(prompt="Delete this study, its confirmation study and their checkpoints (their MLflow runs stay)?",
-                           help="Delete without asking.")
+@click.confirmation_option(prompt="Delete this study, its confirmation study and their checkpoints (their MLflow "
+                                  "runs stay)?", help="Delete without asking.")
 def study_delete(name, storage):
     """Delete study NAME, its confirmation study NAME-confirm and their stage checkpoints (their MLflow runs
     stay)."""

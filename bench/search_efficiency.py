@@ -108,7 +108,8 @@ def simulate(task: str, label: str, seed: int) -> dict:
     space, replace_with = config.search, config.pipeline.replace_with
     study = optuna.create_study(direction="maximize", sampler=make(name, kwargs, seed, space))
     for b in BASELINES:
-        study.enqueue_trial(enqueue_params(baseline_choices(b, space), space, replace_with), user_attrs=baseline_attrs(b))
+        study.enqueue_trial(enqueue_params(baseline_choices(b, space), space, replace_with),
+                            user_attrs=baseline_attrs(b))
     running, told, seen = [], [], set()  # running: heap of (finish time, order, trial, value, key)
     sampled = parallel_dupes = revisits = 0
     clock, asked = 0.0, 0

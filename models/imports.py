@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 from .errors import UserError, first_line
 
-
 _allowed: frozenset[str] = frozenset()  # top-level packages `load_callable` may import
 
 

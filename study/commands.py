@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import optuna
@@ -201,7 +200,6 @@ def _closing(name: str, url: str, study: optuna.Study, config) -> str:
     except UserError as exc:
         lines.append(str(exc))
     from .tracking import tracking_uri
-
     from .tracking.view import experiment_url
     from .ui import runnable
 

@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from server_process import start_server, stop_server
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from mlflow_server import free_port
 from server_process import start_server, stop_server
 

@@ -11,10 +11,21 @@ import time
 
 import optuna
 import pytest
-
 from pg_server import own_postgres
-from test_cluster import (FINISHED, LONG, S, SLOW, TINY, create, running_trial, shared_cache, study_name,  # noqa: F401
-                          trials, wait_for, workers)
+from test_cluster import (  # noqa: F401
+    FINISHED,
+    LONG,
+    SLOW,
+    TINY,
+    S,
+    create,
+    running_trial,
+    shared_cache,
+    study_name,
+    trials,
+    wait_for,
+    workers,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -130,7 +141,7 @@ def test_a_paused_worker_whose_trial_was_reclaimed_goes_on(request, postgres_url
     assert "RUNNING" not in statuses.values(), statuses
 
 
-# ---- in-process: the retrying storage and the tracking store's retry, on the test's own PostgreSQL --------------------
+# ---- in-process: the retrying storage and the tracking store's retry, on the test's own PostgreSQL -------------------
 def _during_outage(postgres, call, seconds: float = 3):
     """`call()` on a thread while the server is down for `seconds`; its result. (The server is started on this,
     the main thread: it dies with the thread that started it, see tests/server_process.py.)"""

@@ -19,9 +19,9 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
+from mlflow_server import mlflow_server
 
 import cli
-from mlflow_server import mlflow_server
 from study.tracking.mlflow_model import _global_tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,8 +3,6 @@ without any training: real in-memory Optuna studies, real distributions, no mock
 
 from __future__ import annotations
 
-import dataclasses
-
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution

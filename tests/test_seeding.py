@@ -9,8 +9,7 @@ import time
 import torch
 
 from models import create_model, derive_seed, seeded_init
-from models.seeding import TORCH_STATE, GeneratorDropout, dropout_generator, exclusive_torch_state, \
-    torch_compute
+from models.seeding import TORCH_STATE, GeneratorDropout, dropout_generator, exclusive_torch_state, torch_compute
 
 
 def test_derive_seed_is_deterministic_and_separates_uses():

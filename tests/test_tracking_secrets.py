@@ -16,9 +16,9 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
+from mlflow_server import mlflow_server
 
 import cli
-from mlflow_server import mlflow_server
 from models.errors import UserError
 from study.tracking.access import PASSWORD, PG_PASSWORD, USERNAME, split_credentials
 

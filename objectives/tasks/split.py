@@ -67,7 +67,8 @@ def _check_splits(info: TaskInfo, domain: str, pool: DomainPool, splits, options
     if 0 < options.max_per_domain < size:
         size, capped = options.max_per_domain, f" after task.max_per_domain={options.max_per_domain}"
     which = f"{', '.join(empty[:-1])} and {empty[-1]} splits are" if len(empty) > 1 else f"{empty[0]} split is"
-    raise UserError(f"task '{info.name}': the {domain} {which} empty ({size} images in its pool{capped}); with task.val_fraction={options.val_fraction} and "
+    raise UserError(f"task '{info.name}': the {domain} {which} empty ({size} images in its pool{capped}); "
+                    f"with task.val_fraction={options.val_fraction} and "
                     f"task.test_fraction={options.test_fraction} each class needs at least {per_class} images, "
                     f"{per_class * num_classes} for {num_classes} classes")
 

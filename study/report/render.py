@@ -153,7 +153,8 @@ def _confirmation_table(data: dict) -> Table | None:
              f"95% interval (Student-t, clipped to [0, 1]): with that many seeds, the range the true mean most "
              f"likely lies in. The winner is the configuration with the best mean target val; it is then compared "
              f"with each baseline seed by seed on target test (the table below). The answer is highlighted. "
-             f"'delivered' counts what its runs delivered: 'distill 4, finetune 1' is four distilled models and one run whose fine-tuned "
+             f"'delivered' counts what its runs delivered: 'distill 4, finetune 1' is four distilled models and "
+             f"one run whose fine-tuned "
              f"stage scored best (no evidence about distillation).")
     table = Table("Verdict and confirmation", intro, ["configuration", "trial", "seeds", "target test",
                                                       "test 95% CI", "target val", "val 95% CI", "delivered"])

@@ -30,15 +30,15 @@ from models.errors import UserError, first_line
 from objectives.settings import TrialChoices
 from objectives.version import code_version
 
-from .mlflow_model import cpu_copy, log_pytorch_model
-from .view import SHARED_VIEW_TAG, shared_view
-from .writer import BackgroundWriter
 from ..config import Config
 from ..confirm import describe
 from ..record import TrialRecord
 from ..storage import mask_url
 from . import store, tracking_uri
 from .access import check_server
+from .mlflow_model import cpu_copy, log_pytorch_model
+from .view import SHARED_VIEW_TAG, shared_view
+from .writer import BackgroundWriter
 
 # Optuna state -> MLflow run status.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
