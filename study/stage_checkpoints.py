@@ -13,14 +13,12 @@ and is resumed only when it matches, so a checkpoint of another study, task, con
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import shutil
 from pathlib import Path
 
 import optuna
 
 from objectives.checkpoints import StageCheckpoints, checkpoint_identity, checkpoint_key
+from objectives.keys import stable_hash
 from objectives.settings import TrialChoices
 
 from . import compat
@@ -28,9 +26,10 @@ from .config import Config
 from .storage import mask_url, sqlite_path
 
 
-def checkpoint_root(config: Config) -> Path:
-    """`study.checkpoint_dir`, else `checkpoints` under `pipeline.cache_dir`."""
-    root = config.study.checkpoint_dir or str(Path(config.pipeline.cache_dir) / "checkpoints")
+def checkpoint_root(stored: dict) -> Path:
+    """`study.checkpoint_dir`, else `checkpoints` under `pipeline.cache_dir`, of a config as stored (a dict: read
+    without building the config, so deleting a study imports none of its user modules)."""
+    root = stored["study"].get("checkpoint_dir") or str(Path(stored["pipeline"]["cache_dir"]) / "checkpoints")
     return Path(root).expanduser()
 
 
@@ -48,22 +47,22 @@ def study_owner(study: optuna.Study, url: str) -> dict:
     return {"storage": storage_identity(url), "study_id": compat.study_id(study)}
 
 
-def study_folder(config: Config, study: optuna.Study, url: str) -> Path:
-    """The folder of every stage checkpoint of `study` (stored in `url`)."""
-    owner = json.dumps(study_owner(study, url), sort_keys=True)
-    return checkpoint_root(config) / f"{study.study_name}-{hashlib.sha256(owner.encode()).hexdigest()[:12]}"
+def study_folder(stored: dict, study: optuna.Study, url: str) -> Path:
+    """The folder of every stage checkpoint of `study` (stored in `url`; `stored`: the config as a dict)."""
+    return checkpoint_root(stored) / f"{study.study_name}-{stable_hash(study_owner(study, url), length=12)}"
 
 
 def trial_checkpoints(config: Config, study: optuna.Study, url: str, choices: TrialChoices, run_seed: int,
                       data_seed: int) -> StageCheckpoints:
     """The stage checkpoints of one trial's computation in `study`."""
     stored = study.user_attrs.get("config") or config.to_dict()  # the study's own, whatever a worker overrides
-    owner = {**study_owner(study, url), "task": dataclasses.asdict(config.task),
-             "config": hashlib.sha256(json.dumps(stored, sort_keys=True, default=str).encode()).hexdigest()[:16]}
+    owner = {**study_owner(study, url), "task": dataclasses.asdict(config.task), "config": stable_hash(stored)}
     identity = checkpoint_identity(owner, choices.flat(), run_seed, data_seed)
-    return StageCheckpoints(study_folder(config, study, url) / checkpoint_key(identity), identity)
+    root = config.to_dict()  # the checkpoint folder as this worker is told (a worker may override it)
+    return StageCheckpoints(study_folder(root, study, url) / checkpoint_key(identity), identity)
 
 
-def remove_study_checkpoints(config: Config, study: optuna.Study, url: str) -> None:
-    """Delete every stage checkpoint of `study` (when the study is deleted)."""
-    shutil.rmtree(study_folder(config, study, url), ignore_errors=True)
+def checkpoint_folder(study: optuna.Study, url: str) -> Path:
+    """The folder of every stage checkpoint of stored study `study`, found from its config as stored (`study
+    delete` removes it)."""
+    return study_folder(study.user_attrs["config"], study, url)

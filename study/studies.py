@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import time
 from datetime import datetime
 
@@ -241,19 +242,19 @@ def export_trials(name: str, url: str, fmt: str) -> str:
 
 def delete_study(name: str, url: str) -> list[str]:
     """Delete study `name` from the storage with its stage checkpoints, and its confirmation study (which belongs
-    to it) likewise: a study created later under the same name starts from nothing of this one's. Returns the
-    deleted studies' names."""
+    to it) likewise: a study created later under the same name starts from nothing of this one's. Its config is
+    read as stored, never built, so deleting imports no user module. Returns the deleted studies' names."""
     from .confirm import confirm_name, is_companion
-    from .stage_checkpoints import remove_study_checkpoints
+    from .stage_checkpoints import checkpoint_folder
 
-    study, config = load_study(name, url)
-    doomed = [(study, config)]
+    doomed = [_find_study(name, url)]
     companion = confirm_name(name)
     if companion in _names(storage_for(url, create=False)):
-        loaded = load_study(companion, url)
-        if is_companion(loaded[0]) and loaded[0].user_attrs.get("confirm_of") == name:
+        loaded = _find_study(companion, url)
+        if is_companion(loaded) and loaded.user_attrs.get("confirm_of") == name:
             doomed.append(loaded)
-    for each, each_config in reversed(doomed):  # the companion first: never a companion without its study
+    for each in reversed(doomed):  # the companion first: never a companion without its study
+        folder = checkpoint_folder(each, url)  # read before the study's record is gone
         optuna.delete_study(study_name=each.study_name, storage=storage_for(url))  # a writer: read-only is one line
-        remove_study_checkpoints(each_config, each, url)
-    return [each.study_name for each, _ in doomed]
+        shutil.rmtree(folder, ignore_errors=True)
+    return [each.study_name for each in doomed]

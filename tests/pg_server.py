@@ -17,6 +17,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,19 @@ def own_postgres():
         yield server
     finally:
         server.close()
+
+
+@contextlib.contextmanager
+def fresh_postgres_database(admin_url: str):
+    """A new, empty PostgreSQL database on the test server; yields its URL, drops it afterwards (MLflow keeps
+    pooled connections to it in this process: FORCE closes them)."""
+    import psycopg
+
+    name = f"distillstudy_reg_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -248,7 +248,8 @@ def test_nan_images_from_a_user_dataset_are_one_line(workdir, tmp_path_factory, 
     monkeypatch.syspath_prepend(str(folder))
     before = tree(workdir)
     result = CliRunner().invoke(main, ["trial", "run", "--config", QUICKSTART, "--set", f"task.name={module}:data",
-                                       "--set", "model.arch=digitnet", "--set", "pipeline.cache_dir=cache"],
+                                       "--set", "model.arch=digitnet", "--set", "pipeline.cache_dir=cache",
+                                       "--allow-import", module],
                                 catch_exceptions=False)
     sys.modules.pop(module, None)
     assert_one_error_line(result.exit_code, result.stdout, result.stderr,

@@ -11,7 +11,7 @@ import time
 
 import optuna
 import pytest
-from pg_server import own_postgres
+from pg_server import fresh_postgres_database, own_postgres
 from test_cluster import (  # noqa: F401
     FINISHED,
     LONG,
@@ -112,7 +112,15 @@ def test_a_database_down_past_the_retry_window_stops_the_worker_in_one_line(requ
 
 def test_a_paused_worker_whose_trial_was_reclaimed_goes_on(request, postgres_url, study_name, workers, tmp_path,
                                                            shared_cache):
-    uri, tracking = _tracked(tmp_path)
+    # MLflow on PostgreSQL: a worker stopped inside a write to a SQLite store would hold its file lock, and the
+    # other worker could not even open the store.
+    with fresh_postgres_database(postgres_url) as uri:
+        _paused_worker_goes_on(request, postgres_url, study_name, workers, tmp_path, shared_cache, uri)
+
+
+def _paused_worker_goes_on(request, postgres_url, study_name, workers, tmp_path, shared_cache, uri):
+    tracking = _tracked(tmp_path)[1]
+    tracking = [*tracking[:1], f"tracking.mlflow_uri={uri}", *tracking[2:]]
     sets = [*SLOW, "pipeline.distill_epochs=5", f"pipeline.cache_dir={shared_cache}", *tracking,
             "study.heartbeat_interval=1", "study.grace_period=3", "study.baselines=false"]
     create(request, study_name, postgres_url, sets, tmp_path)

@@ -46,7 +46,7 @@ def server(tmp_path_factory, mlflow_template):
     """`mlflow server` on a free loopback port, SQLite backend, artifacts proxied to a local folder. Yields
     (tracking URL, working folder); the whole process group is killed at the end."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    with mlflow_server(root, mlflow_template) as (url, _):
+    with mlflow_server(root, template=mlflow_template) as (url, _):
         yield url, root
 
 

@@ -36,7 +36,7 @@ def fake_run(curve):
     """A stand-in for `run_trial`: reports `curve(choices)` (one value per step of the recipe's stages, as the
     pipeline reports its target val acc) and returns a result delivering the last value; `curve` may raise."""
 
-    def run(task, model, pipeline, choices, report, on_epoch, checkpoints, run_seed):
+    def run(task, model, pipeline, choices, report, on_epoch, checkpoints, run_seed, data_seed):
         stages = plan_stages(pipeline, choices)
         values = curve(choices)
         for stage in stages:
@@ -59,7 +59,9 @@ def fake_run(curve):
 
 def study_with(tmp_path, *overrides):
     """A study created from the quickstart with `overrides`, loaded as a worker loads it (its sampler and pruner)."""
-    config = load_config(QUICKSTART, [*SETS, f"study.checkpoint_dir={tmp_path / 'ck'}", *overrides])
+    # recipe pinned to distill: every trial has the same stages, so the scripted curves fit each one.
+    config = load_config(QUICKSTART, [*SETS, "search.recipe=distill", f"study.checkpoint_dir={tmp_path / 'ck'}",
+                                      *overrides])
     url = f"sqlite:///{tmp_path / 's.db'}"
     create_study(config, "logic", url)
     return load_study("logic", url, with_heartbeat=True)

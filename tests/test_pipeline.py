@@ -296,7 +296,7 @@ def _not_a_state_dict(path: Path) -> None:
 @pytest.mark.parametrize("write,message", [
     (_malicious, "cannot be loaded safely"),
     (_custom_class, "cannot be loaded safely"),
-    (_random_bytes, "cannot be loaded safely"),
+    (_random_bytes, "not a torch checkpoint"),
     (_other_arch, "does not fit digitnet"),
     (_not_a_state_dict, "is not a state_dict"),
     (None, "not found"),

@@ -10,7 +10,6 @@ study's on purpose: a database registry store resolves `models:/<id>` through it
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
 from pathlib import Path
@@ -20,30 +19,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow_server import mlflow_server
+from pg_server import fresh_postgres_database
 
 import cli
-from study.tracking.mlflow_model import _global_tracking_uri
+from study.tracking.mlflow_model import global_tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["pipeline.device=cpu", "pipeline.cpu_threads=1", "pipeline.teacher_epochs=1", "pipeline.finetune_epochs=1",
         "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1", "task.max_per_domain=300", "study.baselines=false",
         "study.confirm.top=0", "study.pruner.name=none", "study.pruner.kwargs={}"]
-
-
-@contextlib.contextmanager
-def fresh_postgres_database(admin_url: str):
-    """A new, empty PostgreSQL database on the test server; yields its URL, drops it afterwards (MLflow keeps
-    pooled connections to it in this process: FORCE closes them)."""
-    import psycopg
-
-    name = f"distillstudy_reg_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "server"])
@@ -85,7 +69,7 @@ def test_best_model_is_registered_and_every_run_finishes(mlflow_store, tmp_path,
     assert (logged.source_run_id, logged.experiment_id) == (version.run_id, experiment.experiment_id)
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": f"{study}-best", "version": "1"}]
 
-    with _global_tracking_uri(mlflow_store):  # load_model, as a user would, reads the process-wide URI
+    with global_tracking_uri(mlflow_store):  # load_model, as a user would, reads the process-wide URI
         model = mlflow.pytorch.load_model(f"models:/{study}-best/latest")
     with torch.no_grad():
         logits = model(torch.rand(3, 1, 8, 8))

@@ -77,7 +77,7 @@ def test_a_new_study_named_like_a_deleted_one_on_another_task_trains_afresh(tmp_
     create(name, url, teacher_cache_dir, "digits-invert")
     old = interrupt_first_trial(name, url)
     old_study, old_config = load_study(name, url)
-    folder = study_folder(old_config, old_study, url)
+    folder = study_folder(old_config.to_dict(), old_study, url)
     assert folder.parent == Path(teacher_cache_dir) / "checkpoints"  # under the cache folder
     assert [p.name for p in folder.glob("*/state.pt")] == ["state.pt"], "the finetune stage was checkpointed"
     assert not (tmp_path / ".distillstudy").exists(), "nothing in the working directory"
@@ -85,7 +85,8 @@ def test_a_new_study_named_like_a_deleted_one_on_another_task_trains_afresh(tmp_
 
     create(name, url, teacher_cache_dir, "digits-permute")
     new_study, new_config = load_study(name, url)
-    assert study_folder(new_config, new_study, url) == folder  # same storage, same id: only the key tells them apart
+    # Same storage, same id: only the key tells them apart.
+    assert study_folder(new_config.to_dict(), new_study, url) == folder
     run = cli("study", "run", name, "--storage", url, "--n-trials", 1, "--quiet")
     assert run.exit_code == 0, run.output
     trial = optuna.load_study(study_name=name, storage=url).trials[0]
@@ -104,14 +105,14 @@ def test_study_delete_removes_its_checkpoints_and_its_confirmation_study(tmp_pat
     create(name, url, teacher_cache_dir, "digits-invert")
     interrupt_first_trial(name, url)
     study, config = load_study(name, url)
-    folder = study_folder(config, study, url)
+    folder = study_folder(config.to_dict(), study, url)
     assert list(folder.glob("*/state.pt"))
     # A confirmation study belongs to its study (a stand-in: the companion's attributes, no runs).
     companion = optuna.create_study(study_name=f"{name}-confirm", storage=url)
     companion.set_user_attr("config", study.user_attrs["config"])
     companion.set_user_attr("confirm_of", name)
-    (study_folder(config, companion, url) / "k").mkdir(parents=True)
-    companion_folder = study_folder(config, companion, url)
+    (study_folder(config.to_dict(), companion, url) / "k").mkdir(parents=True)
+    companion_folder = study_folder(config.to_dict(), companion, url)
 
     result = cli("study", "delete", name, "--storage", url, "--yes")
     assert result.exit_code == 0, result.output

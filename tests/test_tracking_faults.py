@@ -37,7 +37,7 @@ def server(tmp_path, mlflow_template):
     """A fresh `mlflow server` on a free loopback port (its own session, so the test can stop or kill it all)."""
     root = tmp_path / "server"
     root.mkdir()
-    with mlflow_server(root, mlflow_template) as (url, proc):
+    with mlflow_server(root, template=mlflow_template) as (url, proc):
         yield url, proc
 
 
