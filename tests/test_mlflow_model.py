@@ -20,6 +20,7 @@ from tiny import TINY, options
 
 import cli
 from models import create_model
+from study.tracking.mlflow_model import global_tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = options([*TINY, "study.baselines=false", "study.pruner.name=none", "study.pruner.kwargs={}"])
@@ -54,7 +55,8 @@ def test_registered_best_model_loads_in_a_new_process(tmp_path, monkeypatch, tea
     logged = client.get_logged_model(latest.source.removeprefix("models:/"))
     assert logged.source_run_id == latest.run_id
     assert logged.experiment_id == client.get_experiment_by_name("tiny").experiment_id
-    signature = mlflow.models.get_model_info(latest.source).signature
+    with global_tracking_uri(uri):  # `models:/<id>` resolves through the process-wide URI, which other tests move
+        signature = mlflow.models.get_model_info(latest.source).signature
     assert signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 1, 8, 8)
     assert signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 10)
     # The weights and the layer map stay artifacts of the trial's run.

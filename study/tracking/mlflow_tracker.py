@@ -274,7 +274,12 @@ class MlflowTracker:
                       f"({type(exc).__name__}: {first_line(exc, 200)})", file=sys.stderr, flush=True)
             return None
         with self._lock:
-            self._open_runs.add(run.info.run_id)
+            late = self.offline  # tracking stopped while this run was being created: its open runs were closed
+            if not late:
+                self._open_runs.add(run.info.run_id)
+        if late:
+            self._close_open_runs("tracking stopped while the run was being created", {run.info.run_id})
+            return None
         self._submit(self._log_params, run.info.run_id, trial_params(choices, rec.seed, trial.number, rec.data_seed))
         return run.info.run_id
 
