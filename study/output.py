@@ -124,7 +124,7 @@ def _confirmed_lines(data: dict, answer: dict) -> list[str]:
              + f", target val {c['target_val_mean']:.4f}, mean over the confirmation seeds",
              f"    verdict: {answer['text']}"]
     if data.get("best"):
-        lines += _trial_lines(data["best"], "  from search trial")
+        lines += _trial_lines(data["best"], "  from search")
     search = data.get("search_best")
     if search and (not data.get("best") or search["number"] != data["best"]["number"]):
         lines += _trial_lines(search, "search's best (not the answer):")[:1]
