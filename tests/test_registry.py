@@ -30,7 +30,7 @@ def store(tmp_path_factory) -> tuple[MlflowClient, str, list[str]]:
 
 def _register(store, name: str, run_id: str, value: float, maximize: bool = True):
     client, uri, _ = store
-    return register_search_best(client, uri, name, f"runs:/{run_id}/model", run_id, None, value, maximize,
+    return register_search_best(client, uri, name, run_id, None, value, maximize,
                                 {"optuna.study": "reg"})
 
 
@@ -55,8 +55,8 @@ def test_minimised_objectives_keep_the_smallest(store):
 def test_the_confirmed_answer_is_never_superseded_by_a_search_trial(store):
     client, uri, runs = store
     _register(store, "conf-best", runs[0], 0.6)
-    version = register_answer(client, uri, "conf-best", f"runs:/{runs[1]}/model", runs[1], None, {})
-    assert register_answer(client, uri, "conf-best", f"runs:/{runs[1]}/model", runs[1], None, {}) == version  # once
+    version = register_answer(client, uri, "conf-best", runs[1], None, {})
+    assert register_answer(client, uri, "conf-best", runs[1], None, {}) == version  # once
     assert _register(store, "conf-best", runs[2], 0.99) is None  # better on the search seed, but unconfirmed
     latest = max(client.search_model_versions("name='conf-best'"), key=lambda v: int(v.version))
     assert (latest.run_id, latest.tags["distillstudy.state"]) == (runs[1], "confirmed")
@@ -69,7 +69,7 @@ from study.tracking.registry import register_search_best
 uri, run_ids, values = sys.argv[1], sys.argv[2].split(","), [float(v) for v in sys.argv[3].split(",")]
 client = MlflowClient(uri)
 for run_id, value in zip(run_ids, values):
-    register_search_best(client, uri, "proc-best", f"runs:/{run_id}/model", run_id, None, value, True, {})
+    register_search_best(client, uri, "proc-best", run_id, None, value, True, {})
 """
 
 

@@ -36,9 +36,8 @@ def publish(study, config, summary: dict, answer: dict, seed: int) -> str:
     if not run_id or (model_id is None and config.tracking.log_weights == "none"):
         return (f"the answer is not registered: its confirmation run on seed {seed} logged no model "
                 f"(tracking.log_weights: {config.tracking.log_weights})")
-    source = f"models:/{model_id}" if model_id else f"{client.get_run(run_id).info.artifact_uri}/model"
     name = f"{study.study_name}-best"
-    version = register_answer(client, uri, name, source, run_id, model_id,
+    version = register_answer(client, uri, name, run_id, model_id,
                               {"optuna.study": study.study_name, "distillstudy.trial": str(answer["trial"]),
                                "distillstudy.answer_role": answer["role"], "distillstudy.seed": str(seed)})
     return f"registered the answer ({answer['role']}, seed {seed}) as models:/{name}/{version} (confirmed)"

@@ -498,10 +498,9 @@ class MlflowTracker:
 
         # The MLflow PyTorch model (`mlflow.pytorch.load_model("models:/<name>/latest")`); the weights folder
         # only when the model could not be exported.
-        source = f"models:/{model_id}" if model_id else f"{self.client.get_run(run_id).info.artifact_uri}/model"
         maximize = self.study.directions[0].name.lower() == "maximize"
         tags = {"optuna.study": self.study.study_name, "distillstudy.trial": str(self._trial_of(run_id))}
-        register_search_best(self.client, self.uri, f"{self.study.study_name}-best", source, run_id, model_id,
+        register_search_best(self.client, self.uri, f"{self.study.study_name}-best", run_id, model_id,
                              value, maximize, tags)
 
     def _trial_of(self, run_id: str) -> str:

@@ -41,7 +41,7 @@ def _ensure_model(client, name: str, description: str) -> None:
         pass  # already registered (by this worker or another): add a version
 
 
-def register_search_best(client, uri: str, name: str, source: str, run_id: str, model_id: str | None,
+def register_search_best(client, uri: str, name: str, run_id: str, model_id: str | None,
                          value: float, maximize: bool, tags: dict) -> str | None:
     """Register a search trial's model as a new `unconfirmed` version of `name` if the rule allows it (see the
     module docstring). Returns the version made, or None."""
@@ -54,7 +54,7 @@ def register_search_best(client, uri: str, name: str, source: str, run_id: str, 
             return None
         _ensure_model(client, name, "the distillstudy study's answer: the best search trial until the study is "
                                     "confirmed, then the confirmation's answer (tag distillstudy.state)")
-        made = _create_version(client, uri, name, source, run_id, model_id,
+        made = _create_version(client, uri, name, run_id, model_id,
                                {**tags, STATE: "unconfirmed", VALUE: repr(float(value))})
     # Another machine's worker may have decided at the same moment, outside this lock: the later loser goes.
     for v in _versions(client, name):
@@ -65,7 +65,7 @@ def register_search_best(client, uri: str, name: str, source: str, run_id: str, 
     return made.version
 
 
-def register_answer(client, uri: str, name: str, source: str, run_id: str, model_id: str | None,
+def register_answer(client, uri: str, name: str, run_id: str, model_id: str | None,
                     tags: dict) -> str:
     """Register the confirmation's answer as the `confirmed` version of `name` (once: registering the same run
     again returns its version). Returns the version."""
@@ -74,10 +74,10 @@ def register_answer(client, uri: str, name: str, source: str, run_id: str, model
             if v.tags.get(STATE) == "confirmed" and v.run_id == run_id:
                 return v.version
         _ensure_model(client, name, "the distillstudy study's answer (tag distillstudy.state)")
-        return _create_version(client, uri, name, source, run_id, model_id, {**tags, STATE: "confirmed"}).version
+        return _create_version(client, uri, name, run_id, model_id, {**tags, STATE: "confirmed"}).version
 
 
-def _create_version(client, uri: str, name: str, source: str, run_id: str, model_id: str | None, tags: dict):
+def _create_version(client, uri: str, name: str, run_id: str, model_id: str | None, tags: dict):
     # `register_version` points the process-wide tracking URI at this store for the call (a database registry
     # resolves a `models:/<id>` source through it) and lists the version on the logged model's page.
     return register_version(client, uri, name, run_id, model_id, tags)
