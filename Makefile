@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo ui test bench clean
 
+# Let Python cache bytecode. Some environments (this machine's among them) set PYTHONDONTWRITEBYTECODE=1, and the
+# install skips byte-compiling (--no-compile below), so every process -- each worker, `mlflow server`, CLI call and
+# test process -- would compile torch's and MLflow's sources again on import: about 3x the start-up of each.
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# --no-compile: byte-compiling torch's thousands of files is half the install time; Python compiles what it
