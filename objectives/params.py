@@ -41,6 +41,11 @@ def split_layers(flat: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return layers, {k: v for k, v in flat.items() if layer_group(k) is None}
 
 
+def recorded(choices: Mapping[str, Any], name: str) -> Any:
+    """A choice from a trial's flat choices, else its default value (a record may predate the choice)."""
+    return choices[name] if name in choices else PARAMS[name].scalar()
+
+
 def _layer_term_choices() -> list[str]:
     # The layer-term registry imports the settings, which import this table: it is read only when validating.
     return importlib.import_module("objectives.layer_terms").layer_term_choices()
@@ -56,12 +61,12 @@ def _always(choices: Mapping[str, Any], replace_with: str) -> bool:
 
 def _distills(choices: Mapping[str, Any], replace_with: str) -> bool:
     """The KD and distill-stage choices matter only to the distill recipe."""
-    return choices.get("recipe", PARAMS["recipe"].scalar()) == "distill"
+    return recorded(choices, "recipe") == "distill"
 
 
 def _has_kd(choices: Mapping[str, Any], replace_with: str) -> bool:
     """T only shapes the KD term, which alpha 0 switches off."""
-    return _distills(choices, replace_with) and choices.get("alpha", PARAMS["alpha"].scalar()) > 0
+    return _distills(choices, replace_with) and recorded(choices, "alpha") > 0
 
 
 def _has_layer_term(choices: Mapping[str, Any], replace_with: str) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import optuna
 
-from objectives.params import PARAMS, split_layers
+from objectives.params import PARAMS, recorded, split_layers
 from objectives.pipeline import TrialResult
 
 from .record import TrialRecord
@@ -29,7 +29,7 @@ def format_trial_line(trial: optuna.trial.FrozenTrial) -> str:
     extra = " ".join(f"{'T' if k == 'temperature' else k}={choices[k]:.3g}" for k in shown if k in choices)
     if PARAMS["beta"].is_active(choices) and choices.get("beta"):  # a layer term ran
         extra = f"{extra} {choices['layer_term']}*{choices['beta']:.2g}"
-    if choices.get("recipe", "distill") != "distill" and not r.baseline:
+    if recorded(choices, "recipe") != "distill" and not r.baseline:
         extra = f"recipe={choices['recipe']} {extra}"
     tag = f" [{r.baseline}]" if r.baseline else ""
     why = f"  ({r.failure})" if r.failure else ""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from objectives.params import PARAMS, split_layers
+from objectives.params import PARAMS, recorded, split_layers
 
 from .baselines import BASELINES
 
@@ -130,7 +130,7 @@ def describe(flat: dict) -> str:
     """`stem=finetune block1=replace ..., alpha 0.7, T 3.2` for a configuration's choices."""
     layers = " ".join(f"{g}={a}" for g, a in split_layers(flat)[0].items())
     parts = [layers]
-    if flat.get("recipe", "distill") != "distill":
+    if recorded(flat, "recipe") != "distill":
         parts.append(f"recipe {flat['recipe']}")
     elif PARAMS["temperature"].is_active(flat):  # T shown only where it shaped a KD term
         parts.append(f"alpha {flat['alpha']:.2g}, T {flat['temperature']:.2g}")
