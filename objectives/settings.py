@@ -100,7 +100,7 @@ class TrialChoices:
     """One trial's choices: what the study searches over (the config's `search` section, resolved)."""
 
     layers: dict[str, str]  # layer group -> freeze | finetune | replace | adapt
-    recipe: str = _searched("recipe")  # one of RECIPES
+    recipe: str = _searched("recipe")  # one of params.RECIPES
     temperature: float = _searched("temperature")
     alpha: float = _searched("alpha")  # weight of the KD term (1 - alpha on the label term); 0 = no KD, pool unused
     beta: float = _searched("beta")  # weight of the layer term
