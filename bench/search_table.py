@@ -22,6 +22,8 @@ from pathlib import Path
 
 import common
 
+from objectives.params import split_layers
+
 TASKS = ("digits-invert", "digits-permute")
 ACTIONS = ("freeze", "finetune", "replace")
 ALPHAS = (0.0, 0.5, 0.9)
@@ -90,8 +92,8 @@ def _conditions(task: str, quick: bool) -> dict:
         code.update(path.read_bytes())
     return {"task": task, "actions": ACTIONS, "alphas": ALPHAS, "lrs": LRS,
             "epochs": QUICK_EPOCHS if quick else EPOCHS, "max_per_domain": config.task.max_per_domain,
-            "defaults": {k: v for k, v in config.search.defaults().flat().items()
-                         if not k.startswith("layers.") and k not in ("alpha", "lr")},
+            "defaults": {k: v for k, v in split_layers(config.search.defaults().flat())[1].items()
+                         if k not in ("alpha", "lr")},
             "seed": config.pipeline.seed, "code": code.hexdigest()[:16]}
 
 

@@ -30,10 +30,9 @@ from models import GroupedModel, derive_seed, group_output_shapes, seeded_init
 from models.grouped import hook_group_outputs, in_prefixes
 from models.named import Registry
 
+from .params import NO_TERM
 from .settings import PipelineSettings
 from .train import DataSource, StepInfo
-
-NO_TERM = "none"  # search.layer_term / pipeline.layer_term: no layer term (beta is then not sampled)
 
 
 @dataclass

@@ -26,7 +26,8 @@ from models import GroupedModel, create_model, derive_seed
 
 from .checkpoints import StageCheckpoints
 from .device import place, resolve_device
-from .layer_terms import NO_TERM, LayerTermContext, LayerTermPlan, get_layer_term, layer_term_options
+from .layer_terms import LayerTermContext, LayerTermPlan, get_layer_term, layer_term_options
+from .params import NO_TERM
 from .replacements import get_replacement
 from .settings import ModelSettings, PipelineSettings, TrialChoices
 from .stages import Stage, check_stage_data, plan_stages, stage_sources

@@ -11,12 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-# adapt: the group frozen (teacher weights, BatchNorm statistics untouched) and a zero-initialised residual adapter
-# inserted after it and trained (`models.adapters`).
-ACTIONS = ("freeze", "finetune", "replace", "adapt")
-# distill: finetune -> distill -> born-again generations; finetune: one cross-entropy stage for the same epoch budget,
-# no teacher signal (the recipe of the finetune-all and head-only baselines).
-RECIPES = ("distill", "finetune")
+from .params import PARAMS, layer_param, split_layers
 
 
 def _choices(*values):
@@ -25,6 +20,11 @@ def _choices(*values):
 
 def _range(default, low, high):
     return field(default=default, metadata={"range": (low, high)})
+
+
+def _searched(name: str):
+    # A trial choice's default is its search parameter's (`objectives.params`), declared there only.
+    return field(default=PARAMS[name].scalar())
 
 
 def _registered(default: str, module: str, lister: str):
@@ -100,30 +100,30 @@ class TrialChoices:
     """One trial's choices: what the study searches over (the config's `search` section, resolved)."""
 
     layers: dict[str, str]  # layer group -> freeze | finetune | replace | adapt
-    recipe: str = "distill"  # one of RECIPES
-    temperature: float = 4.0
-    alpha: float = 0.5  # weight of the KD term (1 - alpha on the label term); 0 = no KD, unlabelled pool unused
-    beta: float = 0.0  # weight of the layer term
-    threshold: float = 0.95  # distillation stops once target validation accuracy reaches this
-    lr: float = 3e-3
-    source_weight: float = 0.5  # weight of the source data's loss terms (0 = target only)
-    generations: int = 1  # born-again generations (recipe finetune: only sets the epoch budget)
-    slim_width: float = 0.5  # width factor of slim replacements
+    recipe: str = _searched("recipe")  # one of params.RECIPES
+    temperature: float = _searched("temperature")
+    alpha: float = _searched("alpha")  # weight of the KD term (1 - alpha on the label term); 0 = no KD, pool unused
+    beta: float = _searched("beta")  # weight of the layer term
+    threshold: float = _searched("threshold")  # distillation stops once target validation accuracy reaches this
+    lr: float = _searched("lr")
+    source_weight: float = _searched("source_weight")  # weight of the source data's loss terms (0 = target only)
+    generations: int = _searched("generations")  # born-again generations (recipe finetune: only sets the budget)
+    slim_width: float = _searched("slim_width")  # width factor of slim replacements
     # beta's term: none | a registered layer term; '' = the pipeline's `layer_term` (run_trial resolves it).
-    layer_term: str = ""
-    adapter_rank: int = 8  # rank of the residual adapters of adapted groups (full 1x1 map from the width on)
-    augment: bool = False
+    layer_term: str = _searched("layer_term")
+    adapter_rank: int = _searched("adapter_rank")  # rank of adapted groups' residual adapters (full 1x1 from width on)
+    augment: bool = _searched("augment")
 
     def flat(self) -> dict:
         """Every choice under its one name, the search parameter's (`layers.<group>` for a layer group, else the
         field's name): the Optuna parameter, the MLflow param and the stored record use it, and `--set` takes it as
         `search.<name>`."""
-        out = {f"layers.{g}": a for g, a in self.layers.items()}
+        out = {layer_param(g): a for g, a in self.layers.items()}
         out.update({k: v for k, v in self.__dict__.items() if k != "layers"})
         return out
 
     @classmethod
     def from_flat(cls, flat: dict) -> TrialChoices:
         """The inverse of `flat`."""
-        layers = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("layers.")}
-        return cls(layers=layers, **{k: v for k, v in flat.items() if not k.startswith("layers.")})
+        layers, others = split_layers(flat)
+        return cls(layers=layers, **others)

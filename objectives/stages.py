@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from models import InvalidChoice
 
-from .layer_terms import NO_TERM, layer_term_options
+from .layer_terms import layer_term_options
+from .params import NO_TERM
 from .settings import PipelineSettings, TrialChoices
 from .tasks import TaskData
 from .train import DataSource

@@ -10,8 +10,8 @@ from models import GroupedModel, InvalidChoice, UserError, create_model, derive_
 from models.adapters import adapter_for, insert_adapter
 from models.errors import did_you_mean, first_line
 
+from .params import ACTIONS
 from .replacements import GroupToReplace, get_replacement
-from .settings import ACTIONS
 
 
 def check_layer_actions(group_names: list[str], layers: dict[str, str]) -> None:

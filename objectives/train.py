@@ -74,8 +74,10 @@ class StageSpec:
     lr: float
     frozen: set[str] = field(default_factory=set)  # groups kept in eval mode (BatchNorm statistics untouched)
     teacher: nn.Module | None = None  # None: plain cross-entropy (teacher and finetune stages)
-    alpha: float = 0.0
-    temperature: float = 1.0
+    # The KD term's weight and T, given with a teacher and read only then: the trial's choices, whose defaults live
+    # in `objectives.params` alone.
+    alpha: float | None = None
+    temperature: float | None = None
     beta: float = 0.0
     layer_term: Callable[[], torch.Tensor] | None = None  # beta's term (`objectives.layer_terms`), after forward
     on_step: Callable[[StepInfo], None] | None = None  # told each step's batch layout and progress, before forward
@@ -83,6 +85,10 @@ class StageSpec:
     augment: bool = False
     weight_decay: float = 0.0
     compile: bool = False  # torch.compile the training forward (CUDA only: on CPU compiling costs more than it saves)
+
+    def __post_init__(self):
+        if self.teacher is not None and (self.alpha is None or self.temperature is None):
+            raise ValueError(f"stage {self.name}: a teacher needs the KD term's alpha and temperature")
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from objectives.params import layer_param
 from objectives.settings import TrialChoices
 
 from .search import SearchSpace, active_params
@@ -39,7 +40,7 @@ def enqueue_params(choices: TrialChoices, space: SearchSpace, replace_with: str)
     params = {}
     for g, acts in space.group_actions().items():
         if len(acts) > 1 and choices.layers[g] in acts:
-            params[f"layers.{g}"] = choices.layers[g]
+            params[layer_param(g)] = choices.layers[g]
     active = set(active_params(space, replace_with, choices))
     for name, p in space.params.items():
         if name not in active:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import optuna
 
+from objectives.params import PARAMS, recorded, split_layers
 from objectives.pipeline import TrialResult
 
 from .record import TrialRecord
@@ -24,11 +25,11 @@ def format_trial_line(trial: optuna.trial.FrozenTrial) -> str:
         value = f"{trial.intermediate_values[last]:.4f}@{last}"
     choices = r.choices
     layers = " ".join(f"{g}={_SHORT.get(a, a)}" for g, a in r.layers.items())
-    shown = ["alpha", "temperature", "lr"] if choices.get("alpha") else ["alpha", "lr"]  # T matters only with KD
+    shown = ["alpha", "temperature", "lr"] if PARAMS["temperature"].is_active(choices) else ["alpha", "lr"]
     extra = " ".join(f"{'T' if k == 'temperature' else k}={choices[k]:.3g}" for k in shown if k in choices)
-    if choices.get("beta") and choices.get("layer_term", "none") != "none":  # a layer term ran
+    if PARAMS["beta"].is_active(choices) and choices.get("beta"):  # a layer term ran
         extra = f"{extra} {choices['layer_term']}*{choices['beta']:.2g}"
-    if choices.get("recipe", "distill") != "distill" and not r.baseline:
+    if recorded(choices, "recipe") != "distill" and not r.baseline:
         extra = f"recipe={choices['recipe']} {extra}"
     tag = f" [{r.baseline}]" if r.baseline else ""
     why = f"  ({r.failure})" if r.failure else ""
@@ -80,11 +81,11 @@ def format_status(data: dict) -> str:
 def _trial_lines(row: dict, label: str) -> list[str]:
     """A trial row of `study best`: what it delivered and its accuracies, layer actions, hyperparameters that
     mattered (no T with alpha 0, no unused slim width), size."""
-    layers = ", ".join(f"{k.split('.', 2)[2]}={v}" for k, v in row.items() if k.startswith("choice.layers."))
+    layers, others = split_layers({k.removeprefix("choice."): v for k, v in row.items() if k.startswith("choice.")})
     active = row.get("active")
-    hyper = ", ".join(f"{k.split('.', 1)[1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
-                      for k, v in row.items() if k.startswith("choice.") and not k.startswith("choice.layers.")
-                      and (active is None or k.split(".", 1)[1] in active))
+    hyper = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in others.items() if active is None or k in active)
+    layers = ", ".join(f"{g}={a}" for g, a in layers.items())
     stage = row.get("best_stage", "")
     acc = {k: row.get(f"{stage}.{k}") for k in ("source_val_acc", "target_val_acc", "target_test_acc")}
     accs = "  ".join(f"{k} {v:.4f}" for k, v in acc.items() if v is not None)

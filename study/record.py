@@ -26,6 +26,7 @@ from dataclasses import asdict
 
 import optuna
 
+from objectives.params import split_layers
 from objectives.pipeline import TrialResult
 from objectives.settings import TrialChoices
 
@@ -121,12 +122,12 @@ class TrialRecord:
     @property
     def layers(self) -> dict:
         """Layer group -> action."""
-        return {k.split(".", 1)[1]: v for k, v in self.choices.items() if k.startswith("layers.")}
+        return split_layers(self.choices)[0]
 
     @property
     def hyperparameters(self) -> dict:
         """Every choice but the layer actions."""
-        return {k: v for k, v in self.choices.items() if not k.startswith("layers.")}
+        return split_layers(self.choices)[1]
 
     def trial_choices(self) -> TrialChoices:
         """The choices the trial ran with, to run them again."""

@@ -1,4 +1,5 @@
-"""The search space, built in one place from the config's `search` section.
+"""The search space, built in one place from the config's `search` section and the parameter table
+(`objectives.params.PARAMS`: each choice's type, bounds, default search and activity rule).
 
 A value in `search` is a pin (scalar), a range (`{low, high, log?, step?, default?}`) or a categorical set (list).
 `search.layers.actions` is the set of actions sampled for every layer group that `search.layers.<group>` does not
@@ -15,51 +16,9 @@ from typing import Any
 
 from models import create_model
 from models.errors import UserError, did_you_mean
-from objectives.layer_terms import NO_TERM, layer_term_choices
-from objectives.replacements import get_replacement
-from objectives.settings import ACTIONS, RECIPES, TrialChoices
+from objectives.params import ACTIONS, PARAMS, ParamSpec, layer_param
+from objectives.settings import TrialChoices
 
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """A searchable choice: its type, the bounds any value must respect, and its default search."""
-
-    kind: type
-    low: float
-    high: float
-    default: Any
-    help: str
-    values: tuple | Callable[[], list] = ()  # the allowed values of a str choice (a function: a registry's names)
-
-    def allowed(self) -> list:
-        """The allowed values of a str choice, read now (a registry may have gained one)."""
-        return list(self.values() if callable(self.values) else self.values)
-
-
-# One line per parameter: type, hard bounds, default search. (Order = sampling order.)
-PARAMS: dict[str, ParamSpec] = {
-    # Both searched by default: the finetune-all and head-only baselines' recipe is a point the search can reach.
-    "recipe": ParamSpec(str, 0, 0, list(RECIPES), "distill (finetune, distill, born-again generations) or finetune "
-                        "(cross-entropy only, for the same epoch budget)", values=RECIPES),
-    "alpha": ParamSpec(float, 0.0, 1.0, {"low": 0.0, "high": 1.0, "default": 0.5}, "weight of the KD term"),
-    "temperature": ParamSpec(float, 0.05, 100.0, {"low": 1.0, "high": 8.0, "default": 4.0},
-                             "KD temperature T (sampled only when alpha > 0)"),
-    # Default: pipeline.layer_term, pinned (see parse_search).
-    "layer_term": ParamSpec(str, 0, 0, None, "beta's term: none, feature, params, dann or another registered one "
-                            "(sampled only for the distill recipe)", values=layer_term_choices),
-    "beta": ParamSpec(float, 0.0, 1000.0, {"low": 0.0, "high": 1.0, "default": 0.0},
-                      "weight of the layer term (sampled only when there is one)"),
-    "threshold": ParamSpec(float, 0.0, 1.0, {"low": 0.8, "high": 1.0, "default": 0.95},
-                           "a distill stage stops at this target validation accuracy"),
-    "lr": ParamSpec(float, 1e-7, 10.0, {"low": 3e-4, "high": 1e-2, "log": True, "default": 3e-3}, "learning rate"),
-    "source_weight": ParamSpec(float, 0.0, 100.0, [0.5, 0.0, 1.0], "weight of the source data's loss terms"),
-    "generations": ParamSpec(int, 0, 20, {"low": 0, "high": 2, "default": 1}, "born-again generations"),
-    "slim_width": ParamSpec(float, 0.01, 1.0, [0.5, 0.25],
-                            "width of slim replacements (sampled only when a group is replaced with slim)"),
-    "adapter_rank": ParamSpec(int, 1, 4096, [8, 2, 32], "rank of the residual adapters (sampled only when a group "
-                              "is adapted)"),
-    "augment": ParamSpec(bool, 0, 1, [False, True], "augment training batches"),
-}
 DEFAULT_ACTIONS = ["finetune", "freeze", "replace"]  # adapt is opt-in: search.layers.actions lists it
 
 
@@ -255,41 +214,28 @@ def _check_value(where: str, spec: ParamSpec, value):
 
 def suggest_choices(trial, space: SearchSpace, replace_with: str) -> TrialChoices:
     """Sample one trial's choices with `trial.suggest_*` (see `resolve_choices` for which are sampled when)."""
-    return resolve_choices(space, replace_with, lambda name: space.params[name].suggest(trial),
-                           lambda g, acts: trial.suggest_categorical(f"layers.{g}", acts) if len(acts) > 1 else acts[0])
+    def pick_layer(group: str, actions: list) -> str:
+        return trial.suggest_categorical(layer_param(group), actions) if len(actions) > 1 else actions[0]
+
+    return resolve_choices(space, replace_with, lambda name: space.params[name].suggest(trial), pick_layer)
 
 
 def resolve_choices(space: SearchSpace, replace_with: str, pick: Callable[[str], Any],
                     pick_layer: Callable[[str, list], str]) -> TrialChoices:
-    """One trial's choices, each parameter taken with `pick(name)` and each layer group's action with
-    `pick_layer(group, actions)` only when it matters (else its default): the KD and distill-stage choices
-    (alpha, temperature, layer term, beta, threshold, generations) only for the distill recipe, the temperature only
-    when alpha > 0, beta only when there is a layer term, the slim width only when some group is replaced with slim
-    replacements, the adapter rank only when some group is adapted. The finetune recipe has no teacher signal
-    (alpha 0, no layer term, beta 0) and trains the epoch budget of the default number of generations."""
-    p = space.params
-    recipe = pick("recipe")
-    layers = {g: pick_layer(g, acts) for g, acts in space.group_actions().items()}
-    distills = recipe == "distill"
-
-    def conditional(name: str, when: bool, otherwise=None):
-        return pick(name) if when else (p[name].default() if otherwise is None else otherwise)
-
-    alpha = conditional("alpha", distills, 0.0)
-    temperature = conditional("temperature", alpha > 0)
-    layer_term = conditional("layer_term", distills, NO_TERM)
-    beta = conditional("beta", distills and layer_term != NO_TERM, 0.0)
-    threshold = conditional("threshold", distills)
-    lr = pick("lr")
-    source_weight = pick("source_weight")
-    generations = conditional("generations", distills)
-    uses_slim = bool(replace_with) and get_replacement(replace_with).uses_slim_width
-    slim_width = conditional("slim_width", uses_slim and "replace" in layers.values())
-    adapter_rank = conditional("adapter_rank", "adapt" in layers.values())
-    augment = pick("augment")
-    return TrialChoices(layers=layers, recipe=recipe, temperature=temperature, alpha=alpha, beta=beta,
-                        threshold=threshold, lr=lr, source_weight=source_weight, generations=generations,
-                        slim_width=slim_width, layer_term=layer_term, adapter_rank=adapter_rank, augment=augment)
+    """One trial's choices, in the table's order (`objectives.params.PARAMS`, the layer actions right after the
+    recipe): each parameter taken with `pick(name)` and each layer group's action with `pick_layer(group, actions)`
+    only when its activity rule says it matters given the choices before it, else its inactive value (its
+    configured default unless the table names one). E.g. the KD and distill-stage choices only for the distill
+    recipe, the temperature only when alpha > 0, the adapter rank only when some group is adapted."""
+    taken: dict[str, Any] = {}
+    for name, spec in PARAMS.items():
+        if spec.is_active(taken, replace_with):
+            taken[name] = pick(name)
+        else:
+            taken[name] = space.params[name].default() if spec.inactive is None else spec.inactive
+        if name == "recipe":  # the order studies have always sampled in, so seeded studies replay the same trials
+            taken.update({layer_param(g): pick_layer(g, acts) for g, acts in space.group_actions().items()})
+    return TrialChoices.from_flat(taken)
 
 
 def applicable_choices(space: SearchSpace, replace_with: str, flat: dict) -> set[str]:
@@ -302,7 +248,7 @@ def applicable_choices(space: SearchSpace, replace_with: str, flat: dict) -> set
         picked.add(name)
         return flat.get(name, space.params[name].default())
 
-    resolve_choices(space, replace_with, pick, lambda g, acts: flat.get(f"layers.{g}", acts[0]))
+    resolve_choices(space, replace_with, pick, lambda g, acts: flat.get(layer_param(g), acts[0]))
     return picked
 
 
@@ -322,6 +268,6 @@ def active_params(space: SearchSpace, replace_with: str, choices: TrialChoices) 
 
 def grid_space(space: SearchSpace) -> dict[str, list]:
     """GridSampler's search_space: every Optuna parameter name with the values to visit."""
-    grid = {f"layers.{g}": acts for g, acts in space.group_actions().items() if len(acts) > 1}
+    grid = {layer_param(g): acts for g, acts in space.group_actions().items() if len(acts) > 1}
     grid.update({n: prm.grid() for n, prm in space.params.items() if prm.mode != "fixed"})
     return grid

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 
+from objectives.params import PARAMS, recorded, split_layers
+
 from .baselines import BASELINES
 
 LEVEL = 0.95
@@ -126,11 +128,11 @@ def _verb(result: str) -> str:
 
 def describe(flat: dict) -> str:
     """`stem=finetune block1=replace ..., alpha 0.7, T 3.2` for a configuration's choices."""
-    layers = " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in flat.items() if k.startswith("layers."))
+    layers = " ".join(f"{g}={a}" for g, a in split_layers(flat)[0].items())
     parts = [layers]
-    if flat.get("recipe", "distill") != "distill":
+    if recorded(flat, "recipe") != "distill":
         parts.append(f"recipe {flat['recipe']}")
-    elif flat.get("alpha", 0) > 0:
+    elif PARAMS["temperature"].is_active(flat):  # T shown only where it shaped a KD term
         parts.append(f"alpha {flat['alpha']:.2g}, T {flat['temperature']:.2g}")
     else:
         parts.append("alpha 0")

@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from objectives.settings import ACTIONS
+from objectives.params import ACTIONS
 
 from ..compat import distribution_contains
 from ..record import TrialRecord

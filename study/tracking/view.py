@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 
+from objectives.params import layer_param
+
 SHARE_KEY = "distillstudy"
 SHARED_VIEW_TAG = f"mlflow.sharedViewState.{SHARE_KEY}"
 # Opens MLflow 3's model-training view (runs, metrics, models) whatever the browser last chose.
@@ -29,7 +31,7 @@ def shared_view(config) -> str:
     the metric columns above and every layer-action and KD parameter the search samples."""
     from ..config import OBJECTIVES
 
-    params = [k for k in config.search.defaults().flat() if k.startswith("layers.")] + ["alpha", "temperature"]
+    params = [layer_param(g) for g in config.search.groups] + ["alpha", "temperature"]
     direction = OBJECTIVES.get(config.study.objective[0], "maximize")
     columns = [column("metrics", m) for m in METRIC_COLUMNS] + [column("params", p) for p in params]
     return json.dumps({
