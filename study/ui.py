@@ -93,8 +93,12 @@ def start_ui(uri: str, experiment: str, host: str, port: int, dashboard_storage:
         chatter = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # a captured stderr (Click's test runner) has no file
         chatter = None
+    # MLflow 3's job runner (huey consumers for GenAI evaluation jobs, each a process importing MLflow) serves nothing
+    # a runs table needs and slows the start; a user who wants it sets the variable to true.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+                                                                              "false")}
     proc = subprocess.Popen([mlflow, "ui", "--host", host, "--port", str(port), "--backend-store-uri", uri],
-                            stdout=chatter)
+                            stdout=chatter, env=env)
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     try:
         if not wait_until_answers(proc, base):

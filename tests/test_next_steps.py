@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -63,7 +64,8 @@ def test_the_commands_printed_after_a_study_run_as_printed(tmp_path, teacher_cac
         assert proc.returncode == 0, (executable, proc.stderr[-500:])
 
 
-def test_ui_prints_its_address_once_it_answers(tmp_path):
+def test_ui_prints_its_address_once_it_answers(tmp_path, mlflow_template):
+    shutil.copyfile(mlflow_template, tmp_path / "mlflow.db")  # a migrated store: the server starts without migrating
     port = free_port()
     env = {**os.environ, "PATH": BARE_PATH, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "ui", "--port", str(port)], cwd=tmp_path,
