@@ -14,6 +14,7 @@ import pydantic
 
 from models.errors import UserError, did_you_mean
 
+_UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden")
 # pydantic's error type for a wrong scalar -> the type named to the user
 _TYPE_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str",
                "dict_type": "dict", "list_type": "list"}
@@ -24,7 +25,9 @@ def validate(cls, data, path: str = ""):
     try:
         return _adapter(cls).validate_python(data)
     except pydantic.ValidationError as exc:
-        raise UserError(describe(cls, exc.errors()[0], path)) from None
+        # A misspelled key is the error to show, not the required key it leaves missing.
+        first = min(exc.errors(), key=lambda error: error["type"] not in _UNKNOWN_KEY)
+        raise UserError(describe(cls, first, path)) from None
 
 
 @functools.cache
@@ -36,7 +39,7 @@ def describe(cls, error: dict, path: str = "") -> str:
     """One line for one of pydantic's errors from validating `cls`: the key's full path, then what is wrong."""
     loc, kind, value = error["loc"], error["type"], error["input"]
     where = _join(path, loc) or "config"
-    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+    if kind in _UNKNOWN_KEY:
         keys = list(_fields(_owner(cls, loc[:-1])))
         return f"{where}: unknown key{did_you_mean(loc[-1], keys)}; valid keys: {', '.join(keys)}"
     if kind in _TYPE_NAMES:
@@ -72,6 +75,8 @@ def _owner(cls, loc: tuple):
 
 def _bounds(info) -> str:
     bounds = {name: getattr(m, name) for m in info.metadata for name in ("ge", "le", "gt", "lt") if hasattr(m, name)}
-    if "gt" in bounds:  # both ends excluded (fractions that may be neither 0 nor 1)
+    if "gt" in bounds and "lt" in bounds:  # both ends excluded (fractions that may be neither 0 nor 1)
         return f"({bounds['gt']:g}, {bounds['lt']:g}): both ends excluded"
+    if "gt" in bounds:  # a step or a scale: above 0
+        return f"({bounds['gt']:g}, inf)"
     return f"[{bounds['ge']}, {bounds['le']}]"
