@@ -1,5 +1,6 @@
 """The study config: one YAML file with sections task, model, pipeline, search, study and tracking, loaded into
-typed, validated objects. Every error names the key's full path; a misspelled key gets the closest valid one.
+typed, validated objects (pydantic dataclasses: each section's class declares its keys' types, ranges and choices).
+Every error is one line naming the key's full path (`study.validation`); a misspelled key gets the closest valid one.
 `--set a.b.c=value` overrides any key before validation (the value is parsed as YAML).
 """
 
@@ -60,6 +61,8 @@ _Loader.add_implicit_resolver(
 def parse_yaml(text: str):
     """yaml.safe_load with YAML 1.2 floats (`1e-3`)."""
     return yaml.load(text, Loader=_Loader)
+
+
 # Each objective a study can optimise, with its direction.
 OBJECTIVES = {"target_val_acc": "maximize", "source_val_acc": "maximize", "student_params": "minimize",
               "epochs_to_threshold": "minimize"}
@@ -247,7 +250,7 @@ def config_from_dict(raw: dict) -> Config:
         raise UserError("study.objective: give at least one objective")
     _check_names(cfg)
     _check_task(cfg.task)
-    cfg.search = parse_search(raw.get("search"), cfg)
+    cfg.search = parse_search(sections.search, cfg)
     if cfg.pipeline.dann_group and cfg.pipeline.dann_group not in cfg.search.groups:
         raise UserError(f"pipeline.dann_group: unknown layer group '{cfg.pipeline.dann_group}'"
                         f"{did_you_mean(cfg.pipeline.dann_group, cfg.search.groups)} of {cfg.model.arch}; groups: "
