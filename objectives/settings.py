@@ -1,25 +1,20 @@
 """The pipeline's typed settings: fixed ones (`ModelSettings`, `PipelineSettings`) and a trial's choices
 (`TrialChoices`). The study layer fills these from the YAML config; the pipeline only reads them.
 
-Field metadata drives validation in `study.config`: `choices` (allowed values) and `range` (inclusive bounds).
-The `choices` of a registry-backed key (`pipeline.layer_term`, `pipeline.replace_with`) is a function returning its
-registry's names when called, so a newly registered name is valid with no edit here.
+The config's sections validate themselves (pydantic, see `objectives.fields`): types, ranges, fixed choices
+(`Literal`) and registry-backed ones (`pipeline.layer_term`, `pipeline.replace_with`, whose names are read from the
+registry when a value is checked, so a newly registered name is valid with no edit here).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
+import pydantic
+
+from .fields import NONE_IS_EMPTY, SETTINGS, Bool, Float, Int, Mapping, Text, in_range, registered
 from .params import PARAMS, layer_param, split_layers
-
-
-def _choices(*values):
-    return field(default=values[0], metadata={"choices": values})
-
-
-def _range(default, low, high):
-    return field(default=default, metadata={"range": (low, high)})
 
 
 def _searched(name: str):
@@ -27,72 +22,65 @@ def _searched(name: str):
     return field(default=PARAMS[name].scalar())
 
 
-def _registered(default: str, module: str, lister: str):
-    # `choices` as a function: the registry's names at the moment of validation (its module imports this one, so
-    # it is imported only then).
-    return field(default=default,
-                 metadata={"choices": lambda: getattr(importlib.import_module(module), lister)()})
-
-
-@dataclass
+@pydantic.dataclasses.dataclass(config=SETTINGS)
 class ModelSettings:
     """The config's `model` section."""
 
     # A registered name, torchvision:NAME, timm:NAME or package.module:function (`models.external`).
-    arch: str = "digitnet"
-    width: float = _range(1.0, 0.05, 16.0)  # hidden-width factor of the teacher (and so of the student)
-    teacher: str = _choices("train", "checkpoint", "pretrained")  # where the teacher comes from
-    checkpoint: str = ""  # teacher state_dict file when teacher: checkpoint
-    donor_arch: str = ""  # replace_with: donor takes groups from this model, trained on the source ('' = arch)
-    donor_width: float = _range(2.0, 0.05, 16.0)  # hidden-width factor of the donor (wider = more accurate)
+    arch: Text = "digitnet"
+    width: Float = in_range(1.0, 0.05, 16.0)  # hidden-width factor of the teacher (and so of the student)
+    teacher: Literal["train", "checkpoint", "pretrained"] = "train"  # where the teacher comes from
+    checkpoint: Text = ""  # teacher state_dict file when teacher: checkpoint
+    donor_arch: Text = ""  # replace_with: donor takes groups from this model, trained on the source ('' = arch)
+    donor_width: Float = in_range(2.0, 0.05, 16.0)  # hidden-width factor of the donor (wider = more accurate)
     # Layer group -> module-name prefixes, input to output ({} = the architecture's default grouping).
-    groups: dict = field(default_factory=dict)
+    groups: Mapping = field(default_factory=dict)
 
 
-@dataclass
+@pydantic.dataclasses.dataclass(config=SETTINGS)
 class AugmentSettings:
     """Batch-level tensor augmentation, applied to training batches when the trial's `augment` is true."""
 
-    translate: float = _range(0.125, 0.0, 0.5)  # max shift, as a fraction of the image side
-    flip: bool = True  # horizontal flips, only for tasks whose labels survive them
-    brightness: float = _range(0.2, 0.0, 1.0)  # max additive brightness change
-    contrast: float = _range(0.2, 0.0, 1.0)  # max relative contrast change
-    noise: float = _range(0.03, 0.0, 1.0)  # std of additive Gaussian noise
+    translate: Float = in_range(0.125, 0.0, 0.5)  # max shift, as a fraction of the image side
+    flip: Bool = True  # horizontal flips, only for tasks whose labels survive them
+    brightness: Float = in_range(0.2, 0.0, 1.0)  # max additive brightness change
+    contrast: Float = in_range(0.2, 0.0, 1.0)  # max relative contrast change
+    noise: Float = in_range(0.03, 0.0, 1.0)  # std of additive Gaussian noise
 
 
-@dataclass
+@pydantic.dataclasses.dataclass(config=SETTINGS)
 class PipelineSettings:
     """The config's `pipeline` section: everything fixed for all trials of a study."""
 
-    seed: int = _range(0, 0, 2**31 - 1)  # drives data splits, init and batch order
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = _range(64, 1, 65536)
-    teacher_epochs: int = _range(15, 0, 10000)
-    teacher_lr: float = _range(3e-3, 1e-7, 10.0)
-    finetune_epochs: int = _range(4, 0, 10000)
-    distill_epochs: int = _range(8, 0, 10000)
-    retrain_epochs: int = _range(4, 0, 10000)  # per generation
+    seed: Int = in_range(0, 0, 2**31 - 1)  # drives data splits, init and batch order
+    device: Text = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: Int = in_range(64, 1, 65536)
+    teacher_epochs: Int = in_range(15, 0, 10000)
+    teacher_lr: Float = in_range(3e-3, 1e-7, 10.0)
+    finetune_epochs: Int = in_range(4, 0, 10000)
+    distill_epochs: Int = in_range(8, 0, 10000)
+    retrain_epochs: Int = in_range(4, 0, 10000)  # per generation
     # Where a replaced group's module comes from: reinit | slim | donor (`objectives.replacements`).
-    replace_with: str = _registered("reinit", "objectives.replacements", "list_replacements")
+    replace_with: Annotated[Text, registered("objectives.replacements", "list_replacements")] = "reinit"
     # beta's term when `search.layer_term` is not given (its default; kept so older configs run unchanged): none |
     # feature MSE | params, L2-SP to the source weights | dann, domain-adversarial (`objectives.layer_terms`).
-    layer_term: str = _registered("feature", "objectives.layer_terms", "layer_term_choices")
+    layer_term: Annotated[Text, registered("objectives.layer_terms", "layer_term_choices")] = "feature"
     # The group whose output the dann term's domain classifier reads ('' = the last group before the head).
-    dann_group: str = ""
-    retrain_on: str = _choices("both", "source", "target")
-    distill_teacher: str = _choices("best", "source")  # distill's teacher: better of teacher/finetune, or the source
+    dann_group: Text = ""
+    retrain_on: Literal["both", "source", "target"] = "both"
+    distill_teacher: Literal["best", "source"] = "best"  # distill's teacher: better of teacher/finetune, or the source
     # The model a trial delivers (and every figure it reports): the student stage with the best target validation
     # accuracy (like early stopping; first of equals) or the last student stage. The teacher is never delivered.
-    select: str = _choices("best", "last")
-    weight_decay: float = _range(0.0, 0.0, 1.0)
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
-    cache_dir: str = ".distillstudy/cache"  # teacher/donor cache (a shared directory for cluster workers)
-    cpu_threads: int = _range(1, 0, 1024)  # torch threads on CPU; small models run fastest on one (0 = torch's)
-    compile: bool = False  # torch.compile the student (CUDA only; ignored on CPU)
-    eval_batch_size: int = _range(1024, 1, 1 << 20)
+    select: Literal["best", "last"] = "best"
+    weight_decay: Float = in_range(0.0, 0.0, 1.0)
+    augment: Annotated[AugmentSettings, NONE_IS_EMPTY] = field(default_factory=AugmentSettings)
+    cache_dir: Text = ".distillstudy/cache"  # teacher/donor cache (a shared directory for cluster workers)
+    cpu_threads: Int = in_range(1, 0, 1024)  # torch threads on CPU; small models run fastest on one (0 = torch's)
+    compile: Bool = False  # torch.compile the student (CUDA only; ignored on CPU)
+    eval_batch_size: Int = in_range(1024, 1, 1 << 20)
     # DataLoader worker processes decoding imagefolder images (0 = decode in the trial's process); in-memory tasks
     # never use them. Results do not depend on it: the batch order is seeded independently of the workers.
-    num_workers: int = _range(2, 0, 64)
+    num_workers: Int = in_range(2, 0, 64)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The study config: one YAML file with sections task, model, pipeline, search, study and tracking, loaded into
-typed, validated objects. Every error names the key's full path; a misspelled key gets the closest valid one.
+typed, validated objects (pydantic dataclasses: each section's class declares its keys' types, ranges and choices).
+Every error is one line naming the key's full path (`study.validation`); a misspelled key gets the closest valid one.
 `--set a.b.c=value` overrides any key before validation (the value is parsed as YAML).
 """
 
@@ -10,18 +11,21 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
+import pydantic
 import yaml
+from pydantic import BeforeValidator, Strict
 
 from models.errors import UserError, did_you_mean
+from objectives.fields import NONE_IS_EMPTY, SETTINGS, Bool, Int, Mapping, Text, in_range
 from objectives.settings import ModelSettings, PipelineSettings
 from objectives.tasks import TaskOptions
 
 from .names import check_study_name
 from .search import SearchSpace, parse_search
 from .storage import DEFAULT_STORAGE
-
-SECTIONS = ("task", "model", "pipeline", "search", "study", "tracking")
+from .validation import validate
 
 
 class _Loader(yaml.SafeLoader):
@@ -57,74 +61,95 @@ _Loader.add_implicit_resolver(
 def parse_yaml(text: str):
     """yaml.safe_load with YAML 1.2 floats (`1e-3`)."""
     return yaml.load(text, Loader=_Loader)
+
+
 # Each objective a study can optimise, with its direction.
 OBJECTIVES = {"target_val_acc": "maximize", "source_val_acc": "maximize", "student_params": "minimize",
               "epochs_to_threshold": "minimize"}
+# A single objective may be written without brackets (its names are checked in config_from_dict).
+Objectives = Annotated[list[Text], BeforeValidator(lambda value: [value] if isinstance(value, str) else value),
+                       Strict()]
 
 
-@dataclass
+@pydantic.dataclasses.dataclass(config=SETTINGS)
 class SamplerSettings:
     """`study.sampler`: an Optuna sampler by name, with keyword arguments."""
 
-    name: str = "auto"  # auto = tpe for one objective, nsga2 for several
-    seed: int = 0
-    kwargs: dict = field(default_factory=dict)
+    name: Text = "auto"  # auto = tpe for one objective, nsga2 for several
+    seed: Int = 0
+    kwargs: Mapping = field(default_factory=dict)
 
 
-@dataclass
+@pydantic.dataclasses.dataclass(config=SETTINGS)
 class PrunerSettings:
     """`study.pruner`: an Optuna pruner by name, with keyword arguments, optionally wrapped by PatientPruner."""
 
-    name: str = "median"
-    kwargs: dict = field(default_factory=dict)
-    patience: int = -1  # >= 0 wraps the pruner in PatientPruner(patience=...)
+    name: Text = "median"
+    kwargs: Mapping = field(default_factory=dict)
+    patience: Int = -1  # >= 0 wraps the pruner in PatientPruner(patience=...)
     # The pruner is asked only after this many epochs of each stage, and at each stage's last step (see
     # study.pruning); 0 = after every epoch.
-    stage_warmup: int = field(default=0, metadata={"range": (0, 10**6)})
+    stage_warmup: Int = in_range(0, 0, 10**6)
 
 
-@dataclass
+@pydantic.dataclasses.dataclass(config=SETTINGS)
 class ConfirmSettings:
     """`study.confirm`: once the study is at its total, re-run its top configurations and the baselines on fresh
     seeds (see study.confirm)."""
 
-    top: int = field(default=3, metadata={"range": (0, 100)})  # distinct top configurations; 0 = no confirmation
-    seeds: int = field(default=5, metadata={"range": (2, 1000)})  # fresh run seeds each (an interval needs two)
+    top: Int = in_range(3, 0, 100)  # distinct top configurations; 0 = no confirmation
+    seeds: Int = in_range(5, 2, 1000)  # fresh run seeds each (an interval needs two)
     # splits: each seed also draws its own train/val/test split and trains its own teacher on that split's source
     # (the verdict then speaks about unseen data); none: every seed keeps the study's split and teacher (cheaper).
-    resample: str = field(default="splits", metadata={"choices": ("splits", "none")})
+    resample: Literal["splits", "none"] = "splits"
 
 
-@dataclass
+@pydantic.dataclasses.dataclass(config=SETTINGS)
 class StudySettings:
     """The config's `study` section."""
 
-    name: str = "quickstart"
-    storage: str = DEFAULT_STORAGE  # any Optuna URL, or journal:PATH; DISTILLSTUDY_STORAGE overrides
-    objective: list = field(default_factory=lambda: ["target_val_acc"])
-    sampler: SamplerSettings = field(default_factory=SamplerSettings)
-    pruner: PrunerSettings = field(default_factory=PrunerSettings)
-    n_trials: int = field(default=20, metadata={"range": (1, 10**7)})  # total finished trials of the study
-    baselines: bool = True  # enqueue the standard baselines when the study is created
-    heartbeat_interval: int = field(default=20, metadata={"range": (1, 86400)})  # seconds, RDB storages only
-    grace_period: int = field(default=60, metadata={"range": (2, 86400)})  # a silent RUNNING trial is stale after
-    max_retry: int = field(default=2, metadata={"range": (0, 100)})  # re-runs of a trial whose worker died
+    name: Text = "quickstart"
+    storage: Text = DEFAULT_STORAGE  # any Optuna URL, or journal:PATH; DISTILLSTUDY_STORAGE overrides
+    objective: Objectives = field(default_factory=lambda: ["target_val_acc"])
+    sampler: Annotated[SamplerSettings, NONE_IS_EMPTY] = field(default_factory=SamplerSettings)
+    pruner: Annotated[PrunerSettings, NONE_IS_EMPTY] = field(default_factory=PrunerSettings)
+    n_trials: Int = in_range(20, 1, 10**7)  # total finished trials of the study
+    baselines: Bool = True  # enqueue the standard baselines when the study is created
+    heartbeat_interval: Int = in_range(20, 1, 86400)  # seconds, RDB storages only
+    grace_period: Int = in_range(60, 2, 86400)  # a silent RUNNING trial is stale after
+    max_retry: Int = in_range(2, 0, 100)  # re-runs of a trial whose worker died
     # seconds a worker waits out an unreachable database server (a restart) before it stops; server storages only
-    storage_retry: int = field(default=60, metadata={"range": (0, 86400)})
+    storage_retry: Int = in_range(60, 0, 86400)
     # Per-stage checkpoints for retried trials (a shared FS for a cluster); '' = `checkpoints` under pipeline.cache_dir.
-    checkpoint_dir: str = ""
-    confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
+    checkpoint_dir: Text = ""
+    confirm: Annotated[ConfirmSettings, NONE_IS_EMPTY] = field(default_factory=ConfirmSettings)
 
 
-@dataclass
+@pydantic.dataclasses.dataclass(config=SETTINGS)
 class TrackingSettings:
     """The config's `tracking` section (MLflow)."""
 
-    enabled: bool = True
-    mlflow_uri: str = ""  # '' = MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment: str = ""  # '' = the study's name
-    log_weights: str = field(default="all", metadata={"choices": ("all", "best", "none")})
-    register_best: bool = True  # register the best trial's model as '<study>-best'
+    enabled: Bool = True
+    mlflow_uri: Text = ""  # '' = MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: Text = ""  # '' = the study's name
+    log_weights: Literal["all", "best", "none"] = "all"
+    register_best: Bool = True  # register the best trial's model as '<study>-best'
+
+
+@pydantic.dataclasses.dataclass(config=SETTINGS)
+class _Sections:
+    """The config file's sections, validated in one go so every error carries its key's full path (`search` has
+    its own checks: its keys depend on the parameter table and the model's layer groups)."""
+
+    task: Annotated[TaskOptions, NONE_IS_EMPTY] = field(default_factory=TaskOptions)
+    model: Annotated[ModelSettings, NONE_IS_EMPTY] = field(default_factory=ModelSettings)
+    pipeline: Annotated[PipelineSettings, NONE_IS_EMPTY] = field(default_factory=PipelineSettings)
+    search: Any = None
+    study: Annotated[StudySettings, NONE_IS_EMPTY] = field(default_factory=StudySettings)
+    tracking: Annotated[TrackingSettings, NONE_IS_EMPTY] = field(default_factory=TrackingSettings)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(_Sections))
 
 
 @dataclass
@@ -214,17 +239,9 @@ def apply_override(raw: dict, item: str) -> None:
 
 def config_from_dict(raw: dict) -> Config:
     """Validate plain data into a Config (unknown keys, types and ranges checked, with full key paths)."""
-    _check_keys(raw, SECTIONS, "")
-    cfg = Config(
-        task=build_dataclass(TaskOptions, raw.get("task") or {}, "task"),
-        model=build_dataclass(ModelSettings, raw.get("model") or {}, "model"),
-        pipeline=build_dataclass(PipelineSettings, raw.get("pipeline") or {}, "pipeline"),
-        search=SearchSpace(),
-        study=build_dataclass(StudySettings, raw.get("study") or {}, "study"),
-        tracking=build_dataclass(TrackingSettings, raw.get("tracking") or {}, "tracking"),
-    )
-    if isinstance(cfg.study.objective, str):
-        cfg.study.objective = [cfg.study.objective]
+    sections = validate(_Sections, raw)
+    cfg = Config(task=sections.task, model=sections.model, pipeline=sections.pipeline, search=SearchSpace(),
+                 study=sections.study, tracking=sections.tracking)
     for i, name in enumerate(cfg.study.objective):
         if name not in OBJECTIVES:
             raise UserError(f"study.objective[{i}]: unknown objective '{name}'{did_you_mean(name, OBJECTIVES)}; "
@@ -233,7 +250,7 @@ def config_from_dict(raw: dict) -> Config:
         raise UserError("study.objective: give at least one objective")
     _check_names(cfg)
     _check_task(cfg.task)
-    cfg.search = parse_search(raw.get("search"), cfg)
+    cfg.search = parse_search(sections.search, cfg)
     if cfg.pipeline.dann_group and cfg.pipeline.dann_group not in cfg.search.groups:
         raise UserError(f"pipeline.dann_group: unknown layer group '{cfg.pipeline.dann_group}'"
                         f"{did_you_mean(cfg.pipeline.dann_group, cfg.search.groups)} of {cfg.model.arch}; groups: "
@@ -275,69 +292,3 @@ def _check_task(task: TaskOptions) -> None:
             if not getattr(task, key).strip():
                 raise UserError(f"task.{key}: required by task imagefolder (a folder with one subfolder per class)")
 
-
-def _check_keys(data, allowed, path: str) -> None:
-    if not isinstance(data, dict):
-        raise UserError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
-    for key in data:
-        if key not in allowed:
-            where = f"{path}.{key}" if path else str(key)
-            raise UserError(f"{where}: unknown key{did_you_mean(key, allowed)}; valid keys: {', '.join(allowed)}")
-
-
-def build_dataclass(cls, data, path: str):
-    """Build dataclass `cls` from `data`, checking keys, types, `choices` and `range` field metadata."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(data, fields, path)
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in data.items():
-        f, where = fields[name], f"{path}.{name}"
-        values[name] = _coerce(hints[name], value, where)
-        choices = f.metadata.get("choices")
-        choices = choices() if callable(choices) else choices  # a registry's names, read now
-        if choices is not None and values[name] not in choices:
-            raise UserError(f"{where}: '{value}' is not one of {', '.join(map(str, choices))}"
-                            f"{did_you_mean(value, choices)}")
-        if "range" in f.metadata:
-            low, high = f.metadata["range"]
-            if f.metadata.get("open"):  # both ends excluded
-                if not low < values[name] < high:
-                    raise UserError(f"{where}: {value} is out of range ({low:g}, {high:g}): both ends excluded")
-            elif not low <= values[name] <= high:
-                raise UserError(f"{where}: {value} is out of range [{low}, {high}]")
-    return cls(**values)
-
-
-def _coerce(hint, value, where: str):
-    if dataclasses.is_dataclass(hint):
-        return build_dataclass(hint, value if value is not None else {}, where)
-    origin = typing.get_origin(hint) or hint
-    if origin is bool:
-        if isinstance(value, bool):
-            return value
-    elif origin is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif origin is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif origin is str:
-        if isinstance(value, str):
-            return value
-        if value is None:
-            return ""
-    elif origin is list:
-        if isinstance(value, list):
-            return value
-        if isinstance(value, str):  # a single objective may be written without brackets
-            return [value]
-    elif origin is dict:
-        if isinstance(value, dict):
-            return value
-        if value is None:
-            return {}
-    else:
-        return value
-    raise UserError(f"{where}: expected {getattr(origin, '__name__', origin)}, got {type(value).__name__} "
-                    f"({value!r})")

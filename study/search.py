@@ -12,12 +12,18 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import Field
 
 from models import create_model
 from models.errors import UserError, did_you_mean
+from objectives.fields import SETTINGS, Bool, Float
 from objectives.params import ACTIONS, PARAMS, ParamSpec, layer_param
 from objectives.settings import TrialChoices
+
+from .validation import validate
 
 DEFAULT_ACTIONS = ["finetune", "freeze", "replace"]  # adapt is opt-in: search.layers.actions lists it
 
@@ -151,6 +157,18 @@ def _check_layer_term_keys(param: Param, pipeline_term: str) -> None:
                         f"pipeline.layer_term, which is only its default)")
 
 
+@pydantic.dataclasses.dataclass(config=SETTINGS)
+class RangeSpec:
+    """A range's keys in `search` (`{low, high, log?, step?, default?}`); its values are checked against the
+    parameter's bounds by `_check_value`."""
+
+    low: Any = None
+    high: Any = None
+    log: Bool = False  # sample on a log scale (needs low > 0)
+    step: Annotated[Float | None, Field(gt=0)] = None  # None = continuous
+    default: Any = None  # what `trial run` takes (None = low)
+
+
 def _parse_param(name: str, spec: ParamSpec, value) -> Param:
     where = f"search.{name}"
     if isinstance(value, list):
@@ -158,37 +176,31 @@ def _parse_param(name: str, spec: ParamSpec, value) -> Param:
             raise UserError(f"{where}: empty list")
         return Param(name, "categorical", choices=[_check_value(where, spec, v) for v in value])
     if isinstance(value, dict):
-        allowed = ("low", "high", "log", "step", "default")
-        for key in value:
-            if key not in allowed:
-                raise UserError(f"{where}.{key}: unknown key{did_you_mean(key, allowed)}; "
-                                f"a range takes {', '.join(allowed)}")
-        if spec.kind is bool:
-            raise UserError(f"{where}: a yes/no choice takes true, false or [false, true], not a range")
-        if spec.kind is str:
-            raise UserError(f"{where}: takes one of {', '.join(spec.allowed())} or a list of them, not a range")
-        if "low" not in value or "high" not in value:
-            raise UserError(f"{where}: a range needs both low and high")
-        low, high = _check_value(f"{where}.low", spec, value["low"]), _check_value(f"{where}.high", spec, value["high"])
-        if low > high:
-            raise UserError(f"{where}: low ({low}) is greater than high ({high})")
-        log = value.get("log", False)
-        if not isinstance(log, bool):
-            raise UserError(f"{where}.log: expected true or false")
-        if log and low <= 0:
-            raise UserError(f"{where}: a log range needs low > 0")
-        step = value.get("step")
-        if step is not None and (not isinstance(step, (int, float)) or isinstance(step, bool) or step <= 0):
-            raise UserError(f"{where}.step: expected a positive number")
-        if step is not None and log:
-            raise UserError(f"{where}: step and log cannot be combined")
-        default = value.get("default")
-        if default is not None:
-            default = _check_value(f"{where}.default", spec, default)
-            if not low <= default <= high:
-                raise UserError(f"{where}.default: {default} is outside [{low}, {high}]")
-        return Param(name, "range", value=default, low=low, high=high, log=log, step=step)
+        return _parse_range(name, spec, validate(RangeSpec, value, where))
     return Param(name, "fixed", value=_check_value(where, spec, value))
+
+
+def _parse_range(name: str, spec: ParamSpec, rng: RangeSpec) -> Param:
+    where = f"search.{name}"
+    if spec.kind is bool:
+        raise UserError(f"{where}: a yes/no choice takes true, false or [false, true], not a range")
+    if spec.kind is str:
+        raise UserError(f"{where}: takes one of {', '.join(spec.allowed())} or a list of them, not a range")
+    if rng.low is None or rng.high is None:
+        raise UserError(f"{where}: a range needs both low and high")
+    low, high = _check_value(f"{where}.low", spec, rng.low), _check_value(f"{where}.high", spec, rng.high)
+    if low > high:
+        raise UserError(f"{where}: low ({low}) is greater than high ({high})")
+    if rng.log and low <= 0:
+        raise UserError(f"{where}: a log range needs low > 0")
+    if rng.step is not None and rng.log:
+        raise UserError(f"{where}: step and log cannot be combined")
+    default = rng.default
+    if default is not None:
+        default = _check_value(f"{where}.default", spec, default)
+        if not low <= default <= high:
+            raise UserError(f"{where}.default: {default} is outside [{low}, {high}]")
+    return Param(name, "range", value=default, low=low, high=high, log=rng.log, step=rng.step)
 
 
 def _check_value(where: str, spec: ParamSpec, value):

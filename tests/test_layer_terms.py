@@ -14,12 +14,14 @@ from objectives.layer_terms import (
     LayerTerm,
     LayerTermContext,
     get_layer_term,
+    layer_term_choices,
     list_layer_terms,
     register_layer_term,
     unregister_layer_term,
 )
 from objectives.pipeline import run_trial
 from objectives.settings import ModelSettings, PipelineSettings, TrialChoices
+from study.validation import validate
 
 LAYERS = {"stem": "freeze", "block1": "finetune", "block2": "finetune", "head": "finetune"}
 
@@ -46,11 +48,11 @@ def logits_l1():
 
 
 def test_a_registered_term_is_a_valid_setting_until_unregistered(logits_l1):
-    choices = {f.name: f for f in dataclasses.fields(PipelineSettings)}["layer_term"].metadata["choices"]
-    assert list(choices()) == ["none", "feature", "params", "dann", "logits_l1"] == ["none", *list_layer_terms()]
-    assert "logits_l1" in choices()
+    assert layer_term_choices() == ["none", "feature", "params", "dann", "logits_l1"] == ["none", *list_layer_terms()]
+    assert validate(PipelineSettings, {"layer_term": "logits_l1"}, "pipeline").layer_term == "logits_l1"
     unregister_layer_term("logits_l1")
-    assert "logits_l1" not in choices() and list(choices()) == ["none", "feature", "params", "dann"]
+    with pytest.raises(UserError, match="^pipeline.layer_term: 'logits_l1' is not one of none, feature, params, dann$"):
+        validate(PipelineSettings, {"layer_term": "logits_l1"}, "pipeline")
 
 
 def test_a_registered_term_runs_in_every_distilling_stage(logits_l1, tiny_pipeline, tiny_task):
@@ -82,9 +84,10 @@ def test_an_unknown_term_names_the_registered_ones():
 
 def test_an_unknown_term_fails_before_any_training(tiny_pipeline, tiny_task):
     trained = []
+    # The trial's own term: PipelineSettings cannot hold an unknown one (it is checked when they are built).
     with pytest.raises(UserError, match="unknown layer term 'nope'"):
-        run_trial(tiny_task(), ModelSettings(), dataclasses.replace(tiny_pipeline, layer_term="nope"),
-                  TrialChoices(layers=LAYERS, beta=0.5), on_epoch=lambda *a: trained.append(a))
+        run_trial(tiny_task(), ModelSettings(), tiny_pipeline, TrialChoices(layers=LAYERS, beta=0.5, layer_term="nope"),
+                  on_epoch=lambda *a: trained.append(a))
     assert trained == []
 
 

@@ -20,6 +20,7 @@ from objectives.replacements import (
 )
 from objectives.settings import ModelSettings, PipelineSettings, TrialChoices
 from objectives.student import build_student
+from study.validation import validate
 
 LAYERS = {"stem": "finetune", "block1": "finetune", "block2": "replace", "head": "finetune"}
 
@@ -52,10 +53,12 @@ def zeros():
 
 
 def test_registered_strategies_are_valid_settings_until_unregistered(zeros):
-    choices = {f.name: f for f in dataclasses.fields(PipelineSettings)}["replace_with"].metadata["choices"]
-    assert list(choices()) == ["reinit", "slim", "donor", "zeros", "donor_fresh"] == list_replacements()
+    assert list_replacements() == ["reinit", "slim", "donor", "zeros", "donor_fresh"]
+    assert validate(PipelineSettings, {"replace_with": "zeros"}, "pipeline").replace_with == "zeros"
     unregister_replacement("zeros")
-    assert "zeros" not in choices() and "donor_fresh" in choices()
+    assert validate(PipelineSettings, {"replace_with": "donor_fresh"}, "pipeline").replace_with == "donor_fresh"
+    with pytest.raises(UserError, match="^pipeline.replace_with: 'zeros' is not one of reinit, slim, donor, donor_"):
+        validate(PipelineSettings, {"replace_with": "zeros"}, "pipeline")
 
 
 def test_the_replaced_group_is_built_by_the_registered_strategy(zeros):

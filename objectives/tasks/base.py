@@ -12,10 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import pydantic
 import torch
 import torch.nn.functional as F
 
 from models.named import Registry
+
+from ..fields import SETTINGS, Bool, Float, Int, Text, in_open_range, in_range
 
 if TYPE_CHECKING:
     from .folder import FolderImages
@@ -68,25 +71,25 @@ class DomainPool:
     unlabeled: LabeledImages | None = None  # extra unlabelled images (target only), added to its unlabelled pool
 
 
-@dataclass
+@pydantic.dataclasses.dataclass(config=SETTINGS)
 class TaskOptions:
     """Settings a task builder may read (the config's `task` section)."""
 
-    name: str = "digits-invert"
-    data_root: str = "~/.cache/distillstudy/data"  # where torchvision-backed tasks look for / download files
-    download: bool = True  # try to download missing files (falls back to a clear error offline)
+    name: Text = "digits-invert"
+    data_root: Text = "~/.cache/distillstudy/data"  # where torchvision-backed tasks look for / download files
+    download: Bool = True  # try to download missing files (falls back to a clear error offline)
     # labelled target examples per class; 0 = unsupervised target
-    target_labeled_per_class: int = field(default=5, metadata={"range": (0, 10**6)})
+    target_labeled_per_class: Int = in_range(5, 0, 10**6)
     # Shares of each domain's pool held out for validation and test: never empty, never all of it (study.config
     # also checks that together they leave a training split).
-    val_fraction: float = field(default=0.15, metadata={"range": (0.0, 1.0), "open": True})
+    val_fraction: Float = in_open_range(0.15, 0.0, 1.0)
     # used only when the dataset has no official test split
-    test_fraction: float = field(default=0.15, metadata={"range": (0.0, 1.0), "open": True})
+    test_fraction: Float = in_open_range(0.15, 0.0, 1.0)
     # cap on each domain's pool, so big datasets stay quick; 0 = no cap
-    max_per_domain: int = field(default=6000, metadata={"range": (0, 10**9)})
-    image_size: int = field(default=0, metadata={"range": (0, 4096)})  # image-folder side (0 = task default)
-    source_dir: str = ""  # imagefolder: class-per-folder directory of the source domain
-    target_dir: str = ""  # imagefolder: class-per-folder directory of the target domain
+    max_per_domain: Int = in_range(6000, 0, 10**9)
+    image_size: Int = in_range(0, 0, 4096)  # image-folder side (0 = task default)
+    source_dir: Text = ""  # imagefolder: class-per-folder directory of the source domain
+    target_dir: Text = ""  # imagefolder: class-per-folder directory of the target domain
 
 
 @dataclass
