@@ -79,13 +79,13 @@ def _print_version(ctx, _param, value):
               help="Print the version (package + code hash) and the versions of Optuna, MLflow and torch.")
 def main():
     """distillstudy: which layers to freeze, fine-tune or replace, and how to distill, found by an Optuna study."""
-    from study.allowed_imports import grant
+    from study.config.allowed_imports import grant
 
     grant()  # $DISTILLSTUDY_ALLOW_IMPORTS only; create, run and trial run add their --allow-import
 
 
 def _grant(flags) -> None:
-    from study.allowed_imports import grant
+    from study.config.allowed_imports import grant
 
     grant(flags)
 
@@ -115,7 +115,7 @@ def trial_run(config_path, overrides, allow, as_json, quiet):
     """Run ONE pipeline with fixed choices (range defaults, first list elements, pins) and print per-stage accuracy."""
     _grant(allow)
     from study.commands import QUICKSTART, run_fixed_trial
-    from study.config import load_config
+    from study.config.config import load_config
     from study.output import format_epoch_line, format_trial
 
     def on_epoch(stage, step, metrics):
@@ -255,23 +255,24 @@ def study_confirm(name, storage, top, seeds, n_jobs, device, quiet):
 def study_list(storage, as_json):
     """Studies in the storage with trial counts and best value."""
     from study.output import format_list
-    from study.storage import resolve_storage_url
-    from study.studies import list_studies
+    from study.workers.storage import resolve_storage_url
+    from study.workers.studies import list_studies
 
     _show(list_studies(resolve_storage_url(storage)), as_json, format_list)
 
 
 def _study_view(command: str, view: str, text: str, doc: str):
-    """`study COMMAND NAME [--storage URL] [--json]`: prints `study.studies.<view>(name, url)` as JSON or through
-    `study.output.<text>` (imported when the command runs: the CLI starts fast)."""
+    """`study COMMAND NAME [--storage URL] [--json]`: prints `study.workers.studies.<view>(name, url)` as JSON or
+    through `study.output.<text>` (imported when the command runs: the CLI starts fast)."""
 
     @study.command(command, help=doc)
     @click.argument("name")
     @stored_option
     @json_option
     def show(name, storage, as_json):
-        from study import output, studies
-        from study.storage import resolve_storage_url
+        from study import output
+        from study.workers import studies
+        from study.workers.storage import resolve_storage_url
 
         _show(getattr(studies, view)(name, resolve_storage_url(storage)), as_json, getattr(output, text))
 
@@ -307,8 +308,8 @@ def study_export(name, storage, fmt, out):
 def study_delete(name, storage):
     """Delete study NAME, its confirmation study NAME-confirm and their stage checkpoints (their MLflow runs
     stay)."""
-    from study.storage import resolve_storage_url
-    from study.studies import delete_study
+    from study.workers.storage import resolve_storage_url
+    from study.workers.studies import delete_study
 
     deleted = delete_study(name, resolve_storage_url(storage))
     also = f" and its confirmation study '{deleted[1]}'" if len(deleted) > 1 else ""
@@ -362,7 +363,7 @@ def ui(config_path, host, port, storage):
 def study_report(name, out, fmt, storage):
     """Winner vs baselines, per-group effects with bootstrap intervals, importances and plots of study NAME."""
     from study.report import write_report
-    from study.storage import resolve_storage_url
+    from study.workers.storage import resolve_storage_url
 
     click.echo("\n".join(write_report(name, resolve_storage_url(storage), fmt, out)))
 
@@ -375,7 +376,7 @@ def study_compare(names, storage, as_json):
     """One table across studies NAMES: task, the winner's action per group, winner vs best baseline accuracy."""
     from study.output import format_compare
     from study.report import compare_studies
-    from study.storage import resolve_storage_url
+    from study.workers.storage import resolve_storage_url
 
     data = compare_studies(names, resolve_storage_url(storage))
     click.echo(json.dumps(data, indent=2, default=str) if as_json else format_compare(data))

@@ -44,7 +44,7 @@ class Section:
 # ---- configs -----------------------------------------------------------------------------------------------------
 def quickstart(*overrides: str):
     """The quickstart config with `--set`-style overrides (validated like the CLI does)."""
-    from study.config import load_config
+    from study.config.config import load_config
 
     return load_config(QUICKSTART, list(overrides))
 
@@ -84,7 +84,7 @@ def trial_seconds(trial) -> float:
 
 def trial_epochs(trial) -> int:
     """Student epochs a trial spent: recorded for a finished trial, else its reported epochs (pruned)."""
-    from study.record import TrialRecord
+    from study.trials.record import TrialRecord
 
     return int(TrialRecord(trial).epochs)
 

@@ -1,6 +1,7 @@
 """Overhead: one trial through the study machinery versus a bare PyTorch loop doing the same training.
 
-A (study): `study.worker.run_worker` on a fresh study (`create_study`, SQLite storage in a scratch dir), one trial
+A (study): `study.workers.worker.run_worker` on a fresh study (`create_study`, SQLite storage in a scratch
+dir), one trial
    with pinned choices, baselines off, MLflow logging curves and weights to a SQLite tracking URI.
 C (study, tracking off): the same with `tracking.enabled: false`, to split the MLflow share from the rest.
 B (bare): a loop written here: the same digitnet (models.create_model, loaded with the cached teacher's weights),
@@ -42,9 +43,9 @@ def make_config(work, device: str, quick: bool, tracking: bool):
 
 def study_trial(config, url: str, device: str, counter: list) -> dict:
     """Create a fresh study and run one trial through run_worker; the trial's and the call's seconds."""
-    from study.record import TrialRecord
-    from study.studies import create_study
-    from study.worker import run_worker
+    from study.trials.record import TrialRecord
+    from study.workers.studies import create_study
+    from study.workers.worker import run_worker
 
     counter[0] += 1
     name = f"overhead-{counter[0]}-{'mlflow' if config.tracking.enabled else 'notrack'}"

@@ -22,8 +22,8 @@ def one_study(pruner: str, seed: int, n_trials: int, work: str, device: str, epo
     """Run one study in this (child) process; returns its epochs, best value and trial counts."""
     import torch
 
-    from study.studies import create_study
-    from study.worker import run_worker
+    from study.workers.studies import create_study
+    from study.workers.worker import run_worker
 
     torch.set_num_threads(1)
     config = common.quickstart(*PRUNERS[pruner], f"study.sampler.seed={seed}", f"study.n_trials={n_trials}",
@@ -44,7 +44,7 @@ def one_study(pruner: str, seed: int, n_trials: int, work: str, device: str, epo
 def max_budget(config, trials) -> int:
     """Epochs the trials would have spent with no pruning and no early stop (their sampled generations)."""
     p = config.pipeline
-    from study.record import TrialRecord
+    from study.trials.record import TrialRecord
 
     gens = [TrialRecord(t).choices.get("generations", 0) for t in trials]
     return sum(p.finetune_epochs + p.distill_epochs + g * p.retrain_epochs for g in gens)

@@ -4,7 +4,7 @@ Step 1 records, per task (digits-invert, digits-permute, digits-stroke), an *unp
 none, baselines on, tracking off, sampler seed 0, full quickstart epochs): every COMPLETE trial's layer actions,
 final value, whole curve and stage blocks, saved as JSON (scratch dir and bench/out/pruning_regret_<task>.json;
 `--replay-only` reuses those). Step 2 replays the recorded trials, in trial-number order and without retraining,
-through real Optuna pruners built by the project's `make_pruner`, asking them only at `study.pruning`'s decision
+through real Optuna pruners built by the project's `make_pruner`, asking them only at `study.space.pruning`'s decision
 steps, exactly as the objective does. Unpruned curves make every configuration comparable on the same trials;
 the price is that the sequence is fixed (a real study's sampler would have proposed other trials after a prune).
 """
@@ -61,9 +61,9 @@ def record_study(task: str, n_trials: int, work: str, device: str) -> dict:
     import torch
 
     from objectives.stages import plan_stages
-    from study.record import TrialRecord
-    from study.studies import create_study
-    from study.worker import run_worker
+    from study.trials.record import TrialRecord
+    from study.workers.studies import create_study
+    from study.workers.worker import run_worker
 
     torch.set_num_threads(1)
     config = common.quickstart(*overrides(task, work, device, n_trials))
@@ -115,9 +115,9 @@ def replay(trials: list[dict], spec: tuple) -> dict:
     import optuna
 
     from objectives.stages import Stage
-    from study.config import PrunerSettings
-    from study.pruning import is_decision_step
-    from study.samplers import make_pruner
+    from study.config.config import PrunerSettings
+    from study.space.pruning import is_decision_step
+    from study.space.samplers import make_pruner
 
     name, kwargs, patience, warmup = spec
     pruner = make_pruner(PrunerSettings(name=name, kwargs=dict(kwargs), patience=patience, stage_warmup=warmup))
@@ -264,9 +264,9 @@ def run(args) -> common.Section:
              f"{p.finetune_epochs}+{p.distill_epochs}+{p.retrain_epochs}/generation epochs), "
              f"{recorded[TASKS[0]]['n_trials']} finished trials per task, {source}; COMPLETE trials kept: {counts}. "
              "Each configuration replays the same recorded trials in trial-number order through a real Optuna "
-             "pruner (in memory, no retraining), asked only at `study.pruning.is_decision_step`; baselines report "
-             "but are never asked. The sequence is held fixed: a real pruned study's sampler would have proposed "
-             "other trials after each prune.", "",
+             "pruner (in memory, no retraining), asked only at `study.space.pruning.is_decision_step`; baselines "
+             "report but are never asked. The sequence is held fixed: a real pruned study's sampler would have "
+             "proposed other trials after each prune.", "",
              "Configurations: `median`/`pct25` = MedianPruner / PercentilePruner(percentile=25), `sN` = "
              "n_startup_trials N, n_warmup_steps 1 unless `from9` (n_warmup_steps 9: only after the distill stage), "
              f"`wK` = `study.pruner.stage_warmup` K, `ends` = stage_warmup {ENDS} (stage ends only), `min4` = "

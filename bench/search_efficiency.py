@@ -2,7 +2,7 @@
 the tabular benchmark of bench/search_table.py by lookup (no training), over many seeds.
 
 Each simulated study is a real Optuna study (in memory) with a real sampler, sampling through the project's own
-`study.search.suggest_choices` on the quickstart's search space with every choice but the layer actions, alpha,
+`study.space.search.suggest_choices` on the quickstart's search space with every choice but the layer actions, alpha,
 T and lr pinned to its default, so conditional parameters behave as in a study (T is sampled only when alpha > 0).
 The three baselines are enqueued first, as `study create` does. A sampled alpha and lr are looked up at the
 nearest table value (lr on a log scale); T does not change the lookup (the table holds T = 4). Continuous ranges,
@@ -45,7 +45,7 @@ VARIANTS = {
     "tpe startup 5": {"group": False, "n_startup_trials": 5},
     "tpe group startup 5": {"group": True, "n_startup_trials": 5},
 }
-DEFAULT = "tpe group startup 5"  # the variant study/samplers.py DEFAULT_KWARGS makes the default
+DEFAULT = "tpe group startup 5"  # the variant study/space/samplers.py DEFAULT_KWARGS makes the default
 CONFIGS = {"random": ("random", {}, 1),
            **{label: ("tpe", kwargs, 1) for label, kwargs in VARIANTS.items()},
            "gp": ("gp", {"warn_independent_sampling": False}, 1),
@@ -84,8 +84,8 @@ class Table:
 
 def make(name: str, kwargs: dict, seed: int, space):
     """The sampler, built by the project's `make_sampler` (as a worker does)."""
-    from study.config import SamplerSettings
-    from study.samplers import make_sampler
+    from study.config.config import SamplerSettings
+    from study.space.samplers import make_sampler
 
     return make_sampler(SamplerSettings(name=name, seed=seed, kwargs=dict(kwargs)), space, 1)
 
@@ -96,9 +96,9 @@ def simulate(task: str, label: str, seed: int) -> dict:
 
     import optuna
 
-    from study.baselines import BASELINES, baseline_choices, enqueue_params
-    from study.record import TrialRecord, baseline_attrs
-    from study.search import suggest_choices
+    from study.space.baselines import BASELINES, baseline_choices, enqueue_params
+    from study.space.search import suggest_choices
+    from study.trials.record import TrialRecord, baseline_attrs
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

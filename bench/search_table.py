@@ -57,7 +57,7 @@ def _run_chunk(task: str, quick: bool, cache_dir: str, jobs: list) -> list[dict]
 
     from models.errors import InvalidChoice
     from objectives.pipeline import run_trial
-    from study.baselines import baseline_choices
+    from study.space.baselines import baseline_choices
 
     torch.set_num_threads(1)
     config = common.quickstart(*overrides(task, quick, cache_dir))

@@ -29,9 +29,9 @@ def teacher_alone(config, work, counter) -> float:
 
 def study_cold(config, work, n_trials: int, device: str, counter) -> dict:
     """A fresh study of n_trials from an empty cache dir: total seconds and per-trial seconds by cache state."""
-    from study.record import TrialRecord
-    from study.studies import create_study
-    from study.worker import run_worker
+    from study.trials.record import TrialRecord
+    from study.workers.studies import create_study
+    from study.workers.worker import run_worker
 
     counter[0] += 1
     config.pipeline.cache_dir = str(work / f"cache-study-{counter[0]}")

@@ -27,7 +27,7 @@ def make_config(work, device: str, quick: bool):
 def run_workers(config, work, processes: int, n_trials: int, counter) -> dict:
     """A fresh study, `processes` CLI workers started together; wall seconds until all exit, and the span from
     the first trial's start to the last trial's end."""
-    from study.studies import create_study, load_study
+    from study.workers.studies import create_study, load_study
 
     counter[0] += 1
     name = f"workers{processes}-{counter[0]}"

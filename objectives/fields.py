@@ -1,7 +1,7 @@
 """The field types the config's settings classes are declared with (pydantic v2), so each class validates itself.
 
 A settings class is `@pydantic.dataclasses.dataclass(config=SETTINGS)`: still a dataclass (`dataclasses.replace`
-and `asdict` work), but building it checks every key, type, range and choice. `study.validation` turns pydantic's
+and `asdict` work), but building it checks every key, type, range and choice. `study.config.validation` turns pydantic's
 errors into one line naming the key's full path.
 
 YAML is typed, so types are strict: `batch_size: true` or `compile: 1` is a slip, not a value to convert. The one

@@ -1,6 +1,7 @@
 """Every searchable choice, declared once: its name, type, hard bounds, default search, default value and when it
-is sampled (its activity rule). `TrialChoices` takes its defaults from here, `study.search` builds the search space
-and resolves a trial's choices from here, and every summary that hides an unused choice asks `ParamSpec.is_active`.
+is sampled (its activity rule). `TrialChoices` takes its defaults from here, `study.space.search` builds the search
+space and resolves a trial's choices from here, and every summary that hides an unused choice asks
+`ParamSpec.is_active`.
 
 A layer group's action is the one choice per group named `layers.<group>`: `layer_param` builds that name and
 `layer_group` reads it back; no other module spells the prefix.
@@ -132,7 +133,7 @@ PARAMS: dict[str, ParamSpec] = {
                        active=_distills, inactive=0.0),
     "temperature": ParamSpec(float, 0.05, 100.0, {"low": 1.0, "high": 8.0, "default": 4.0},
                              "KD temperature T (sampled only when alpha > 0)", active=_has_kd),
-    # Default: pipeline.layer_term, pinned (see study.search.parse_search).
+    # Default: pipeline.layer_term, pinned (see study.space.search.parse_search).
     "layer_term": ParamSpec(str, 0, 0, None, "beta's term: none, feature, params, dann or another registered one "
                             "(sampled only for the distill recipe)", values=_layer_term_choices,
                             active=_distills, inactive=NO_TERM),

@@ -8,15 +8,14 @@ from pathlib import Path
 import optuna
 
 from models.errors import UserError
-
-from .allowed_imports import ATTR as ALLOWED
-from .config import load_config
-from .names import check_study_name
-from .output import format_best, format_confirmation, format_stage_lines, format_trial_line
-from .progress import TrialProgress, pipeline_lines
-from .record import TrialRecord
-from .storage import mask_url, resolve_storage_url
-from .studies import best_summary, create_study, load_study
+from study.config.allowed_imports import ATTR as ALLOWED
+from study.config.config import load_config
+from study.config.names import check_study_name
+from study.output import format_best, format_confirmation, format_stage_lines, format_trial_line
+from study.trials.record import TrialRecord
+from study.workers.progress import TrialProgress, pipeline_lines
+from study.workers.storage import mask_url, resolve_storage_url
+from study.workers.studies import best_summary, create_study, load_study
 
 # The embedded default study: `study run` with no NAME and no --config runs it.
 QUICKSTART = Path(__file__).parent / "quickstart.yaml"  # examples/quickstart.yaml, packaged with `study`
@@ -39,9 +38,9 @@ def create(config_path: str, name: str | None, storage: str | None, overrides, l
 def _prepare_tracking(study: optuna.Study, name: str, url: str, created: bool) -> None:
     # The tracking store, the experiment and the parent run exist before any worker starts, so workers started
     # together only find them. A store that cannot be used leaves no study behind.
-    from .config import config_from_dict
-    from .studies import storage_for
-    from .tracking import make_tracker
+    from study.config.config import config_from_dict
+    from study.tracking import make_tracker
+    from study.workers.studies import storage_for
 
     stored = config_from_dict(study.user_attrs["config"])  # the study's own config: storage masked, name set
     try:
@@ -55,7 +54,7 @@ def _prepare_tracking(study: optuna.Study, name: str, url: str, created: bool) -
 def _create_to_run(config, name: str, url: str, device: str | None) -> None:
     # `study run --config`: the study (and its baselines) exists only once this machine can run its trials and
     # track them: a worker that cannot (no data, no CUDA, an unreachable tracking server) leaves nothing behind.
-    from .worker import preflight
+    from study.workers.worker import preflight
 
     preflight(config.with_changes("pipeline", device=device) if device else config)
     study, created = create_study(config, name, url, load_if_exists=True)
@@ -64,7 +63,7 @@ def _create_to_run(config, name: str, url: str, device: str | None) -> None:
 
 def run(name, config_path, storage, overrides, n_trials, timeout, n_jobs, device, quiet, verbose, echo) -> int:
     """`study run`: a worker; prints a line per finished trial and the winner at the end. Returns the exit code."""
-    from .worker import run_worker
+    from study.workers.worker import run_worker
 
     if name is None and config_path is None:
         config_path = str(QUICKSTART)
@@ -123,8 +122,8 @@ def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, 
     """`study confirm` (and the end of `study run`, which passes the study and config it `loaded`): re-run the
     top configurations and the baselines on fresh seeds in the companion study `<name>-confirm`, then print the
     confirmation table and the verdict."""
-    from .confirm import configurations_of, confirm_name, prepare, summarize
-    from .worker import run_worker
+    from study.confirm.confirmation import configurations_of, confirm_name, prepare, summarize
+    from study.workers.worker import run_worker
 
     url = resolve_storage_url(storage)
     check_study_name(name)
@@ -171,12 +170,12 @@ def confirm(name: str, storage: str | None, top: int | None, seeds: int | None, 
 def _publish_answer(study: optuna.Study, config, summary: dict) -> str | None:
     """The confirmed answer onto the parent MLflow run and into the registry (nothing without tracking or before
     every confirmation run finished). Returns the line to print."""
-    from .confirm import answer, registration_seed
+    from study.confirm.confirmation import answer, registration_seed
 
     chosen = answer(summary)
     if chosen is None or not config.tracking.enabled:
         return None
-    from .tracking.answer import publish
+    from study.tracking.answer import publish
 
     try:
         return publish(study, config, summary, chosen, registration_seed(config))
@@ -199,9 +198,9 @@ def _closing(name: str, url: str, study: optuna.Study, config) -> str:
         lines.append(format_best(best_summary(name, url, loaded=(study, config))))
     except UserError as exc:
         lines.append(str(exc))
-    from .tracking import tracking_uri
-    from .tracking.view import experiment_url
-    from .ui import runnable
+    from study.tracking import tracking_uri
+    from study.tracking.view import experiment_url
+    from study.ui import runnable
 
     uri = tracking_uri(config)
     if config.tracking.enabled and uri.startswith("http"):
@@ -223,7 +222,7 @@ def _closing(name: str, url: str, study: optuna.Study, config) -> str:
 
 def _is_quickstart_tracking(config, name: str) -> bool:
     """Whether `distillstudy ui` without --config (the quickstart's tracking URI and experiment) shows this study."""
-    from .tracking import tracking_uri
+    from study.tracking import tracking_uri
 
     default = load_config(str(QUICKSTART))
     return (tracking_uri(config), config.tracking.experiment or name) == \
@@ -233,7 +232,7 @@ def _is_quickstart_tracking(config, name: str) -> bool:
 def export(name: str, storage: str | None, fmt: str, out: str | None) -> str | None:
     """`study export`: the trials as CSV/JSON text, returned (to print) or written to `out`, whose missing parent
     folders are created (as `study report --out` does). Nothing is written when the study cannot be read."""
-    from .studies import export_trials
+    from study.workers.studies import export_trials
 
     text = export_trials(name, resolve_storage_url(storage), fmt)
     if out is None:
@@ -249,10 +248,9 @@ def export(name: str, storage: str | None, fmt: str, out: str | None) -> str | N
 
 def replay(name: str, number: int, storage: str | None, device: str | None = None):
     """Rerun a stored trial's pipeline with its stored choices and seed (on `device`, else the stored config's
-    pipeline.device). Returns a `study.replay.Replayed`: the result beside what the trial stored, compared."""
+    pipeline.device). Returns a `study.trials.replay.Replayed`: the result beside what the trial stored, compared."""
     from objectives.pipeline import run_trial
-
-    from .replay import Replayed
+    from study.trials.replay import Replayed
 
     check_study_name(name)
     study, config = load_study(name, resolve_storage_url(storage))
@@ -286,8 +284,8 @@ def run_fixed_trial(config, on_epoch=None):
 
 def start_ui(config_path: str, port: int, storage: str | None, echo, host: str = "127.0.0.1") -> int:
     """`distillstudy ui`: the MLflow UI bound to `host` on the config's tracking URI (see `ui.start_ui`)."""
-    from .tracking import tracking_uri
-    from .ui import start_ui as run_ui
+    from study.tracking import tracking_uri
+    from study.ui import start_ui as run_ui
 
     config = load_config(config_path)
     url = resolve_storage_url(storage, config.study.storage)

@@ -9,8 +9,7 @@ import optuna
 
 from objectives.params import PARAMS, recorded, split_layers
 from objectives.pipeline import TrialResult
-
-from .record import TrialRecord
+from study.trials.record import TrialRecord
 
 _SHORT = {"finetune": "ft", "freeze": "fr", "replace": "rp", "adapt": "ad"}
 
@@ -182,7 +181,7 @@ def format_trial(result: TrialResult) -> str:
 
 
 def format_replay(replayed) -> str:
-    """`trial replay`'s verdict line (a `study.replay.Replayed`): identical only when bit for bit."""
+    """`trial replay`'s verdict line (a `study.trials.replay.Replayed`): identical only when bit for bit."""
     head = f"stored value: {replayed.stored_value}  replayed: {replayed.result.value}"
     if replayed.pruned:
         head += "  (pruned: the stored value is its accuracy when pruned; the replay ran to the end)"

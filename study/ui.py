@@ -22,7 +22,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .tracking.view import SHARED_VIEW_TAG, experiment_url
+from study.tracking.view import SHARED_VIEW_TAG, experiment_url
 
 START_TIMEOUT_S = 600  # a loaded machine has taken 86 s to bring `mlflow ui` up; past this it is not coming
 
@@ -84,7 +84,7 @@ def wait_until_answers(proc: subprocess.Popen, base: str, timeout: float = START
 def start_ui(uri: str, experiment: str, host: str, port: int, dashboard_storage: str, echo) -> int:
     """Run `mlflow ui` on tracking URI `uri` until Ctrl-C; once it answers, print the link to `experiment`'s runs
     and the optuna-dashboard command for `dashboard_storage` (a masked URL or journal path)."""
-    from .storage import mask_url
+    from study.workers.storage import mask_url
 
     mlflow = str(Path(os.path.abspath(sys.executable)).parent / "mlflow")
     mlflow = mlflow if os.path.isfile(mlflow) else (shutil.which("mlflow") or "mlflow")

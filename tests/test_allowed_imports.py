@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from study.allowed_imports import ATTR, ENV
+from study.config.allowed_imports import ATTR, ENV
 
 REPO = Path(__file__).resolve().parent.parent
 # Importing it leaves a file behind: the proof that the module's code ran.

@@ -11,8 +11,8 @@ import torch
 
 from objectives.pipeline import run_trial
 from objectives.stages import epoch_budget
-from study.baselines import BASELINES, baseline_choices
-from study.config import load_config
+from study.config.config import load_config
+from study.space.baselines import BASELINES, baseline_choices
 
 GROUPS = ["stem", "block1", "block2", "head"]
 

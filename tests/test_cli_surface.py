@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from cli import main
 from models.errors import mask_secrets
 from study.output import format_epochs_to_threshold, format_list, format_status, format_value
-from study.storage import mask_url
+from study.workers.storage import mask_url
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")

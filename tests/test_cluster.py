@@ -73,7 +73,7 @@ def study_name(request):
     urls: list[str] = []
     request.node.created_in = urls
     yield name
-    from study.storage import open_storage
+    from study.workers.storage import open_storage
 
     for url in urls:
         try:
@@ -159,7 +159,7 @@ _storages: dict[str, optuna.storages.RDBStorage] = {}
 def trials(name: str, url: str, states=None) -> list[optuna.trial.FrozenTrial]:
     """The study's trials as the storage has them now (read through a plain storage, no heartbeat)."""
     if url not in _storages:
-        from study.storage import open_storage
+        from study.workers.storage import open_storage
 
         _storages[url] = open_storage(url, create=False)
     return optuna.load_study(study_name=name, storage=_storages[url]).get_trials(deepcopy=False, states=states)
@@ -184,7 +184,7 @@ def warm_teacher(sets: list[str]) -> None:
     from objectives.device import resolve_device
     from objectives.pipeline import get_task
     from objectives.teacher import get_teacher
-    from study.config import load_config
+    from study.config.config import load_config
 
     config = load_config(QUICKSTART, sets)
     device = resolve_device(config.pipeline.device)
@@ -255,8 +255,8 @@ def test_killed_worker_trial_is_failed_retried_and_resumed(request, postgres_url
     from mlflow import MlflowClient
 
     from objectives.settings import TrialChoices
-    from study.stage_checkpoints import trial_checkpoints
-    from study.studies import load_study
+    from study.trials.stage_checkpoints import trial_checkpoints
+    from study.workers.studies import load_study
 
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # No baselines: trial 1 is a sampled distill trial (finetune 2 epochs, then 6 of distill, never stopped early).

@@ -9,8 +9,8 @@ import yaml
 
 from models import UserError
 from objectives.settings import PipelineSettings, TrialChoices
-from study.config import Config, apply_override, config_from_dict, load_config
-from study.search import SearchSpace
+from study.config.config import Config, apply_override, config_from_dict, load_config
+from study.space.search import SearchSpace
 
 
 @pytest.fixture

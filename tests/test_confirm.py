@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from scipy import stats
 
 from cli import main
-from study.confirm import t_interval, verdict
+from study.confirm.confirmation import t_interval, verdict
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")

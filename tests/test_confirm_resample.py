@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from cli import main
 from objectives.tasks import load_task
 from objectives.teacher import cache_key
-from study.confirm import confirm_name, prepare
-from study.studies import load_study
-from study.worker import run_worker
+from study.confirm.confirmation import confirm_name, prepare
+from study.workers.studies import load_study
+from study.workers.worker import run_worker
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 # One sampled trial of about a second, then 1 top configuration + 3 baselines on 2 fresh seeds.

@@ -166,8 +166,8 @@ def _during_outage(postgres, call, seconds: float = 3):
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
 def test_storage_calls_wait_out_a_restart_and_give_up_past_the_window(postgres, capfd):
-    from study.storage import open_storage
-    from study.storage_retry import StorageUnavailable
+    from study.workers.storage import open_storage
+    from study.workers.storage_retry import StorageUnavailable
 
     storage = open_storage(postgres.url, heartbeat_interval=1, grace_period=5, retry_window=30)
     study = optuna.create_study(study_name="outage", storage=storage)

@@ -21,7 +21,7 @@ from objectives.layer_terms import (
 )
 from objectives.pipeline import run_trial
 from objectives.settings import ModelSettings, PipelineSettings, TrialChoices
-from study.validation import validate
+from study.config.validation import validate
 
 LAYERS = {"stem": "freeze", "block1": "finetune", "block2": "finetune", "head": "finetune"}
 

@@ -26,8 +26,8 @@ import cli
 from models import create_model
 from objectives.pipeline import get_task
 from objectives.train import accuracy
-from study.config import config_from_dict
-from study.studies import load_study
+from study.config.config import config_from_dict
+from study.workers.studies import load_study
 
 REPO = Path(__file__).resolve().parent.parent
 # A worker thread that dies (e.g. an Optuna error on tell) fails the test instead of printing a warning.

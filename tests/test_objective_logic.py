@@ -20,10 +20,10 @@ from models.errors import UserError
 from objectives.pipeline import StageResult, TrialResult
 from objectives.stages import plan_stages
 from objectives.teacher import TeacherInfo
-from study.config import load_config
-from study.objective import make_objective
-from study.record import TrialRecord
-from study.studies import create_study, load_study
+from study.config.config import load_config
+from study.trials.objective import make_objective
+from study.trials.record import TrialRecord
+from study.workers.studies import create_study, load_study
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 S = optuna.trial.TrialState

@@ -14,8 +14,8 @@ import pytest
 
 from objectives.params import NO_TERM, PARAMS, ParamSpec, layer_group, layer_param, split_layers
 from objectives.settings import TrialChoices
-from study.config import load_config
-from study.search import active_params, suggest_choices
+from study.config.config import load_config
+from study.space.search import active_params, suggest_choices
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

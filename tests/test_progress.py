@@ -2,7 +2,7 @@
 
 import io
 
-from study.progress import TrialProgress
+from study.workers.progress import TrialProgress
 
 
 class _Terminal(io.StringIO):
@@ -34,7 +34,7 @@ def test_on_a_terminal_the_bar_follows_the_study_and_lines_print_above_it(capsys
 def test_pipeline_log_lines_print_above_the_bar_and_quiet_keeps_only_warnings(capsys):
     import logging
 
-    from study.progress import pipeline_lines
+    from study.workers.progress import pipeline_lines
 
     teacher_log = logging.getLogger("objectives.teacher")
     terminal = _Terminal()

@@ -20,7 +20,7 @@ from objectives.replacements import (
 )
 from objectives.settings import ModelSettings, PipelineSettings, TrialChoices
 from objectives.student import build_student
-from study.validation import validate
+from study.config.validation import validate
 
 LAYERS = {"stem": "finetune", "block1": "finetune", "block2": "replace", "head": "finetune"}
 

@@ -25,11 +25,11 @@ from optuna.trial import TrialState
 from cli import main
 from objectives.pipeline import StageResult, TrialResult
 from objectives.teacher import TeacherInfo
-from study import record
-from study.config import load_config
+from study.config.config import load_config
 from study.report.stats import bootstrap_ci
-from study.search import suggest_choices
-from study.studies import create_study
+from study.space.search import suggest_choices
+from study.trials import record
+from study.workers.studies import create_study
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning",
                                         "ignore:Heartbeat of storage:UserWarning")
@@ -100,7 +100,7 @@ def synthetic_result(choices, spec: Spec, number: int) -> TrialResult:
 
 
 def run_spec(study: optuna.Study, config, spec: Spec) -> None:
-    """One trial through ask/tell, recorded by the objective's own writers (study.record)."""
+    """One trial through ask/tell, recorded by the objective's own writers (study.trials.record)."""
     pinned = {g for g, acts in config.search.group_actions().items() if len(acts) == 1}
     fixed = {f"layers.{g}": a for g, a in spec.actions().items() if g not in pinned}
     if spec.alpha is not None:

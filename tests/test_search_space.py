@@ -8,10 +8,10 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from models.errors import UserError
-from study.baselines import BASELINES, baseline_choices, enqueue_params
-from study.config import PrunerSettings, SamplerSettings, load_config
-from study.samplers import DEFAULT_KWARGS, PRUNERS, SAMPLERS, make_pruner, make_sampler
-from study.search import grid_space, suggest_choices
+from study.config.config import PrunerSettings, SamplerSettings, load_config
+from study.space.baselines import BASELINES, baseline_choices, enqueue_params
+from study.space.samplers import DEFAULT_KWARGS, PRUNERS, SAMPLERS, make_pruner, make_sampler
+from study.space.search import grid_space, suggest_choices
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -283,7 +283,7 @@ def test_unknown_pruner_and_bad_kwargs():
 def _curve(study, stages, values, stage_warmup):
     """One trial through ask/tell, the way the objective reports: every value on steps 1, 2, ..., the pruner asked
     only at `is_decision_step`. Returns the step it was pruned at (None: it finished)."""
-    from study.pruning import is_decision_step
+    from study.space.pruning import is_decision_step
 
     trial = study.ask()
     for step, value in enumerate(values, start=1):
@@ -326,7 +326,7 @@ def test_without_a_stage_warmup_a_flat_trial_is_stopped_after_its_first_epoch(cf
 
 def test_pruning_decision_points_skip_stage_warmups_and_the_final_step():
     from objectives.stages import Stage
-    from study.pruning import decision_steps, is_decision_step
+    from study.space.pruning import decision_steps, is_decision_step
 
     stages = [Stage("finetune", "finetune", 1, 3), Stage("distill", "distill", 4, 6),
               Stage("retrain-1", "generation", 10, 3)]

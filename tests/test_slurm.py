@@ -19,7 +19,7 @@ import optuna
 import pytest
 import yaml
 
-from study.config import load_config
+from study.config.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "examples" / "cluster" / "slurm_array.sh"

@@ -17,10 +17,10 @@ from cli import main
 from objectives.checkpoints import StageCheckpoints
 from objectives.pipeline import run_trial
 from objectives.settings import TrialChoices
-from study.objective import make_objective
-from study.stage_checkpoints import study_folder
-from study.studies import load_study
 from study.tracking import NullTracker
+from study.trials.objective import make_objective
+from study.trials.stage_checkpoints import study_folder
+from study.workers.studies import load_study
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 # Trials of about a second: 1 epoch per stage, no born-again rounds, the distill recipe (finetune, then distill: a

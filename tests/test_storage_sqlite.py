@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from study.storage import lock_path, open_storage, sqlite_path
+from study.workers.storage import lock_path, open_storage, sqlite_path
 
 
 def test_a_file_is_switched_to_wal_and_reopens_cheaply(tmp_path):

@@ -54,7 +54,7 @@ def _teacher(config_model, pipeline, tiny_task):
 
 @pytest.fixture
 def model():
-    from study.config import load_config
+    from study.config.config import load_config
 
     return load_config(QUICKSTART, []).model
 

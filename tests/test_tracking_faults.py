@@ -208,7 +208,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_orphan_trial(tmp_path):
     lines = [line for line in output.splitlines() if line.strip() and not line.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("error: the disk is full ("), output
     # No orphan: every trial left RUNNING is reclaimed by the next worker's heartbeat check (FAIL, queued again).
-    from study.storage import open_storage
+    from study.workers.storage import open_storage
 
     storage = open_storage(f"sqlite:///{keep}/distillstudy.db", heartbeat_interval=1, grace_period=1, max_retry=2)
     study = optuna.load_study(study_name="full", storage=storage)

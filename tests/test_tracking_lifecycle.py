@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from tiny import TINY
 
 import cli
-from study.studies import load_study
+from study.workers.studies import load_study
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "cli.py"

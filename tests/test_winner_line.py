@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from study import record
-from study.config import load_config
+from study.config.config import load_config
 from study.output import format_best
-from study.studies import best_summary, create_study
+from study.trials import record
+from study.workers.studies import best_summary, create_study
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 # Told by hand with ask/tell: no heartbeat thread, on purpose.
@@ -52,7 +52,7 @@ def test_winner_line_of_the_finetune_recipe_has_no_kd_choices(tmp_path):
 
 def test_a_distill_trial_that_delivered_its_finetune_stage_says_so_and_counts_as_finetune(tmp_path):
     from study.report.stats import choice_effects
-    from study.search import applicable_choices
+    from study.space.search import applicable_choices
 
     config = load_config(QUICKSTART, ["tracking.enabled=false"])
     url = f"sqlite:///{tmp_path / 's.db'}"

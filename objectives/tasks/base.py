@@ -80,7 +80,7 @@ class TaskOptions:
     download: Bool = True  # try to download missing files (falls back to a clear error offline)
     # labelled target examples per class; 0 = unsupervised target
     target_labeled_per_class: Int = in_range(5, 0, 10**6)
-    # Shares of each domain's pool held out for validation and test: never empty, never all of it (study.config
+    # Shares of each domain's pool held out for validation and test: never empty, never all of it (study.config.config
     # also checks that together they leave a training split).
     val_fraction: Float = in_open_range(0.15, 0.0, 1.0)
     # used only when the dataset has no official test split

@@ -2,6 +2,6 @@
 self-contained HTML page with plots. `build` gathers the numbers, `stats` computes them (bootstrap intervals, group
 effects, importances), `plots` draws them, `render` writes HTML and Markdown."""
 
-from .build import build_report, compare_studies, write_report
+from study.report.build import build_report, compare_studies, write_report
 
 __all__ = ["build_report", "compare_studies", "write_report"]

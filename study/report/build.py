@@ -18,14 +18,8 @@ import optuna
 from optuna.trial import TrialState
 
 from models.errors import UserError, first_line
-
-from ..baselines import BASELINES
-from ..names import check_study_name
-from ..record import TrialRecord
-from ..search import applicable_choices
-from ..storage import mask_url
-from ..studies import load_study
-from .stats import (
+from study.config.names import check_study_name
+from study.report.stats import (
     BOOTSTRAP_LEVEL,
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
@@ -36,6 +30,11 @@ from .stats import (
     importances,
     target_val_acc,
 )
+from study.space.baselines import BASELINES
+from study.space.search import applicable_choices
+from study.trials.record import TrialRecord
+from study.workers.storage import mask_url
+from study.workers.studies import load_study
 
 FORMATS = ("html", "md", "json")
 FEW_TRIALS = "fewer than two completed trials"
@@ -105,7 +104,7 @@ def build_report(name: str, url: str):
 
 def confirmation(name: str, url: str) -> dict | None:
     """The confirmation table and verdict of study `name`'s companion `<name>-confirm` (None when it has none)."""
-    from ..confirm import load_summary
+    from study.confirm.confirmation import load_summary
 
     return load_summary(name, url)
 
@@ -123,7 +122,7 @@ def write_report(name: str, url: str, fmt: str = "html", out: str | None = None)
     written, figures = [], {}
     lines = [n for n in data["notes"] if n.startswith(FEW_TRIALS)]
     if fmt in ("html", "md") and data["counts"]["COMPLETE"] >= 2:
-        from .plots import plots, write_png
+        from study.report.plots import plots, write_png
 
         for plot in plots(study, trials, data, effective):
             try:
@@ -139,7 +138,7 @@ def write_report(name: str, url: str, fmt: str = "html", out: str | None = None)
     if fmt == "json":
         path.write_text(json.dumps(data, indent=2, default=str))
     else:
-        from .render import render_html, render_md
+        from study.report.render import render_html, render_md
 
         path.write_text(render_html(data, figures) if fmt == "html" else render_md(data))
     written.insert(0, path)
@@ -155,7 +154,7 @@ def log_to_mlflow(study: optuna.Study, config, paths: list[Path]) -> str | None:
     enables tracking and that run exists. Returns a line saying what happened (None when tracking is off)."""
     if not config.tracking.enabled:
         return None
-    from ..tracking import tracking_uri
+    from study.tracking import tracking_uri
 
     run_id = study.user_attrs.get("mlflow_parent_run_id")
     if not run_id:
@@ -185,7 +184,7 @@ def winners(study: optuna.Study, trials, objective: list[str], summary: dict | N
     """The winner (single objective: the confirmation's answer once confirmed (`summary`, from
     `confirm.load_summary`), else the best trial, unconfirmed; several: the Pareto-front trial with the best target
     val acc, beside the whole front), every baseline trial, and the best completed baseline (by target val acc)."""
-    from ..confirm import answer
+    from study.confirm.confirmation import answer
 
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     out = {"answer": None}

@@ -22,9 +22,8 @@ import optuna
 from optuna.trial import TrialState
 
 from objectives.params import ACTIONS
-
-from ..compat import distribution_contains
-from ..record import TrialRecord
+from study.trials.record import TrialRecord
+from study.workers.compat import distribution_contains
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0

@@ -12,7 +12,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 def tracking_uri(config) -> str:
     """`tracking.mlflow_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (MLflow's own default); without
     credentials, which go to this process's environment (`access.take_credentials`)."""
-    from .access import take_credentials
+    from study.tracking.access import take_credentials
 
     return take_credentials(config.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
 
@@ -21,7 +21,7 @@ def make_tracker(config):
     """The MLflow tracker, or a NullTracker when tracking is off."""
     if not config.tracking.enabled:
         return NullTracker()
-    from .mlflow_tracker import MlflowTracker
+    from study.tracking.mlflow_tracker import MlflowTracker
 
     return MlflowTracker(config)
 

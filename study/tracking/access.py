@@ -22,8 +22,7 @@ import urllib.parse
 import urllib.request
 
 from models.errors import UserError, first_line
-
-from ..storage import mask_url
+from study.workers.storage import mask_url
 
 USERNAME, PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 PG_PASSWORD = "PGPASSWORD"

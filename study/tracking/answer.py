@@ -15,8 +15,8 @@ import time
 
 from mlflow.entities import Metric, RunTag
 
-from . import tracking_uri
-from .registry import register_answer
+from study.tracking import tracking_uri
+from study.tracking.registry import register_answer
 
 
 def publish(study, config, summary: dict, answer: dict, seed: int) -> str:

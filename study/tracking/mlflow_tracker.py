@@ -29,16 +29,15 @@ from mlflow.exceptions import MlflowException
 from models.errors import UserError, first_line
 from objectives.settings import TrialChoices
 from objectives.version import code_version
-
-from ..config import Config
-from ..confirm import describe
-from ..record import TrialRecord
-from ..storage import mask_url
-from . import store, tracking_uri
-from .access import check_server
-from .mlflow_model import cpu_copy, log_pytorch_model
-from .view import SHARED_VIEW_TAG, shared_view
-from .writer import BackgroundWriter
+from study.config.config import Config
+from study.confirm.confirmation import describe
+from study.tracking import store, tracking_uri
+from study.tracking.access import check_server
+from study.tracking.mlflow_model import cpu_copy, log_pytorch_model
+from study.tracking.view import SHARED_VIEW_TAG, shared_view
+from study.tracking.writer import BackgroundWriter
+from study.trials.record import TrialRecord
+from study.workers.storage import mask_url
 
 # Optuna state -> MLflow run status.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
@@ -359,7 +358,7 @@ class MlflowTracker:
     def _answer_candidate(self, trial) -> bool:
         """A confirmation run on the registration seed (`confirm.registration_seed`), whose model is registered
         as `<study>-best` if its configuration becomes the verdict's answer."""
-        from ..confirm import is_companion, registration_seed
+        from study.confirm.confirmation import is_companion, registration_seed
 
         if trial is None or not is_companion(self.study) or self.config.tracking.log_weights == "none":
             return False
@@ -494,7 +493,7 @@ class MlflowTracker:
 
     def _register(self, run_id: str, model_id: str | None, value: float) -> None:
         # Decided again under the registry's lock (registry.py): a late worker never registers a worse trial.
-        from .registry import register_search_best
+        from study.tracking.registry import register_search_best
 
         # The MLflow PyTorch model (`mlflow.pytorch.load_model("models:/<name>/latest")`); the weights folder
         # only when the model could not be exported.

@@ -20,8 +20,8 @@ from __future__ import annotations
 from filelock import FileLock
 from mlflow.exceptions import MlflowException
 
-from . import store
-from .mlflow_model import register_version
+from study.tracking import store
+from study.tracking.mlflow_model import register_version
 
 STATE, VALUE = "distillstudy.state", "distillstudy.value"
 

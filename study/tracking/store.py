@@ -15,7 +15,7 @@ import time
 
 from filelock import FileLock
 
-from ..storage import lock_path
+from study.workers.storage import lock_path
 
 # MLflow's defaults retry a failed request 7 times with exponential backoff and wait 120 s for each answer: about
 # 4 minutes for a dead server and over 15 for a hung one, per call. A study goes on without tracking instead (see
@@ -68,7 +68,7 @@ def retry_database_outage(uri: str, window: float, fn, *args, **kwargs):
     `postgresql://` or `mysql://` URI) drops or refuses connections, for up to `window` seconds (a restart); then,
     or for any other store or error, its exception is raised. MLflow's engine tests pooled connections before use,
     so the first call after the restart gets a fresh one."""
-    from ..storage_retry import is_transient
+    from study.workers.storage_retry import is_transient
 
     deadline, wait = time.monotonic() + window, 0.5
     while True:

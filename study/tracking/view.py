@@ -29,7 +29,7 @@ def column(kind: str, name: str) -> str:
 def shared_view(config) -> str:
     """The shared view's JSON for a study with `config`: sorted by `value` in the objective's direction, showing
     the metric columns above and every layer-action and KD parameter the search samples."""
-    from ..config import OBJECTIVES
+    from study.config.config import OBJECTIVES
 
     params = [layer_param(g) for g in config.search.groups] + ["alpha", "temperature"]
     direction = OBJECTIVES.get(config.study.objective[0], "maximize")

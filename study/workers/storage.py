@@ -12,8 +12,7 @@ from pathlib import Path
 import optuna
 
 from models.errors import UserError, first_line, mask_secrets, mask_userinfo
-
-from .storage_retry import DEFAULT_WINDOW_S, ResilientRDBStorage
+from study.workers.storage_retry import DEFAULT_WINDOW_S, ResilientRDBStorage
 
 # Heartbeats and their retry callback are marked experimental in Optuna; we rely on them on purpose and the
 # warnings would otherwise print on every worker start.

@@ -21,8 +21,7 @@ from __future__ import annotations
 import math
 
 from objectives.params import PARAMS, recorded, split_layers
-
-from .baselines import BASELINES
+from study.space.baselines import BASELINES
 
 LEVEL = 0.95
 ACCURACY = (0.0, 1.0)

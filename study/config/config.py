@@ -1,6 +1,7 @@
 """The study config: one YAML file with sections task, model, pipeline, search, study and tracking, loaded into
 typed, validated objects (pydantic dataclasses: each section's class declares its keys' types, ranges and choices).
-Every error is one line naming the key's full path (`study.validation`); a misspelled key gets the closest valid one.
+Every error is one line naming the key's full path (`study.config.validation`); a misspelled key gets the closest
+valid one.
 `--set a.b.c=value` overrides any key before validation (the value is parsed as YAML).
 """
 
@@ -21,11 +22,10 @@ from models.errors import UserError, did_you_mean
 from objectives.fields import NONE_IS_EMPTY, SETTINGS, Bool, Int, Mapping, Text, in_range
 from objectives.settings import ModelSettings, PipelineSettings
 from objectives.tasks import TaskOptions
-
-from .names import check_study_name
-from .search import SearchSpace, parse_search
-from .storage import DEFAULT_STORAGE
-from .validation import validate
+from study.config.names import check_study_name
+from study.config.validation import validate
+from study.space.search import SearchSpace, parse_search
+from study.workers.storage import DEFAULT_STORAGE
 
 
 class _Loader(yaml.SafeLoader):
@@ -88,7 +88,7 @@ class PrunerSettings:
     kwargs: Mapping = field(default_factory=dict)
     patience: Int = -1  # >= 0 wraps the pruner in PatientPruner(patience=...)
     # The pruner is asked only after this many epochs of each stage, and at each stage's last step (see
-    # study.pruning); 0 = after every epoch.
+    # study.space.pruning); 0 = after every epoch.
     stage_warmup: Int = in_range(0, 0, 10**6)
 
 
@@ -199,7 +199,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     except UserError as exc:
         raise UserError(f"study.name: {exc}") from None
     if config.tracking.mlflow_uri:  # its credentials go to this process's environment, never into a stored config
-        from .tracking.access import take_credentials
+        from study.tracking.access import take_credentials
 
         config = config.with_changes("tracking", mlflow_uri=take_credentials(config.tracking.mlflow_uri))
     return config
@@ -267,8 +267,7 @@ def _check_names(cfg: Config) -> None:
     from models.imports import ImportNotAllowed
     from models.registry import check_arch
     from objectives.tasks import get_task_info
-
-    from .allowed_imports import not_allowed
+    from study.config.allowed_imports import not_allowed
 
     checks = [("task.name", get_task_info, cfg.task.name), ("model.arch", check_arch, cfg.model.arch)]
     if cfg.model.donor_arch:

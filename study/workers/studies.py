@@ -14,14 +14,13 @@ import optuna
 
 from models.errors import UserError, did_you_mean
 from objectives.keys import stable_hash
-
-from .allowed_imports import ATTR, narrow_to_study, packages_of
-from .baselines import BASELINES, baseline_choices, enqueue_params
-from .config import OBJECTIVES, Config, config_from_dict
-from .names import check_study_name
-from .record import TrialRecord, baseline_attrs
-from .search import active_params
-from .storage import mask_url, open_storage
+from study.config.allowed_imports import ATTR, narrow_to_study, packages_of
+from study.config.config import OBJECTIVES, Config, config_from_dict
+from study.config.names import check_study_name
+from study.space.baselines import BASELINES, baseline_choices, enqueue_params
+from study.space.search import active_params
+from study.trials.record import TrialRecord, baseline_attrs
+from study.workers.storage import mask_url, open_storage
 
 # Workers print their own line per trial (with the failure reason); Optuna's warnings would repeat them, with a
 # traceback for every interrupted trial.
@@ -51,7 +50,7 @@ def create_study(config: Config, name: str, url: str, load_if_exists: bool = Fal
     check_study_name(name, creating=True)
     if config.search.is_empty():
         raise UserError("search: every choice is pinned, so there is nothing to search (use `trial run` instead)")
-    from .samplers import make_pruner, make_sampler
+    from study.space.samplers import make_pruner, make_sampler
 
     directions = [OBJECTIVES[o] for o in config.study.objective]
     make_sampler(config.study.sampler, config.search, len(directions))  # fail on bad sampler before creating
@@ -119,7 +118,7 @@ def load_study(name: str, url: str, with_heartbeat: bool = False) -> tuple[optun
     narrow_to_study(name, study.user_attrs)  # before reading the config imports anything of it
     config = config_from_dict(study.user_attrs["config"])
     if with_heartbeat:
-        from .samplers import make_pruner, make_sampler
+        from study.space.samplers import make_pruner, make_sampler
 
         storage = storage_for(url, config)
         # The sampler seeds each trial by its number (unique in the study), so parallel workers never propose
@@ -210,7 +209,7 @@ def study_answer(name: str, url: str, study: optuna.Study, search_best: dict, ro
     """`best`: the study's answer as a trial row (`row(trial)`), and `answer`: whether it is confirmed. Once every
     confirmation run finished, the answer is the verdict's configuration (the search trial it came from, or the
     baseline's trial); before, the search's best trial `search_best`, unconfirmed."""
-    from .confirm import answer, load_summary
+    from study.confirm.confirmation import answer, load_summary
 
     confirmed = answer(load_summary(name, url))
     if confirmed is None:
@@ -244,8 +243,8 @@ def delete_study(name: str, url: str) -> list[str]:
     """Delete study `name` from the storage with its stage checkpoints, and its confirmation study (which belongs
     to it) likewise: a study created later under the same name starts from nothing of this one's. Its config is
     read as stored, never built, so deleting imports no user module. Returns the deleted studies' names."""
-    from .confirm import confirm_name, is_companion
-    from .stage_checkpoints import checkpoint_folder
+    from study.confirm.confirmation import confirm_name, is_companion
+    from study.trials.stage_checkpoints import checkpoint_folder
 
     doomed = [_find_study(name, url)]
     companion = confirm_name(name)

@@ -20,16 +20,15 @@ from collections.abc import Callable
 import optuna
 
 from models.errors import UserError, first_line
-
-from . import compat, faults
-from .config import Config
-from .confirm import is_companion
-from .objective import TrialReclaimed, make_objective, reclaim_aware, requeue
-from .record import TrialRecord
-from .storage import mask_url
-from .storage_retry import StorageUnavailable
-from .studies import load_study
-from .tracking import make_tracker
+from study.config.config import Config
+from study.confirm.confirmation import is_companion
+from study.tracking import make_tracker
+from study.trials.objective import TrialReclaimed, make_objective, reclaim_aware, requeue
+from study.trials.record import TrialRecord
+from study.workers import compat, faults
+from study.workers.storage import mask_url
+from study.workers.storage_retry import StorageUnavailable
+from study.workers.studies import load_study
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # A worker stops after this many FAIL trials in a row: something is wrong with it, not with the trials.
@@ -269,7 +268,7 @@ def _lock_queue_pops(study: optuna.Study, url: str) -> None:
     # already does).
     from filelock import FileLock
 
-    from .storage import lock_path, sqlite_path
+    from study.workers.storage import lock_path, sqlite_path
 
     thread_lock = threading.Lock()
     # No timeout: a pop waits as long as another process's pop takes, as it did on the database itself.

@@ -22,8 +22,7 @@ from models.errors import UserError, did_you_mean
 from objectives.fields import SETTINGS, Bool, Float
 from objectives.params import ACTIONS, PARAMS, ParamSpec, layer_param
 from objectives.settings import TrialChoices
-
-from .validation import validate
+from study.config.validation import validate
 
 DEFAULT_ACTIONS = ["finetune", "freeze", "replace"]  # adapt is opt-in: search.layers.actions lists it
 
@@ -123,14 +122,22 @@ def parse_search(raw, cfg) -> SearchSpace:
     # Group names depend only on the architecture, so a throwaway 2-class model answers.
     space.groups = create_model(cfg.model.arch, num_classes=2, in_channels=1, width=cfg.model.width,
                                 groups=cfg.model.groups or None).group_names
-    layers = raw.get("layers") or {}
+    _parse_layers(space, raw.get("layers") or {}, cfg.model.arch)
+    if all(acts == ["freeze"] for acts in space.group_actions().values()):
+        raise UserError("search.layers: every layer group can only be 'freeze': nothing would train")
+    return space
+
+
+def _parse_layers(space: SearchSpace, layers, arch: str) -> None:
+    """`search.layers`: the actions sampled for every group (`actions`) and per-group pins or sets, checked against
+    the architecture's groups and the known actions."""
     if not isinstance(layers, dict):
         raise UserError("search.layers: expected a mapping of layer group -> action (and 'actions: [...]')")
     for key, value in layers.items():
         where = f"search.layers.{key}"
         if key != "actions" and key not in space.groups:
             raise UserError(f"{where}: unknown layer group{did_you_mean(key, [*space.groups, 'actions'])} of "
-                            f"{cfg.model.arch}; groups: {', '.join(space.groups)}")
+                            f"{arch}; groups: {', '.join(space.groups)}")
         acts = value if isinstance(value, list) else [value]
         if not acts:
             raise UserError(f"{where}: empty list of actions")
@@ -142,9 +149,6 @@ def parse_search(raw, cfg) -> SearchSpace:
             space.actions = list(acts)
         else:
             space.pinned_layers[key] = list(acts)
-    if all(acts == ["freeze"] for acts in space.group_actions().values()):
-        raise UserError("search.layers: every layer group can only be 'freeze': nothing would train")
-    return space
 
 
 def _check_layer_term_keys(param: Param, pipeline_term: str) -> None:

@@ -17,16 +17,16 @@ from objectives.pipeline import TrialResult, run_trial
 from objectives.settings import TrialChoices
 from objectives.stages import plan_stages
 from objectives.train import TrainingDiverged
-
-from . import compat, record
-from .baselines import baseline_choices
-from .config import Config
-from .confirm import is_companion
-from .pruning import is_decision_step
-from .record import TrialRecord
-from .search import suggest_choices
-from .stage_checkpoints import trial_checkpoints
-from .tracking import NullTracker
+from study.config.config import Config
+from study.confirm.confirmation import is_companion
+from study.space.baselines import baseline_choices
+from study.space.pruning import is_decision_step
+from study.space.search import suggest_choices
+from study.tracking import NullTracker
+from study.trials import record
+from study.trials.record import TrialRecord
+from study.trials.stage_checkpoints import trial_checkpoints
+from study.workers import compat
 
 
 class StudyFull(Exception):

@@ -7,10 +7,9 @@ import warnings
 import optuna
 
 from models.errors import UserError, unknown
-
-from .config import PrunerSettings, SamplerSettings
-from .per_trial_seed import PerTrialSeedSampler
-from .search import SearchSpace, grid_space
+from study.config.config import PrunerSettings, SamplerSettings
+from study.space.per_trial_seed import PerTrialSeedSampler
+from study.space.search import SearchSpace, grid_space
 
 SAMPLERS = {
     "tpe": optuna.samplers.TPESampler,

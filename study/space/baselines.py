@@ -6,8 +6,7 @@ from dataclasses import replace
 
 from objectives.params import layer_param
 from objectives.settings import TrialChoices
-
-from .search import SearchSpace, active_params
+from study.space.search import SearchSpace, active_params
 
 # Each baseline's recipe, at the same epoch budget as a default trial (the default number of generations).
 BASELINES = {

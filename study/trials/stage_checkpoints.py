@@ -20,10 +20,9 @@ import optuna
 from objectives.checkpoints import StageCheckpoints, checkpoint_identity, checkpoint_key
 from objectives.keys import stable_hash
 from objectives.settings import TrialChoices
-
-from . import compat
-from .config import Config
-from .storage import mask_url, sqlite_path
+from study.config.config import Config
+from study.workers import compat
+from study.workers.storage import mask_url, sqlite_path
 
 
 def checkpoint_root(stored: dict) -> Path:

@@ -15,8 +15,8 @@ selection ever saw. The runs are ordinary trials of a companion Optuna study `<n
 so any number of workers share them, with the heartbeat, retry and checkpoint machinery, and each is an MLflow child
 run tagged `distillstudy.confirm`.
 
-Statistics (study/verdict.py): per configuration, the mean target test and val accuracy over its seeds with a 95%
-Student-t interval clipped to [0, 1] (none below two seeds). The winner is the confirmed top configuration with the
+Statistics (study/confirm/verdict.py): per configuration, the mean target test and val accuracy over its seeds with a
+95% Student-t interval clipped to [0, 1] (none below two seeds). The winner is the confirmed top configuration with the
 best mean target *val* accuracy; the verdict compares it with EACH baseline on target *test* accuracy seed by seed
 (paired difference, 95% t interval) and answers "use X" only for an X that beats or ties all of them.
 """
@@ -32,14 +32,13 @@ from optuna.trial import TrialState
 
 from models.errors import UserError
 from objectives.settings import TrialChoices
-
-from .allowed_imports import ATTR
-from .baselines import BASELINES, baseline_choices, enqueue_params
-from .config import Config
-from .names import COMPANION_SUFFIX
-from .record import TrialRecord, confirm_attrs
-from .studies import storage_for
-from .verdict import ACCURACY, describe, mean, t_interval, verdict  # noqa: F401 - re-exported for callers
+from study.config.allowed_imports import ATTR
+from study.config.config import Config
+from study.config.names import COMPANION_SUFFIX
+from study.confirm.verdict import ACCURACY, describe, mean, t_interval, verdict  # noqa: F401 - re-exported for callers
+from study.space.baselines import BASELINES, baseline_choices, enqueue_params
+from study.trials.record import TrialRecord, confirm_attrs
+from study.workers.studies import storage_for
 
 SUFFIX = COMPANION_SUFFIX
 
