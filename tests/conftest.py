@@ -41,6 +41,16 @@ def _checkout_state() -> set[str] | None:
             if line.startswith(("??", "!!")) and not any(s in line for s in skip)}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules with the most end-to-end (`slow`) tests run first. `make test` hands whole modules to two worker
+    processes in collection order: a long module left for last keeps one worker busy alone at the end, while short
+    ones fill in the gaps wherever they come. Order within a module is kept."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.module.__name__])  # stable: each module's own order stays
+
+
 @pytest.fixture(scope="session", autouse=True)
 def checkout_stays_clean():
     """A test run writes nothing into the checkout (stores, lock files, reports, runs): everything it makes lives in

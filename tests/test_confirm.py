@@ -102,6 +102,7 @@ def test_the_verdict_picks_its_configurations_on_validation_never_on_test():
 
 
 # ---- end to end -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_study_run_confirms_on_fresh_seeds_and_ends_with_the_verdict(tmp_path, teacher_cache_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     storage = f"sqlite:///{tmp_path / 's.db'}"

@@ -56,6 +56,7 @@ def postgres():
         yield server
 
 
+@pytest.mark.slow
 def test_workers_wait_out_a_postgresql_restart(request, postgres, study_name, workers, tmp_path, shared_cache):
     uri, tracking = _tracked(tmp_path)
     sets = [*SLOW, "pipeline.distill_epochs=3", f"pipeline.cache_dir={shared_cache}", *tracking]
@@ -80,6 +81,7 @@ def test_workers_wait_out_a_postgresql_restart(request, postgres, study_name, wo
     assert statuses[f"study {study_name}"] == "FINISHED"
 
 
+@pytest.mark.slow
 def test_a_database_down_past_the_retry_window_stops_the_worker_in_one_line(request, postgres, study_name, workers,
                                                                              tmp_path, shared_cache):
     uri, tracking = _tracked(tmp_path)
@@ -110,6 +112,7 @@ def test_a_database_down_past_the_retry_window_stops_the_worker_in_one_line(requ
     assert "RUNNING" not in _mlflow_statuses(uri, study_name).values()
 
 
+@pytest.mark.slow
 def test_a_paused_worker_whose_trial_was_reclaimed_goes_on(request, postgres_url, study_name, workers, tmp_path,
                                                            shared_cache):
     # MLflow on PostgreSQL: a worker stopped inside a write to a SQLite store would hold its file lock, and the

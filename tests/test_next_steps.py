@@ -13,6 +13,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from mlflow_server import free_port
 
@@ -39,6 +40,7 @@ def test_runnable_names_the_environments_copy_unless_the_shell_finds_it(monkeypa
     assert runnable("no-such-tool-here") == "no-such-tool-here"
 
 
+@pytest.mark.slow
 def test_the_commands_printed_after_a_study_run_as_printed(tmp_path, teacher_cache_dir, monkeypatch):
     monkeypatch.setenv("PATH", BARE_PATH)
     monkeypatch.chdir(tmp_path)
@@ -64,6 +66,7 @@ def test_the_commands_printed_after_a_study_run_as_printed(tmp_path, teacher_cac
         assert proc.returncode == 0, (executable, proc.stderr[-500:])
 
 
+@pytest.mark.slow
 def test_ui_prints_its_address_once_it_answers(tmp_path, mlflow_template):
     shutil.copyfile(mlflow_template, tmp_path / "mlflow.db")  # a migrated store: the server starts without migrating
     port = free_port()

@@ -45,6 +45,7 @@ def mlflow_store(request, tmp_path):
             yield url
 
 
+@pytest.mark.slow
 def test_best_model_is_registered_and_every_run_finishes(mlflow_store, tmp_path, monkeypatch, teacher_cache_dir):
     monkeypatch.chdir(tmp_path)
     study = f"reg-{uuid.uuid4().hex[:8]}"

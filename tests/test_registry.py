@@ -73,6 +73,7 @@ for run_id, value in zip(run_ids, values):
 """
 
 
+@pytest.mark.slow
 def test_workers_in_several_processes_only_ever_register_improvements(store):
     client, uri, runs = store
     plans = [(runs[0:4], [0.60, 0.90, 0.70, 0.95]), (runs[4:8], [0.85, 0.65, 0.80, 0.75])]

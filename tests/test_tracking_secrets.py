@@ -73,6 +73,7 @@ def _grep_files(root: Path, needle: str) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
 
 
+@pytest.mark.slow
 def test_passwords_reach_neither_the_optuna_storage_nor_mlflow(postgres_url, tmp_path, monkeypatch, credentials_env,
                                                                 teacher_cache_dir):
     monkeypatch.chdir(tmp_path)
