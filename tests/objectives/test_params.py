@@ -19,7 +19,7 @@ from study.space.search import active_params, suggest_choices
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GROUPS = ["stem", "block1", "block2", "head"]
 ALL_FINETUNE = {layer_param(g): "finetune" for g in GROUPS}
 # The quickstart search with every conditional choice searchable: a layer-term list and the adapt action.

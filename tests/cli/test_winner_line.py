@@ -13,7 +13,7 @@ from study.output import format_best
 from study.trials import record
 from study.workers.studies import best_summary, create_study
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
 # Told by hand with ask/tell: no heartbeat thread, on purpose.
 pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
               pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")]

@@ -29,7 +29,7 @@ from objectives.train import accuracy
 from study.config.config import config_from_dict
 from study.workers.studies import load_study
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 # A worker thread that dies (e.g. an Optuna error on tell) fails the test instead of printing a warning.
 pytestmark = [pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"), pytest.mark.slow]
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
@@ -310,7 +310,7 @@ def test_best_model_registered(main_study):
     latest = max(versions, key=lambda v: int(v.version))
     assert latest.run_id == best_run
     # An MLflow PyTorch model logged from the best trial's run, loadable with mlflow.pytorch.load_model
-    # (tests/test_mlflow_model.py loads one); its weights stay under the run's model/ too.
+    # (tests/study/tracking/test_mlflow_model.py loads one); its weights stay under the run's model/ too.
     assert latest.source.startswith("models:/m-")
     assert s.client.get_logged_model(latest.source.removeprefix("models:/")).source_run_id == best_run
     # Every version was the best trial when it was registered: their runs' accuracies only go up.

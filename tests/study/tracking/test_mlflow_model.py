@@ -22,7 +22,7 @@ import cli
 from models import create_model
 from study.tracking.mlflow_model import global_tracking_uri
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 SETS = options([*TINY, "study.baselines=false", "study.pruner.name=none", "study.pruner.kwargs={}"])
 
 LOAD = """

@@ -21,7 +21,7 @@ from study.confirm.confirmation import confirm_name, prepare
 from study.workers.studies import load_study
 from study.workers.worker import run_worker
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[3] / "examples" / "quickstart.yaml"
 # One sampled trial of about a second, then 1 top configuration + 3 baselines on 2 fresh seeds.
 TINY = ["task.max_per_domain=300", "pipeline.device=cpu", "pipeline.cpu_threads=1", "pipeline.teacher_epochs=1",
         "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1",

@@ -22,7 +22,7 @@ from study.trials.objective import make_objective
 from study.trials.stage_checkpoints import study_folder
 from study.workers.studies import load_study
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[3] / "examples" / "quickstart.yaml"
 # Trials of about a second: 1 epoch per stage, no born-again rounds, the distill recipe (finetune, then distill: a
 # checkpoint after finetune), one searched choice so the study has something to sample.
 TINY = ["task.max_per_domain=300", "pipeline.device=cpu", "pipeline.cpu_threads=1", "pipeline.teacher_epochs=1",

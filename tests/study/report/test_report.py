@@ -37,7 +37,7 @@ COMPLETE, PRUNED, FAIL = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
 GROUPS = ["stem", "block1", "block2", "head"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FEW = "fewer than two completed trials"
-QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[3] / "examples" / "quickstart.yaml"
 
 
 @dataclass

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from cli import main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
 SECRET = "TopSecret"
 NO_TRACKING = ["--set", "tracking.enabled=false"]

@@ -28,7 +28,7 @@ import optuna
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 CLI = REPO / "cli.py"
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable

@@ -24,7 +24,7 @@ import pytest
 from mlflow_server import mlflow_server
 from tiny import TINY
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 CLI = REPO / "cli.py"
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
 SETS = [*TINY, "study.pruner.name=none", "study.pruner.kwargs={}"]

@@ -21,7 +21,7 @@ import yaml
 
 from study.config.config import load_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 RECIPE = REPO / "examples" / "cluster" / "slurm_array.sh"
 SLURM_CI_DIR = Path(os.environ.get("SLURM_CI_DIR", "/var/tmp/distillstudy-slurm"))
 TINY = ["tracking.enabled=false", "pipeline.device=cpu", "pipeline.cpu_threads=1", "task.max_per_domain=300",

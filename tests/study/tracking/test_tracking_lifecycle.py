@@ -25,7 +25,7 @@ from tiny import TINY
 import cli
 from study.workers.studies import load_study
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 CLI = REPO / "cli.py"
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
 # A trial of about a second on one core; three trials = the three baselines.

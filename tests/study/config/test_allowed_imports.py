@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from cli import main
 from study.config.allowed_imports import ATTR, ENV
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 # Importing it leaves a file behind: the proof that the module's code ran.
 MODULE = """
 from pathlib import Path

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from study.tracking.registry import register_answer, register_search_best
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

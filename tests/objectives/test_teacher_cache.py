@@ -24,7 +24,7 @@ from objectives import teacher as teacher_module
 from objectives.pipeline import get_task
 from objectives.teacher import get_teacher
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
 S = optuna.trial.TrialState
 

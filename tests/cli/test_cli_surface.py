@@ -19,7 +19,7 @@ from models.errors import mask_secrets
 from study.output import format_epochs_to_threshold, format_list, format_status, format_value
 from study.workers.storage import mask_url
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
 PG = "127.0.0.1:5432/test"
 

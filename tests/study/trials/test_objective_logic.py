@@ -25,7 +25,7 @@ from study.trials.objective import make_objective
 from study.trials.record import TrialRecord
 from study.workers.studies import create_study, load_study
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[3] / "examples" / "quickstart.yaml"
 S = optuna.trial.TrialState
 # Stages of 3 epochs (finetune 1-3, distill 4-6): enough steps for warm-ups and decision points to differ.
 SETS = ["tracking.enabled=false", "pipeline.device=cpu", "pipeline.finetune_epochs=3", "pipeline.distill_epochs=3",

@@ -16,7 +16,7 @@ from scipy import stats
 from cli import main
 from study.confirm.confirmation import t_interval, verdict
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
 
 

@@ -22,7 +22,7 @@ from study.commands import QUICKSTART
 from study.ui import runnable
 
 START_LIMIT_S = 400  # `mlflow ui` has taken minutes to answer on a loaded 2-core machine
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(os.path.abspath(sys.executable)).parent
 # A user's shell: the system's PATH, without this virtual environment's bin folder.
 BARE_PATH = os.pathsep.join(p for p in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)

@@ -22,7 +22,7 @@ import cli
 from models.errors import UserError
 from study.tracking.access import PASSWORD, PG_PASSWORD, USERNAME, split_credentials
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 TINY = ["pipeline.device=cpu", "pipeline.cpu_threads=1", "pipeline.teacher_epochs=1", "pipeline.finetune_epochs=1",
         "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1", "task.max_per_domain=300", "study.baselines=false",
         "study.confirm.top=0", "study.pruner.name=none", "study.pruner.kwargs={}"]
