@@ -319,6 +319,21 @@ class MlflowTracker:
                                      tags={"distillstudy.role": info.role, "distillstudy.teacher_key": info.key,
                                            "mlflow.parentRunId": self.parent_id})
         self._teacher_runs[info.key] = rid = run.info.run_id
+        with self._lock:  # open like a trial's run: an outage before it is finished closes it as FAILED
+            self._open_runs.add(rid)
+        try:
+            self._fill_teacher_run(rid, info, state)
+        except Exception as exc:
+            if not store.is_outage(exc):  # an outage goes on to `_guarded`, which closes every open run
+                with self._lock:
+                    self._open_runs.discard(rid)
+                self._close_open_runs(f"teacher run not logged: {type(exc).__name__}: {first_line(exc, 200)}",
+                                      {rid})
+            raise
+        with self._lock:
+            self._open_runs.discard(rid)
+
+    def _fill_teacher_run(self, rid: str, info, state: dict | None) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(rid, metrics=[Metric("source_val_acc", info.source_val_acc, now, 0),
                                             Metric("target_val_acc", info.target_val_acc, now, 0),

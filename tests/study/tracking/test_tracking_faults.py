@@ -182,6 +182,44 @@ def test_an_artifact_folder_unwritable_mid_study_means_one_warning_and_no_runnin
     assert parent.info.status == "FINISHED"
 
 
+def test_a_teacher_run_whose_weights_are_refused_is_closed_not_left_running(tmp_path, teacher_cache_dir,
+                                                                            monkeypatch):
+    """In-process, so the order is certain: the teacher's run is created, then its weights meet an artifact folder
+    that cannot be written. Like a trial's run, it is closed as FAILED, with the reason, not left RUNNING."""
+    from mlflow import MlflowClient
+
+    from objectives.device import resolve_device
+    from objectives.pipeline import get_task
+    from objectives.teacher import get_teacher
+    from study.commands import create
+    from study.tracking import make_tracker
+    from study.workers.studies import load_study
+
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    monkeypatch.chdir(tmp_path)  # the experiment keeps its artifacts in ./mlruns
+    sets = [*SETS, "tracking.enabled=true", f"tracking.mlflow_uri={tracking}", "tracking.log_weights=best",
+            f"pipeline.cache_dir={teacher_cache_dir}"]
+    create(QUICKSTART, "teacher-ro", storage, sets, load_if_exists=False)
+    study, config = load_study("teacher-ro", storage)
+    device = resolve_device(config.pipeline.device)
+    task = get_task(config.task, config.pipeline.seed, device)
+    model, info = get_teacher("teacher", config.model.arch, config.model.width, task, config.model, config.pipeline,
+                              device)
+    tracker = make_tracker(config)
+    tracker.start_study(study, config)
+    (experiment,) = [p for p in (tmp_path / "mlruns").iterdir() if p.name not in ("0", ".trash")]
+    _immutable(experiment)
+    try:
+        tracker.log_teacher(info, model)
+        tracker.end_study(study)
+    finally:
+        _mutable(experiment)
+    runs = MlflowClient(tracking).search_runs([experiment.name], "tags.`distillstudy.role` = 'teacher'")
+    assert [r.info.status for r in runs] == ["FAILED"], [(r.info.run_name, r.info.status) for r in runs]
+    assert "PermissionError" in runs[0].data.tags["distillstudy.failure"]
+
+
 def test_a_full_disk_is_one_line_and_leaves_no_orphan_trial(tmp_path):
     """A study on a 1 MiB tmpfs (mounted in a private user+mount namespace, so no root on the host is needed) runs
     until its disk fills: the stage checkpoints and the Optuna SQLite file share it."""
