@@ -282,7 +282,8 @@ def run_fixed_trial(config, on_epoch=None):
         return run_trial(config.task, config.model, config.pipeline, config.search.defaults(), on_epoch=on_epoch)
 
 
-def start_ui(config_path: str, port: int, storage: str | None, echo, host: str = "127.0.0.1") -> int:
+def start_ui(config_path: str, port: int, storage: str | None, echo, host: str = "127.0.0.1",
+             workers: int = 1) -> int:
     """`distillstudy ui`: the MLflow UI bound to `host` on the config's tracking URI (see `ui.start_ui`)."""
     from study.tracking import tracking_uri
     from study.ui import start_ui as run_ui
@@ -290,4 +291,4 @@ def start_ui(config_path: str, port: int, storage: str | None, echo, host: str =
     config = load_config(config_path)
     url = resolve_storage_url(storage, config.study.storage)
     return run_ui(tracking_uri(config), config.tracking.experiment or config.study.name, host, port,
-                  shlex.quote(mask_url(url).removeprefix("journal:")), echo)
+                  shlex.quote(mask_url(url).removeprefix("journal:")), echo, workers)

@@ -81,9 +81,10 @@ def wait_until_answers(proc: subprocess.Popen, base: str, timeout: float = START
     return True
 
 
-def start_ui(uri: str, experiment: str, host: str, port: int, dashboard_storage: str, echo) -> int:
-    """Run `mlflow ui` on tracking URI `uri` until Ctrl-C; once it answers, print the link to `experiment`'s runs
-    and the optuna-dashboard command for `dashboard_storage` (a masked URL or journal path)."""
+def start_ui(uri: str, experiment: str, host: str, port: int, dashboard_storage: str, echo, workers: int = 1) -> int:
+    """Run `mlflow ui` on tracking URI `uri` with `workers` server processes until Ctrl-C; once it answers, print
+    the link to `experiment`'s runs and the optuna-dashboard command for `dashboard_storage` (a masked URL or
+    journal path)."""
     from study.workers.storage import mask_url
 
     mlflow = str(Path(os.path.abspath(sys.executable)).parent / "mlflow")
@@ -97,7 +98,10 @@ def start_ui(uri: str, experiment: str, host: str, port: int, dashboard_storage:
     # a runs table needs and slows the start; a user who wants it sets the variable to true.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
                                                                               "false")}
-    proc = subprocess.Popen([mlflow, "ui", "--host", host, "--port", str(port), "--backend-store-uri", uri],
+    # One server process by default: one user browses the runs, and each of MLflow's default 4 imports all of MLflow
+    # (seconds of CPU each, on a laptop that may be running trials).
+    proc = subprocess.Popen([mlflow, "ui", "--host", host, "--port", str(port), "--workers", str(workers),
+                             "--backend-store-uri", uri],
                             stdout=chatter, env=env)
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     try:

@@ -80,6 +80,7 @@ def test_ui_prints_its_address_once_it_answers(tmp_path, mlflow_template):
         first = proc.stdout.readline()  # blocks until the command prints its first line
         answered = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status
         second = proc.stdout.readline()
+        served_by = _session_commands(proc.pid)
     finally:
         watchdog.cancel()
         os.killpg(proc.pid, 15)
@@ -91,3 +92,18 @@ def test_ui_prints_its_address_once_it_answers(tmp_path, mlflow_template):
     assert "workflowType=machine_learning" in first
     assert answered == 200  # the address was printed only once the server answered
     assert second.startswith("Optuna dashboard: ") and str(VENV_BIN / "optuna-dashboard") in second, second
+    # One server process (`--workers 1`, the default): no uvicorn worker processes forked beside it.
+    assert not [c for c in served_by if "multiprocessing" in c], served_by
+    assert [c for c in served_by if "--workers 1" in c], served_by
+
+
+def _session_commands(sid: int) -> list[str]:
+    """The command lines of the processes in session `sid` (from /proc: field 6 of `stat` is the session)."""
+    commands = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                commands.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError, IndexError):  # a process that ended while being read
+            pass
+    return commands
