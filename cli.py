@@ -345,7 +345,7 @@ def trial_replay(name, number, storage, device, as_json):
               help="Address to bind (0.0.0.0: every interface; the UI has no login, so only on a trusted network).")
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="MLflow server processes: one serves a user browsing (MLflow's own default, 4, each imports MLflow).")
+              help="MLflow server processes: one serves a user browsing (MLflow's default, 4, each imports MLflow).")
 @storage_option
 def ui(config_path, host, port, workers, storage):
     """Start the MLflow UI for the study's tracking URI; once it answers, print the link to the study's runs (and
