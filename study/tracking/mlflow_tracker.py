@@ -101,7 +101,7 @@ class MlflowTracker:
         self.total = config.study.n_trials
         self.offline = False  # set once on the first outage; then every call is dropped
         self.unreachable = False  # the outage was a server that does not answer at all
-        self._open_runs: set[str] = set()  # trial runs opened and not yet closed, closed as FAILED on an outage
+        self._open_runs: set[str] = set()  # trial and teacher runs not yet closed, closed as FAILED on an outage
         self._teacher_runs: dict[str, str] = {}  # teacher cache key -> its run id ('' while being looked up)
         self._lock = threading.Lock()  # guards only that dict and the outage switch, never logging
         self.writer = BackgroundWriter("mlflow-writer")
@@ -234,8 +234,8 @@ class MlflowTracker:
         self._close_open_runs(f"tracking stopped: {type(exc).__name__}: {first_line(exc, 200)}", open_runs)
 
     def _close_open_runs(self, reason: str, open_runs=None) -> bool:
-        """Close trial runs still open (default: this worker's) as FAILED, saying why; False when the store
-        refused (then nothing more is tried)."""
+        """Close runs still open (default: this worker's trial and teacher runs) as FAILED, saying why; False when
+        the store refused (then nothing more is tried)."""
         if open_runs is None:
             with self._lock:
                 open_runs, self._open_runs = set(self._open_runs), set()
