@@ -4,7 +4,8 @@
 - the server hangs (SIGSTOP) and the worker gets SIGTERM: it exits 130 at once, the interrupted trial is FAIL with
   its reason and queued again;
 - the artifact folder cannot be written (`chattr +i`: EPERM even for root), at start: one `error:` line, no
-  traceback, no run left RUNNING; mid-study: one warning, the study reaches its total, no run left RUNNING;
+  traceback, no run left RUNNING; mid-study: one warning, the study reaches its total, no run left RUNNING; a
+  teacher's run whose weights it refuses is closed as FAILED like a trial's;
 - the disk fills up (a 1 MiB tmpfs in a user+mount namespace): one line saying so, no traceback, no trial left
   RUNNING.
 """
