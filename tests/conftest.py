@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-
-from objectives.settings import PipelineSettings
-from objectives.tasks import TaskOptions
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"  # this machine's PostgreSQL: trust authentication
 
-# Small models on tiny batches run fastest on one thread (and do not fight over the cores of a loaded machine).
-torch.set_num_threads(1)
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Small models on tiny batches run fastest on one thread (and do not fight over the cores of a loaded machine).
+    Set here, not when this file is imported: pytest-xdist's controller process runs no test, and importing torch
+    there would hold up the start of every worker by seconds."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _checkout_state() -> set[str] | None:
@@ -82,10 +86,12 @@ def teacher_cache_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def tiny_pipeline(teacher_cache_dir) -> PipelineSettings:
+def tiny_pipeline(teacher_cache_dir):
     """Pipeline settings for a trial of seconds: 1 epoch per stage, CPU, one thread, the session's cache (the
     teacher settings of tests/tiny.py's TINY, so CLI tests share its teachers). Tests derive variants with
     `dataclasses.replace(tiny_pipeline, ...)`."""
+    from objectives.settings import PipelineSettings
+
     return PipelineSettings(seed=0, device="cpu", batch_size=64, teacher_epochs=1, finetune_epochs=1,
                             distill_epochs=1, retrain_epochs=1, cache_dir=teacher_cache_dir, cpu_threads=1)
 
@@ -93,6 +99,8 @@ def tiny_pipeline(teacher_cache_dir) -> PipelineSettings:
 @pytest.fixture
 def tiny_task():
     """`tiny_task(name)` -> TaskOptions of an offline task capped to 300 images per domain."""
+
+    from objectives.tasks import TaskOptions
 
     def make(name: str = "digits-invert", **kwargs) -> TaskOptions:
         return dataclasses.replace(TaskOptions(name=name, max_per_domain=300), **kwargs)
@@ -108,6 +116,16 @@ def mlflow_template(tmp_path_factory) -> Path:
 
     base = tmp_path_factory.getbasetemp()
     return migrated_store(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
+
+
+@pytest.fixture
+def mlflow_sqlite(tmp_path, mlflow_template) -> str:
+    """The URI of `tmp_path/mlflow.db`, a copy of the migrated template: for a test whose subject is not a store's
+    creation (a new store migrates for about a second of CPU, more on a loaded machine). Experiments created in it
+    keep their artifacts in ./mlruns, as in a new store; tests/study/tracking/test_tracking_lifecycle.py and
+    test_bad_inputs.py start from no store at all."""
+    shutil.copyfile(mlflow_template, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -134,6 +134,9 @@ class TrackingSettings:
     experiment: Text = ""  # '' = the study's name
     log_weights: Literal["all", "best", "none"] = "all"
     register_best: Bool = True  # register the best trial's model as '<study>-best'
+    # seconds a stopping worker (Ctrl-C, SIGTERM, a lost storage) waits for its queued MLflow writes before it drops
+    # them and exits: keep it under the scheduler's kill grace period (Kubernetes and Slurm: 30 s by default)
+    exit_wait: Int = in_range(15, 0, 3600)
 
 
 @pydantic.dataclasses.dataclass(config=SETTINGS)

@@ -42,8 +42,6 @@ from study.workers.storage import mask_url
 # Optuna state -> MLflow run status.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
-# How long an interrupted worker waits for its queued tracking writes before it exits anyway.
-INTERRUPT_WAIT_S = 15.0
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
@@ -171,13 +169,14 @@ class MlflowTracker:
             study.set_user_attr("mlflow_experiment_id", self.experiment_id)
 
     def end_study(self, study, interrupted: bool = False, storage_lost: str | None = None) -> None:
-        """Wait for the queued logging (when `interrupted`, at most INTERRUPT_WAIT_S: the worker is on its way
-        out), then set the parent run's status: FINISHED at the study's total, KILLED short of it with no trial
+        """Wait for the queued logging (when `interrupted`, at most `tracking.exit_wait` seconds: the worker is on
+        its way out), then set the parent run's status: FINISHED at the study's total, KILLED short of it with no trial
         left running, still RUNNING while other workers run trials. `storage_lost` (the Optuna storage is gone, so
         the trials cannot be counted): this worker's open trial runs are closed as FAILED, the parent as KILLED
         (a worker that runs the study again marks it RUNNING)."""
-        if not self.writer.close(timeout=INTERRUPT_WAIT_S if interrupted or storage_lost else None):
-            print(f"warning: MLflow writes still queued after {INTERRUPT_WAIT_S} s were dropped",
+        wait = self.config.tracking.exit_wait
+        if not self.writer.close(timeout=wait if interrupted or storage_lost else None):
+            print(f"warning: MLflow writes still queued after {wait} s were dropped (tracking.exit_wait)",
                   file=sys.stderr, flush=True)
             return
         if self.offline and (interrupted or self.unreachable) or not self.parent_id:

@@ -31,9 +31,10 @@ def config_hash(config: Config) -> str:
     """Identifies a config: `--load-if-exists` refuses a different one."""
     data = config.to_dict()
     # Run-time settings, not the study's identity: how far to run it, how to confirm it, how long a worker waits
-    # for its database.
+    # for its database or, stopping, for its tracking writes.
     data["study"] = {k: v for k, v in data["study"].items()
                      if k not in ("name", "storage", "n_trials", "confirm", "storage_retry")}
+    data["tracking"] = {k: v for k, v in data["tracking"].items() if k != "exit_wait"}
     return stable_hash(data)
 
 

@@ -106,6 +106,7 @@ CASES = [
     ("val-fraction-0", [*TASK, "task.val_fraction=0"], ["task.val_fraction", "out of range"], []),
     ("val-fraction-nan", [*TASK, "task.val_fraction=.nan"], ["task.val_fraction"], []),
     ("test-fraction-1", [*TASK, "task.test_fraction=1"], ["task.test_fraction", "out of range"], []),
+    ("exit-wait-negative", [*TASK, "tracking.exit_wait=-1"], ["tracking.exit_wait", "out of range"], []),
     ("fractions-sum", [*TASK, "task.val_fraction=0.6", "--set", "task.test_fraction=0.5"],
      ["task.val_fraction + task.test_fraction", "below 1"], []),
     ("labeled-negative", [*TASK, "task.target_labeled_per_class=-1"], ["task.target_labeled_per_class"], []),

@@ -41,14 +41,14 @@ def test_runnable_names_the_environments_copy_unless_the_shell_finds_it(monkeypa
 
 
 @pytest.mark.slow
-def test_the_commands_printed_after_a_study_run_as_printed(tmp_path, teacher_cache_dir, monkeypatch):
+def test_the_commands_printed_after_a_study_run_as_printed(tmp_path, teacher_cache_dir, monkeypatch, mlflow_sqlite):
     monkeypatch.setenv("PATH", BARE_PATH)
     monkeypatch.chdir(tmp_path)
     sets = ["task.max_per_domain=300", "pipeline.device=cpu", "pipeline.cpu_threads=1", "pipeline.teacher_epochs=1",
             "pipeline.finetune_epochs=1", "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1",
             "search.generations=0", "study.baselines=false", "study.confirm.top=0", "study.pruner.name=none",
             "study.pruner.kwargs={}", f"pipeline.cache_dir={teacher_cache_dir}", "tracking.log_weights=none",
-            "tracking.register_best=false", f"tracking.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+            "tracking.register_best=false", f"tracking.mlflow_uri={mlflow_sqlite}"]
     run = CliRunner().invoke(main, ["study", "run", "next", "--config", str(QUICKSTART), "--storage",
                                     f"sqlite:///{tmp_path / 's.db'}", "--n-trials", "1",
                                     *[a for s in sets for a in ("--set", s)]], catch_exceptions=False)

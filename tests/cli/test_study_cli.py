@@ -106,6 +106,10 @@ def test_create_stores_config_and_queues_baselines(tmp_path, teacher_cache_dir):
     assert_user_error(again, "already exists", "--load-if-exists")
     reuse = cli("study", "create", QUICKSTART, "--name", "c1", "--storage", storage, *sets, "--load-if-exists")
     assert reuse.exit_code == 0 and "loaded existing study 'c1'" in reuse.output
+    # How long a worker waits (for its database, or stopping, for its tracking writes) is not the study's identity.
+    waits = cli("study", "create", QUICKSTART, "--name", "c1", "--storage", storage, *sets, "--load-if-exists",
+                "--set", "study.storage_retry=5", "--set", "tracking.exit_wait=3")
+    assert waits.exit_code == 0 and "loaded existing study 'c1'" in waits.output, waits.output
     other = cli("study", "create", QUICKSTART, "--name", "c1", "--storage", storage, *sets, "--load-if-exists",
                 "--set", "search.alpha=0.7")
     assert_user_error(other, "different config")
@@ -399,7 +403,7 @@ def test_interrupt_marks_fail_requeues_and_resumes(tmp_path, teacher_cache_dir):
 
 # Issue 24 (replay exact under --n-jobs): about 30-50 s. Fails only sometimes when broken (a race), so a red run
 # here is never noise: each of the 8 trials must replay to the same value AND the same weights (model_hash).
-def test_every_trial_of_a_two_thread_study_replays_exactly(tmp_path, teacher_cache_dir):
+def test_every_trial_of_a_two_thread_study_replays_exactly(tmp_path, teacher_cache_dir, mlflow_sqlite):
     """Trial threads share one process: each trial's randomness (initialisation of replaced groups, batch order,
     augmentation) must come from its own seeds alone, and nothing another thread does (the tracker exporting the
     best model with torch.export, which switches oneDNN off and restores the global generator) may reach its
@@ -410,7 +414,7 @@ def test_every_trial_of_a_two_thread_study_replays_exactly(tmp_path, teacher_cac
               *tiny(teacher_cache_dir, tmp_path), "--set", "search.generations=[0, 1]",
               "--set", "study.pruner.name=none", "--set", "study.pruner.kwargs={}",
               "--set", "pipeline.replace_with=slim", "--set", "tracking.enabled=true",
-              "--set", f"tracking.mlflow_uri={url(tmp_path / 'mlflow.db')}", "--set", "tracking.log_weights=best",
+              "--set", f"tracking.mlflow_uri={mlflow_sqlite}", "--set", "tracking.log_weights=best",
               "--set", "tracking.register_best=true", "--n-trials", 8, "--n-jobs", 2, "--quiet")
     assert run.exit_code == 0, run.output
     complete = load("mt", storage).get_trials(states=(optuna.trial.TrialState.COMPLETE,))

@@ -103,10 +103,11 @@ def test_the_verdict_picks_its_configurations_on_validation_never_on_test():
 
 # ---- end to end -------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_study_run_confirms_on_fresh_seeds_and_ends_with_the_verdict(tmp_path, teacher_cache_dir, monkeypatch):
+def test_study_run_confirms_on_fresh_seeds_and_ends_with_the_verdict(tmp_path, teacher_cache_dir, monkeypatch,
+                                                                     mlflow_sqlite):
     monkeypatch.chdir(tmp_path)
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_uri = mlflow_sqlite
     sets = ["task.max_per_domain=300", "pipeline.device=cpu", "pipeline.teacher_epochs=5", "pipeline.finetune_epochs=1",
             "pipeline.distill_epochs=1", "pipeline.retrain_epochs=1", "search.generations=0", "search.threshold=1.0",
             "study.pruner.name=none", "study.pruner.kwargs={}", f"pipeline.cache_dir={teacher_cache_dir}",

@@ -369,10 +369,10 @@ def test_user_errors_exit_2(env, tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
-def test_logged_to_parent_mlflow_run(env, tmp_path):
+def test_logged_to_parent_mlflow_run(env, tmp_path, mlflow_sqlite):
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_sqlite
     url = f"sqlite:///{tmp_path}/tracked.db"
     study, _ = make_study(url, "E", SPECS_A[:3], ["tracking.enabled=true", f"tracking.mlflow_uri={uri}"])
     result = cli("study", "report", "E", "--storage", url, "--out", tmp_path / "noparent", "--format", "json")

@@ -37,10 +37,10 @@ assert not ours, f"loading imported distillstudy modules {ours}"
 
 
 @pytest.mark.slow  # a study with MLflow, then a fresh process loading the model
-def test_registered_best_model_loads_in_a_new_process(tmp_path, monkeypatch, teacher_cache_dir):
+def test_registered_best_model_loads_in_a_new_process(tmp_path, monkeypatch, teacher_cache_dir, mlflow_sqlite):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_sqlite
     result = CliRunner().invoke(cli.main, [
         "study", "run", "tiny", "--config", str(REPO / "examples" / "quickstart.yaml"), "--n-trials", "1",
         "--storage", f"sqlite:///{tmp_path}/optuna.db", "--set", f"tracking.mlflow_uri={uri}",

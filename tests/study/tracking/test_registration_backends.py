@@ -31,17 +31,18 @@ TINY = ["pipeline.device=cpu", "pipeline.cpu_threads=1", "pipeline.teacher_epoch
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "server"])
-def mlflow_store(request, tmp_path):
-    """The tracking URI of a fresh MLflow store of the parametrized kind."""
+def mlflow_store(request, tmp_path, mlflow_template):
+    """The tracking URI of a new, empty MLflow store of the parametrized kind (SQLite ones copied from the migrated
+    template: their creation is not what this is about)."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/tracking.db"
+        yield request.getfixturevalue("mlflow_sqlite")
     elif request.param == "postgresql":
         with fresh_postgres_database(request.getfixturevalue("postgres_url")) as url:
             yield url
     else:
         root = tmp_path / "server"
         root.mkdir()
-        with mlflow_server(root) as (url, _proc):
+        with mlflow_server(root, template=mlflow_template) as (url, _proc):
             yield url
 
 

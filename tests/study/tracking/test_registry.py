@@ -4,6 +4,7 @@ it. Real MLflow (a SQLite store), real processes."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,11 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> tuple[MlflowClient, str, list[str]]:
-    """A SQLite tracking store (made once: a new one takes seconds) with eight finished runs to register from;
-    each test registers under its own model name."""
+def store(tmp_path_factory, mlflow_template) -> tuple[MlflowClient, str, list[str]]:
+    """A SQLite tracking store (a copy of the migrated template) with eight finished runs to register from; each
+    test registers under its own model name."""
     root = tmp_path_factory.mktemp("registry")
+    shutil.copyfile(mlflow_template, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("reg", artifact_location=str(root / "artifacts"))

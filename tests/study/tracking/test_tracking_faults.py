@@ -1,8 +1,8 @@
 """Tracking faults never stall, hang or break a study (worker processes, real `mlflow server`s, real SQLite stores):
 
 - the server dies mid-study: the next trials run untracked after one warning, with no minutes of retries;
-- the server hangs (SIGSTOP) and the worker gets SIGTERM: it exits 130 at once, the interrupted trial is FAIL with
-  its reason and queued again;
+- the server hangs (SIGSTOP) and the worker gets SIGTERM: it exits 130 once `tracking.exit_wait` is up, dropping
+  the writes still queued, the interrupted trial is FAIL with its reason and queued again;
 - the artifact folder cannot be written (`chattr +i`: EPERM even for root), at start: one `error:` line, no
   traceback, no run left RUNNING; mid-study: one warning, the study reaches its total, no run left RUNNING; a
   teacher's run whose weights it refuses is closed as FAILED like a trial's;
@@ -69,9 +69,14 @@ def _wait(proc: subprocess.Popen, timeout: float, tmp_path: Path) -> tuple[int, 
     return rc, (tmp_path / "out").read_text() + (tmp_path / "err").read_text()
 
 
+_storages: dict[Path, optuna.storages.RDBStorage] = {}
+
+
 def _trials(tmp_path: Path, name: str):
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db")
-    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    # One storage per file: opening one checks the schema's version (alembic), a cost paid on every poll otherwise.
+    if tmp_path not in _storages:
+        _storages[tmp_path] = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db")
+    return optuna.load_study(study_name=name, storage=_storages[tmp_path]).get_trials(deepcopy=False)
 
 
 def _when(predicate, timeout: float, proc: subprocess.Popen, tmp_path: Path, what: str):
@@ -110,7 +115,9 @@ def test_a_dead_server_mid_study_means_untracked_trials_after_one_warning(server
 
 def test_sigterm_with_a_hung_server_exits_at_once_and_requeues_the_trial(server, tmp_path, teacher_cache_dir):
     url, proc = server
-    worker = _worker(tmp_path, teacher_cache_dir, "hung", url, 20, extra=["pipeline.distill_epochs=4"])
+    # tracking.exit_wait: how long the stopping worker waits for its queued writes to the hung server (default 15).
+    worker = _worker(tmp_path, teacher_cache_dir, "hung", url, 20,
+                     extra=["pipeline.distill_epochs=4", "tracking.exit_wait=2"])
     _when(lambda: _finished(tmp_path, "hung") >= 1, 300, worker, tmp_path, "a finished trial")
     os.killpg(proc.pid, signal.SIGSTOP)  # accepts connections (the kernel's backlog), never answers
     time.sleep(2)
@@ -118,7 +125,8 @@ def test_sigterm_with_a_hung_server_exits_at_once_and_requeues_the_trial(server,
     sent = time.monotonic()
     rc, output = _wait(worker, 90, tmp_path)
     assert rc == 130 and "Traceback" not in output, output
-    assert time.monotonic() - sent < 30, output
+    assert "MLflow writes still queued after 2 s were dropped (tracking.exit_wait)" in output, output
+    assert time.monotonic() - sent < 15, output  # the 2 s wait, then the exit: not the 15 s default
     trials = _trials(tmp_path, "hung")
     failed = [t for t in trials if t.state.name == "FAIL"]
     assert len(failed) == 1 and failed[0].user_attrs["failure"].startswith("interrupted"), \
@@ -148,8 +156,8 @@ def _runs(tracking: str):
     return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
 
 
-def test_an_unwritable_artifact_folder_at_start_is_one_error_line(tmp_path, teacher_cache_dir):
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"  # artifacts default to ./mlruns beside it
+def test_an_unwritable_artifact_folder_at_start_is_one_error_line(tmp_path, teacher_cache_dir, mlflow_sqlite):
+    tracking = mlflow_sqlite  # artifacts default to ./mlruns beside it
     _immutable(tmp_path / "mlruns")
     try:
         rc, output = _wait(_worker(tmp_path, teacher_cache_dir, "ro", tracking, 2), 300, tmp_path)
@@ -161,9 +169,9 @@ def test_an_unwritable_artifact_folder_at_start_is_one_error_line(tmp_path, teac
     assert not [r for r in _runs(tracking) if r.info.status == "RUNNING"]
 
 
-def test_an_artifact_folder_unwritable_mid_study_means_one_warning_and_no_running_run(tmp_path,
-                                                                                     teacher_cache_dir):
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+def test_an_artifact_folder_unwritable_mid_study_means_one_warning_and_no_running_run(tmp_path, teacher_cache_dir,
+                                                                                     mlflow_sqlite):
+    tracking = mlflow_sqlite
     worker = _worker(tmp_path, teacher_cache_dir, "ro-mid", tracking, 4)
     _when(lambda: _finished(tmp_path, "ro-mid") >= 1, 300, worker, tmp_path, "a finished trial")
     experiments = [p for p in (tmp_path / "mlruns").iterdir() if p.name not in ("0", ".trash")]
@@ -184,7 +192,7 @@ def test_an_artifact_folder_unwritable_mid_study_means_one_warning_and_no_runnin
 
 
 def test_a_teacher_run_whose_weights_are_refused_is_closed_not_left_running(tmp_path, teacher_cache_dir,
-                                                                            monkeypatch):
+                                                                            monkeypatch, mlflow_sqlite):
     """In-process, so the order is certain: the teacher's run is created, then its weights meet an artifact folder
     that cannot be written. Like a trial's run, it is closed as FAILED, with the reason, not left RUNNING."""
     from mlflow import MlflowClient
@@ -196,7 +204,7 @@ def test_a_teacher_run_whose_weights_are_refused_is_closed_not_left_running(tmp_
     from study.tracking import make_tracker
     from study.workers.studies import load_study
 
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking = mlflow_sqlite
     storage = f"sqlite:///{tmp_path}/optuna.db"
     monkeypatch.chdir(tmp_path)  # the experiment keeps its artifacts in ./mlruns
     sets = [*SETS, "tracking.enabled=true", f"tracking.mlflow_uri={tracking}", "tracking.log_weights=best",

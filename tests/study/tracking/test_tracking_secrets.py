@@ -9,6 +9,8 @@ password. A wrong login is one `error:` line, exit 2, and no study left behind.
 
 from __future__ import annotations
 
+import configparser
+import importlib.util
 import os
 import uuid
 from pathlib import Path
@@ -83,7 +85,17 @@ def test_passwords_reach_neither_the_optuna_storage_nor_mlflow(postgres_url, tmp
     name = f"secret-{uuid.uuid4().hex[:8]}"
     root = tmp_path / "server"
     root.mkdir()
-    server_env = {"MLFLOW_AUTH_ADMIN_PASSWORD": login, "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex}
+    # MLflow's own basic_auth.ini plus its credential cache: without it the server runs a PBKDF2 hash on every
+    # request (about 20 s of CPU over this study's few hundred calls). The cache keeps only accepted logins, so the
+    # wrong password below is checked, and refused, as without it.
+    auth = configparser.ConfigParser()
+    auth.read(Path(importlib.util.find_spec("mlflow").origin).parent / "server" / "auth" / "basic_auth.ini")
+    auth["mlflow"]["auth_cache_ttl_seconds"] = "600"
+    auth_ini = root / "basic_auth.ini"
+    with open(auth_ini, "w") as f:
+        auth.write(f)
+    server_env = {"MLFLOW_AUTH_ADMIN_PASSWORD": login, "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
+                  "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini)}
     with mlflow_server(root, "--app-name", "basic-auth", env=server_env) as (url, _proc):
         def study_run(mlflow_uri: str | None, *args: str):
             config = [] if mlflow_uri is None else [

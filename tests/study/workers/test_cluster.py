@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -89,6 +90,10 @@ def _env() -> dict:
     return env
 
 
+def _run_args(name: str, url: str, n_trials: int) -> list[str]:
+    return ["study", "run", name, "--storage", url, "--n-trials", str(n_trials), "--quiet"]
+
+
 class Worker:
     def __init__(self, args: list[str], cwd: Path, tag: str):
         self.out_path, self.err_path = cwd / f"{tag}.out", cwd / f"{tag}.err"
@@ -117,14 +122,41 @@ class Worker:
         return f"worker {self.tag} rc={self.proc.returncode}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr[-4000:]}"
 
 
+class FinishedRun:
+    """A `study run` that ran in this process (a worker whose being a process is not what the test is about: one
+    that takes over after another died or stopped); read like a finished Worker."""
+
+    def __init__(self, args: list[str], cwd: Path, tag: str):
+        from click.testing import CliRunner
+
+        import cli
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(cwd)
+            for key in ("DISTILLSTUDY_STORAGE", "MLFLOW_TRACKING_URI"):
+                mp.delenv(key, raising=False)
+            result = CliRunner().invoke(cli.main, args)
+        self.tag, self.returncode, self.stdout, self.stderr = tag, result.exit_code, result.stdout, result.stderr
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            self.stderr += "".join(traceback.format_exception(result.exception))
+
+    def describe(self) -> str:
+        return f"worker {self.tag} rc={self.returncode}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr[-4000:]}"
+
+
 class _Workers:
     def __init__(self):
         self.all: list[Worker] = []
 
     def start(self, name: str, url: str, n_trials: int, cwd: Path, tag: str) -> Worker:
-        w = Worker(["study", "run", name, "--storage", url, "--n-trials", str(n_trials), "--quiet"], cwd, tag)
+        w = Worker(_run_args(name, url, n_trials), cwd, tag)
         self.all.append(w)
         return w
+
+    @staticmethod
+    def run_here(name: str, url: str, n_trials: int, cwd: Path, tag: str) -> FinishedRun:
+        """The same `study run` in this process, to its end: no interpreter to start and no torch to import."""
+        return FinishedRun(_run_args(name, url, n_trials), cwd, tag)
 
     def kill_all(self) -> None:
         for w in self.all:
@@ -165,8 +197,9 @@ def trials(name: str, url: str, states=None) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=_storages[url]).get_trials(deepcopy=False, states=states)
 
 
-def wait_for(predicate, timeout: float, what: str, workers: list[Worker] = (), interval: float = 0.05):
-    """Poll `predicate` until it returns something truthy; fail naming `what` (and a worker that died)."""
+def wait_for(predicate, timeout: float, what: str, workers: list[Worker] = (), interval: float = 0.2):
+    """Poll `predicate` until it returns something truthy; fail naming `what` (and a worker that died). Each poll
+    of the storage reads the whole study: polling faster takes CPU from the workers being watched."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -192,7 +225,7 @@ def warm_teacher(sets: list[str]) -> None:
     get_teacher("teacher", config.model.arch, config.model.width, task, config.model, config.pipeline, device)
 
 
-def assert_clean_stderr(w: Worker) -> None:
+def assert_clean_stderr(w: Worker | FinishedRun) -> None:
     err = w.stderr
     bad = [line for line in err.splitlines() if any(b in line for b in BAD_STDERR)]
     assert not bad, f"worker {w.tag} wrote errors to stderr:\n{err[-4000:]}"
@@ -251,14 +284,14 @@ def test_three_worker_processes_run_one_study_to_its_total(request, postgres_url
 # ---- 2: kill -9 in the middle of a trial ----------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # inside MLflow's store
 def test_killed_worker_trial_is_failed_retried_and_resumed(request, postgres_url, study_name, workers, tmp_path,
-                                                          shared_cache):
+                                                          shared_cache, mlflow_sqlite):
     from mlflow import MlflowClient
 
     from objectives.settings import TrialChoices
     from study.trials.stage_checkpoints import trial_checkpoints
     from study.workers.studies import load_study
 
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_uri = mlflow_sqlite
     # No baselines: trial 1 is a sampled distill trial (finetune 2 epochs, then 6 of distill, never stopped early).
     sets = [*SLOW, f"pipeline.cache_dir={shared_cache}", "study.heartbeat_interval=1", "study.grace_period=3",
             "tracking.enabled=true", f"tracking.mlflow_uri={mlflow_uri}", "tracking.log_weights=none",
@@ -291,8 +324,8 @@ def test_killed_worker_trial_is_failed_retried_and_resumed(request, postgres_url
     state["runs"]["finetune"]["val_curve"] = marks
     torch.save(state, state_file)
 
-    b = workers.start(study_name, postgres_url, 4, tmp_path, "b")
-    assert b.wait(timeout=LONG) == 0, b.describe()
+    b = workers.run_here(study_name, postgres_url, 4, tmp_path, "b")
+    assert b.returncode == 0, b.describe()
     assert_clean_stderr(b)
 
     after = trials(study_name, postgres_url)

@@ -30,10 +30,10 @@ from test_cluster import (  # noqa: F401
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
 
-def _tracked(tmp_path) -> tuple[str, list[str]]:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return uri, ["tracking.enabled=true", f"tracking.mlflow_uri={uri}", "tracking.log_weights=none",
-                 "tracking.register_best=false"]
+def _tracking(uri: str) -> list[str]:
+    """Tracking on, into `uri`, with nothing but runs and metrics logged."""
+    return ["tracking.enabled=true", f"tracking.mlflow_uri={uri}", "tracking.log_weights=none",
+            "tracking.register_best=false"]
 
 
 def _mlflow_statuses(uri: str, name: str) -> dict[str, str]:
@@ -50,15 +50,25 @@ def _no_traceback(*ws) -> None:
         assert "Traceback" not in w.stderr + w.stdout, w.describe()
 
 
-@pytest.fixture
-def postgres():
+@pytest.fixture(scope="module")
+def module_postgres():
     with own_postgres() as server:
         yield server
 
 
+@pytest.fixture
+def postgres(module_postgres):
+    """The module's own PostgreSQL (one initdb for all its tests), running at the start of each test: a test that
+    failed while it was down leaves it stopped."""
+    if module_postgres.proc.poll() is not None:
+        module_postgres.start()
+    return module_postgres
+
+
 @pytest.mark.slow
-def test_workers_wait_out_a_postgresql_restart(request, postgres, study_name, workers, tmp_path, shared_cache):
-    uri, tracking = _tracked(tmp_path)
+def test_workers_wait_out_a_postgresql_restart(request, postgres, study_name, workers, tmp_path, shared_cache,
+                                               mlflow_sqlite):
+    uri, tracking = mlflow_sqlite, _tracking(mlflow_sqlite)
     sets = [*SLOW, "pipeline.distill_epochs=3", f"pipeline.cache_dir={shared_cache}", *tracking]
     create(request, study_name, postgres.url, sets, tmp_path)
     procs = [workers.start(study_name, postgres.url, 6, tmp_path, f"w{i}") for i in range(2)]
@@ -66,7 +76,9 @@ def test_workers_wait_out_a_postgresql_restart(request, postgres, study_name, wo
     wait_for(lambda: [t for t in trials(study_name, postgres.url, FINISHED)], LONG, "a finished trial", procs)
     wait_for(lambda: len(trials(study_name, postgres.url, (S.RUNNING,))) == 2, LONG, "two running trials", procs)
     postgres.stop()
-    time.sleep(4)
+    # Both report every epoch (a fraction of a second): 2 s down meets their calls. Longer outages only lengthen the
+    # backoff they wait out (0.5, 1, 2, 4 s between tries).
+    time.sleep(2)
     postgres.start()
 
     for w in procs:
@@ -83,8 +95,8 @@ def test_workers_wait_out_a_postgresql_restart(request, postgres, study_name, wo
 
 @pytest.mark.slow
 def test_a_database_down_past_the_retry_window_stops_the_worker_in_one_line(request, postgres, study_name, workers,
-                                                                             tmp_path, shared_cache):
-    uri, tracking = _tracked(tmp_path)
+                                                                             tmp_path, shared_cache, mlflow_sqlite):
+    uri, tracking = mlflow_sqlite, _tracking(mlflow_sqlite)
     sets = [*SLOW, f"pipeline.cache_dir={shared_cache}", *tracking, "study.storage_retry=2",
             "study.heartbeat_interval=1", "study.grace_period=3", "study.baselines=false"]
     create(request, study_name, postgres.url, sets, tmp_path)
@@ -103,8 +115,8 @@ def test_a_database_down_past_the_retry_window_stops_the_worker_in_one_line(requ
 
     # Its trial stayed RUNNING (nothing could write it): the next worker fails it once its heartbeat is stale and
     # runs its retry.
-    b = workers.start(study_name, postgres.url, 3, tmp_path, "b")
-    assert b.wait(timeout=LONG) == 0, b.describe()
+    b = workers.run_here(study_name, postgres.url, 3, tmp_path, "b")
+    assert b.returncode == 0, b.describe()
     _no_traceback(b)
     after = {t.number: t for t in trials(study_name, postgres.url)}
     assert after[victim.number].state == S.FAIL
@@ -122,8 +134,7 @@ def test_a_paused_worker_whose_trial_was_reclaimed_goes_on(request, postgres_url
 
 
 def _paused_worker_goes_on(request, postgres_url, study_name, workers, tmp_path, shared_cache, uri):
-    tracking = _tracked(tmp_path)[1]
-    tracking = [*tracking[:1], f"tracking.mlflow_uri={uri}", *tracking[2:]]
+    tracking = _tracking(uri)
     sets = [*SLOW, "pipeline.distill_epochs=5", f"pipeline.cache_dir={shared_cache}", *tracking,
             "study.heartbeat_interval=1", "study.grace_period=3", "study.baselines=false"]
     create(request, study_name, postgres_url, sets, tmp_path)
@@ -153,7 +164,7 @@ def _paused_worker_goes_on(request, postgres_url, study_name, workers, tmp_path,
 
 
 # ---- in-process: the retrying storage and the tracking store's retry, on the test's own PostgreSQL -------------------
-def _during_outage(postgres, call, seconds: float = 3):
+def _during_outage(postgres, call, seconds: float = 1.0):
     """`call()` on a thread while the server is down for `seconds`; its result. (The server is started on this,
     the main thread: it dies with the thread that started it, see tests/server_process.py.)"""
     result: list = []
