@@ -6,17 +6,20 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo ui test bench clean
 
-# Let Python cache bytecode. Some environments (this machine's among them) set PYTHONDONTWRITEBYTECODE=1, and the
-# install skips byte-compiling (--no-compile below), so every process -- each worker, `mlflow server`, CLI call and
-# test process -- would compile torch's and MLflow's sources again on import: about 3x the start-up of each.
+# Let Python cache bytecode. Some environments (this machine's among them) set PYTHONDONTWRITEBYTECODE=1: every
+# process -- each worker, `mlflow server`, CLI call and test process -- would then compile whatever is not cached yet
+# (this project's modules, a package installed by hand) again on every import.
 unexport PYTHONDONTWRITEBYTECODE
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# --no-compile: byte-compiling torch's thousands of files is half the install time; Python compiles what it
-	# imports on first use instead.
+	# --no-compile, then compileall on every core: pip byte-compiles torch's thousands of files one at a time.
 	$(PY) -m pip install -q --no-compile --upgrade pip
 	$(PY) -m pip install -q --no-compile -e '.[test]'
+	# Compiled once here, not on first import: otherwise the first processes of a run (two pytest workers, the
+	# `study run` workers and servers they start) each compile the same torch and MLflow modules at the same time.
+	# quiet=2: files this Python cannot compile (torch's Python 3.12 test helpers) are skipped, as pip skips them.
+	$(PY) -c "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_path('purelib'), quiet=2, workers=0)"
 	touch $(STAMP)
 
 setup: $(STAMP)
