@@ -129,13 +129,13 @@ def mlflow_sqlite(tmp_path, mlflow_template) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def default_tracking_store(tmp_path_factory):
+def default_tracking_store(tmp_path_factory, mlflow_template):
     """A test that leaves `tracking.mlflow_uri` unset tracks into a session-wide temporary store (`study create`
-    opens the tracking store), never into an mlflow.db in the checkout."""
-    import os
-
+    opens the tracking store; a copy of the migrated template), never into an mlflow.db in the checkout."""
     if "MLFLOW_TRACKING_URI" not in os.environ:
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+        db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+        shutil.copyfile(mlflow_template, db)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
     yield
 
 
