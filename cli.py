@@ -36,6 +36,8 @@ class _Group(click.Group):
             # Masked here too: no error line ever shows a password, whichever message quoted a URL.
             click.echo(f"error: {mask_secrets(str(exc))}", err=True)
             ctx.exit(2)
+        except click.exceptions.Exit:
+            raise  # a RuntimeError too: an inner group's exit, passed on without importing torch to look at it
         except RuntimeError as exc:
             from objectives.train import TrainingDiverged
 

@@ -147,11 +147,12 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             raise
         checkpoints = trial_checkpoints(config, study, config.study.storage, plan.choices, plan.run_seed,
                                         plan.data_seed)
-        try:
+        try:  # recording the result too: a signal then is an interrupted trial, not a FAIL without a reason
             result = run(config.task, config.model, config.pipeline, plan.choices,
                          report=_reporter(trial, study, config, plan, interrupted),
                          on_epoch=lambda stage, step, metrics: tracker.log_epoch(run_id, stage, step, metrics),
                          checkpoints=checkpoints, run_seed=plan.run_seed, data_seed=plan.data_seed)
+            values = _completed(trial, tracker, run_id, result, config.study.objective)
         except optuna.TrialPruned as exc:
             checkpoints.clear()
             record.write_pruned(trial, str(exc), time.perf_counter() - started)
@@ -164,7 +165,7 @@ def make_objective(config: Config, study: optuna.Study, n_trials: int, tracker=N
             _failed(study, trial, tracker, run_id, exc, plan, config.study.max_retry)
             raise
         checkpoints.clear()
-        return _completed(trial, tracker, run_id, result, config.study.objective)
+        return values
 
     return objective
 

@@ -144,3 +144,22 @@ def test_a_sampled_trial_or_an_invalid_input_is_not_queued_again(tmp_path, exc, 
     (failed,) = run_trials(study, config, _fails(exc), 1)
     assert failed.state == S.FAIL and failed.user_attrs["failure"] == reason
     assert not [t for t in study.get_trials() if t.state == S.WAITING]
+
+
+def test_a_signal_while_a_finished_trial_is_recorded_is_an_interrupted_trial_queued_again(tmp_path):
+    """SIGTERM raises KeyboardInterrupt wherever the worker is; landing after training, while the result is written,
+    it once left a FAIL trial with no reason and nothing queued again."""
+    from study.tracking import NullTracker
+
+    class SignalWhileRecording(NullTracker):
+        def log_teacher(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    study, config = study_with(tmp_path, "study.baselines=false")
+    objective = make_objective(config, study, n_trials=100, tracker=SignalWhileRecording(),
+                               run=fake_run(lambda choices: [0.5] * 6))
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(objective, n_trials=1)
+    (stopped, queued) = study.get_trials()
+    assert stopped.state == S.FAIL and stopped.user_attrs["failure"] == "interrupted (worker stopped); retried"
+    assert queued.state == S.WAITING and queued.user_attrs["retry_of"] == stopped.number
