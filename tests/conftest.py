@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -124,18 +123,19 @@ def mlflow_sqlite(tmp_path, mlflow_template) -> str:
     creation (a new store migrates for about a second of CPU, more on a loaded machine). Experiments created in it
     keep their artifacts in ./mlruns, as in a new store; tests/study/tracking/test_tracking_lifecycle.py and
     test_bad_inputs.py start from no store at all."""
-    shutil.copyfile(mlflow_template, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from mlflow_server import copy_store
+
+    return copy_store(mlflow_template, tmp_path)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def default_tracking_store(tmp_path_factory, mlflow_template):
     """A test that leaves `tracking.mlflow_uri` unset tracks into a session-wide temporary store (`study create`
     opens the tracking store; a copy of the migrated template), never into an mlflow.db in the checkout."""
+    from mlflow_server import copy_store
+
     if "MLFLOW_TRACKING_URI" not in os.environ:
-        db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-        shutil.copyfile(mlflow_template, db)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+        os.environ["MLFLOW_TRACKING_URI"] = copy_store(mlflow_template, tmp_path_factory.mktemp("mlflow"))
     yield
 
 

@@ -52,6 +52,12 @@ def migrated_store(template_dir: Path) -> Path:
     return db
 
 
+def copy_store(template: Path, folder: Path) -> str:
+    """`folder/mlflow.db`, a copy of the migrated `template` (see `migrated_store`); its tracking URI."""
+    shutil.copyfile(template, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 @contextlib.contextmanager
 def mlflow_server(root: Path, *extra_args: str, env: dict | None = None, template: Path | None = None):
     """Start `mlflow server` with its store under `root` (a copy of `template`, a `migrated_store`, when given: the
@@ -59,7 +65,7 @@ def mlflow_server(root: Path, *extra_args: str, env: dict | None = None, templat
     (tracking URL, process: its guardian, whose pid is the server's process group). At the end the whole group is
     killed (woken first, should a test have stopped it); it dies with the test process too, even a SIGKILLed one."""
     if template is not None:
-        shutil.copyfile(template, root / "mlflow.db")
+        copy_store(template, root)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # No job-execution runner (a handful of huey consumers no test uses): the server starts much faster.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -67,10 +66,9 @@ def test_the_commands_printed_after_a_study_run_as_printed(tmp_path, teacher_cac
 
 
 @pytest.mark.slow
-def test_ui_prints_its_address_once_it_answers(tmp_path, mlflow_template):
-    shutil.copyfile(mlflow_template, tmp_path / "mlflow.db")  # a migrated store: the server starts without migrating
-    port = free_port()
-    env = {**os.environ, "PATH": BARE_PATH, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+def test_ui_prints_its_address_once_it_answers(tmp_path, mlflow_sqlite):
+    port = free_port()  # mlflow_sqlite: a migrated store, so the server starts without migrating
+    env = {**os.environ, "PATH": BARE_PATH, "MLFLOW_TRACKING_URI": mlflow_sqlite}
     proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "ui", "--port", str(port)], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -4,13 +4,13 @@ it. Real MLflow (a SQLite store), real processes."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow_server import copy_store
 
 from study.tracking.registry import register_answer, register_search_best
 
@@ -22,8 +22,7 @@ def store(tmp_path_factory, mlflow_template) -> tuple[MlflowClient, str, list[st
     """A SQLite tracking store (a copy of the migrated template) with eight finished runs to register from; each
     test registers under its own model name."""
     root = tmp_path_factory.mktemp("registry")
-    shutil.copyfile(mlflow_template, root / "mlflow.db")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = copy_store(mlflow_template, root)
     client = MlflowClient(uri)
     experiment = client.create_experiment("reg", artifact_location=str(root / "artifacts"))
     runs = [client.create_run(experiment).info.run_id for _ in range(8)]
