@@ -366,15 +366,18 @@ def test_interrupt_marks_fail_requeues_and_resumes(tmp_path, teacher_cache_dir):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("DISTILLSTUDY_STORAGE", None)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # One storage for the polls: opening one per poll (an engine and alembic's schema check) takes long enough on a
+    # loaded machine for the whole 40-epoch trial to slip between two polls.
+    watch = optuna.load_study(study_name="i", storage=optuna.storages.RDBStorage(storage))
     try:
         deadline = time.monotonic() + 120
         running = None
         while time.monotonic() < deadline and proc.poll() is None:
-            running = [t for t in load("i", storage).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            running = [t for t in watch.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
                        if len(t.intermediate_values) >= 2]  # in the middle of the student's epochs
             if running:
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         assert running, f"no trial got to training: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
